@@ -5,7 +5,8 @@
 of torchvision here. We register bare package objects whose ``__path__`` is the
 installed folder (found with ``find_spec``, which does not execute the package),
 so that ``segment_anything.modeling``, ``.build_sam`` and ``.utils.*`` import
-normally. MobileSAM's TinyViT imports four names from timm (which also needs
+normally. The official transforms, predictor and mask generator call three
+torchvision functions; ``_stub_torchvision`` supplies them. MobileSAM's TinyViT imports four names from timm (which also needs
 torchvision); at inference DropPath is the identity, so small stand-ins do.
 
 Also provides a float64-capable official prompt encoder: the official
@@ -69,10 +70,74 @@ def _stub_timm() -> None:
     )
 
 
+def _stub_torchvision() -> None:
+    """The three torchvision functions the official code calls, as torchvision
+    does them for these inputs (test-only; there is no CPU torchvision here).
+
+    - ``to_pil_image(uint8 HxWxC array)`` is ``PIL.Image.fromarray``;
+    - ``resize(pil_image, (h, w))`` with the default interpolation is
+      ``img.resize((w, h), Image.BILINEAR)`` (torchvision's ``F_pil.resize``);
+    - ``batched_nms``/``box_area``: torchvision's semantics (greedy NMS by
+      descending score, suppress IoU > threshold, boxes only suppress boxes of
+      their own category), written in torch.
+    """
+    if "torchvision" in sys.modules:
+        return
+    from PIL import Image
+
+    def to_pil_image(pic, mode=None):
+        return Image.fromarray(np.asarray(pic), mode=mode)
+
+    def resize(img, size, interpolation=None, max_size=None, antialias=True):
+        h, w = size
+        return img.resize((w, h), Image.BILINEAR)
+
+    def box_area(boxes):
+        return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+    def nms(boxes, scores, iou_threshold):
+        order = torch.argsort(scores, descending=True, stable=True)
+        boxes = boxes.to(torch.float64)
+        area = box_area(boxes)
+        keep, suppressed = [], torch.zeros(len(order), dtype=torch.bool)
+        for i_pos, i in enumerate(order.tolist()):
+            if suppressed[i]:
+                continue
+            keep.append(i)
+            lt = torch.maximum(boxes[i, :2], boxes[:, :2])
+            rb = torch.minimum(boxes[i, 2:], boxes[:, 2:])
+            wh = (rb - lt).clamp(min=0)
+            inter = wh[:, 0] * wh[:, 1]
+            iou = inter / (area[i] + area - inter)
+            suppressed |= iou > iou_threshold
+        return torch.tensor(keep, dtype=torch.int64)
+
+    def batched_nms(boxes, scores, idxs, iou_threshold):
+        if boxes.numel() == 0:
+            return torch.empty((0,), dtype=torch.int64)
+        # torchvision's coordinate trick: offset each category so boxes never overlap across them
+        offsets = idxs.to(boxes) * (boxes.max() + 1)
+        return nms(boxes + offsets[:, None], scores, iou_threshold)
+
+    tv = types.ModuleType("torchvision")
+    tr = types.ModuleType("torchvision.transforms")
+    fn = types.ModuleType("torchvision.transforms.functional")
+    ops = types.ModuleType("torchvision.ops")
+    bx = types.ModuleType("torchvision.ops.boxes")
+    fn.resize, fn.to_pil_image = resize, to_pil_image
+    bx.batched_nms, bx.box_area, bx.nms = batched_nms, box_area, nms
+    tv.transforms, tr.functional, tv.ops, ops.boxes = tr, fn, ops, bx
+    sys.modules.update({"torchvision": tv, "torchvision.transforms": tr,
+                        "torchvision.transforms.functional": fn, "torchvision.ops": ops,
+                        "torchvision.ops.boxes": bx})
+
+
 def segment_anything():
     """The official package with modeling, build_sam and utils importable."""
+    _stub_torchvision()
     pkg = _bare_package("segment_anything")
-    for sub in ("modeling", "build_sam", "utils.transforms", "utils.amg", "utils.onnx"):
+    for sub in ("modeling", "build_sam", "utils.transforms", "utils.amg", "utils.onnx",
+                "predictor", "automatic_mask_generator"):
         importlib.import_module(f"segment_anything.{sub}")
     return pkg
 
@@ -80,6 +145,7 @@ def segment_anything():
 def mobile_sam():
     """MobileSAM's package (mobilesam-mirror) with timm stubbed."""
     _stub_timm()
+    _stub_torchvision()
     pkg = _bare_package("mobile_sam")
     for sub in ("modeling", "build_sam", "utils.transforms"):
         importlib.import_module(f"mobile_sam.{sub}")
