@@ -30,14 +30,20 @@ class Module:
 
     def __init__(self) -> None:
         object.__setattr__(self, "_shapes", {})  # leaf name -> declared shape
+        object.__setattr__(self, "_optional", set())  # leaves a checkpoint may omit (unused by inference)
         object.__setattr__(self, "_params", {})  # leaf name -> np.ndarray, once loaded
         object.__setattr__(self, "_modules", {})  # attribute name -> child Module
         object.__setattr__(self, "name", "")  # official dotted path, set by set_names()
 
     # -- structure -----------------------------------------------------
-    def register_parameter(self, name: str, shape: Tuple[int, ...]) -> None:
-        """Declare a parameter (or buffer) of the official state_dict."""
+    def register_parameter(self, name: str, shape: Tuple[int, ...], optional: bool = False) -> None:
+        """Declare a parameter (or persistent buffer) of the official state_dict.
+
+        ``optional`` marks entries inference never reads (e.g. TinyViT's
+        classification head), which a checkpoint may leave out."""
         self._shapes[name] = tuple(int(s) for s in shape)
+        if optional:
+            self._optional.add(name)
 
     def __setattr__(self, key, value) -> None:
         if isinstance(value, Module):
@@ -80,6 +86,10 @@ class Module:
                 out[f"{path}.{leaf}" if path else leaf] = shape
         return out
 
+    def optional_keys(self, prefix: str = "") -> set:
+        return {f"{path}.{leaf}" if path else leaf
+                for path, module in self.named_modules(prefix) for leaf in module._optional}
+
     def state_dict(self, prefix: str = "") -> Dict[str, np.ndarray]:
         """Official key -> array for every loaded parameter."""
         out: Dict[str, np.ndarray] = {}
@@ -92,9 +102,7 @@ class Module:
         return sum(int(np.prod(s)) for s in self.state_dict_shapes().values())
 
     def is_loaded(self) -> bool:
-        return all(
-            set(m._params) == set(m._shapes) for _, m in self.named_modules()
-        )
+        return all(set(m._shapes) - m._optional <= set(m._params) for _, m in self.named_modules())
 
     # -- weights -------------------------------------------------------
     def load_state_dict(self, state_dict: Dict[str, np.ndarray], dtype=np.float32, prefix: str = "") -> None:
@@ -166,3 +174,113 @@ class Sequential(ModuleList):
 
 def modules_with_params(root: Module) -> List[Tuple[str, Module]]:
     return [(p, m) for p, m in root.named_modules() if m._shapes]
+
+
+# ---------------------------------------------------------------------------
+# The torch.nn layers SAM uses, with their official parameter names and layouts.
+# Shapes: [..., C] for Linear/LayerNorm; [B, C, H, W] for convolutions.
+# ---------------------------------------------------------------------------
+from . import ops  # noqa: E402  (after Module so ops stays free of nn)
+
+
+class Linear(Module):
+    """Mirror of nn.Linear: weight (out, in), bias (out,)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_parameter("weight", (out_features, in_features))
+        self.has_bias = bias
+        if bias:
+            self.register_parameter("bias", (out_features,))
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return ops.linear(x, self.weight, self.bias if self.has_bias else None)  # [..., in] -> [..., out]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class LayerNorm(Module):
+    """Mirror of nn.LayerNorm over the last dimension. NOTE(reference): eps 1e-5
+    by default (the TwoWayTransformer); the ViT passes 1e-6."""
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.normalized_shape, self.eps = normalized_shape, eps
+        self.register_parameter("weight", (normalized_shape,))
+        self.register_parameter("bias", (normalized_shape,))
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"({self.normalized_shape},), eps={self.eps}"
+
+
+class Embedding(Module):
+    """Mirror of nn.Embedding; SAM only reads ``.weight`` directly."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_parameter("weight", (num_embeddings, embedding_dim))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+class Conv2d(Module):
+    """Mirror of nn.Conv2d (square kernel, dilation 1): weight (O, C/groups, K, K)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, groups: int = 1, bias: bool = True) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding, self.groups = kernel_size, stride, padding, groups
+        self.register_parameter("weight", (out_channels, in_channels // groups, kernel_size, kernel_size))
+        self.has_bias = bias
+        if bias:
+            self.register_parameter("bias", (out_channels,))
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        bias = self.bias if self.has_bias else None
+        if self.kernel_size == self.stride and self.padding == 0 and self.groups == 1:
+            return ops.conv2d_patchify(x, self.weight, bias)  # [B, C, H, W] -> [B, O, H/K, W/K]
+        return ops.conv2d(x, self.weight, bias, self.stride, self.padding, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size=({self.kernel_size}, {self.kernel_size}), "
+                f"stride=({self.stride}, {self.stride})")
+
+
+class ConvTranspose2d(Module):
+    """Mirror of nn.ConvTranspose2d with kernel 2, stride 2 (all SAM uses):
+    weight (C_in, C_out, 2, 2)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 2, stride: int = 2) -> None:
+        super().__init__()
+        assert kernel_size == 2 and stride == 2, "SAM only uses 2x2 stride-2 transposed convolutions"
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.register_parameter("weight", (in_channels, out_channels, 2, 2))
+        self.register_parameter("bias", (out_channels,))
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return ops.conv_transpose2d_2x2(x, self.weight, self.bias)  # [B, C, H, W] -> [B, O, 2H, 2W]
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size=(2, 2), stride=(2, 2)"
+
+
+class GELU(Module):
+    """Mirror of nn.GELU() (exact erf form)."""
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return ops.gelu(x)
+
+
+class ReLU(Module):
+    """Mirror of nn.ReLU."""
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return ops.relu(x)

@@ -1,0 +1,50 @@
+"""Argument checks shared by the public entry points.
+
+Every check raises ValueError naming the argument, what was expected and what
+came, before anything is computed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+Dim = Union[int, str, None]  # an int must match; a str names a free size (for the message); None: anything
+
+
+def describe(x) -> str:
+    if isinstance(x, np.ndarray):
+        return f"array of shape {list(x.shape)} and dtype {x.dtype}"
+    return f"{type(x).__name__}"
+
+
+def check_array(name: str, x, shape: Sequence[Dim], *, finite: bool = True, numeric: bool = True) -> np.ndarray:
+    """``x`` as an ndarray with ``len(shape)`` dims, fixed sizes where ints are given."""
+    expected = "[" + ", ".join("*" if d is None else str(d) for d in shape) + "]"
+    if x is None:
+        raise ValueError(f"{name}: expected an array of shape {expected}, got None")
+    try:
+        arr = np.asarray(x)
+    except Exception as e:  # pragma: no cover - exotic inputs
+        raise ValueError(f"{name}: expected an array of shape {expected}, got {type(x).__name__}") from e
+    if numeric and not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise ValueError(f"{name}: expected a numeric array of shape {expected}, got {describe(arr)}")
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise ValueError(f"{name}: expected a real array of shape {expected}, got {describe(arr)}")
+    if arr.ndim != len(shape) or any(isinstance(d, int) and d != s for d, s in zip(shape, arr.shape)):
+        raise ValueError(f"{name}: expected shape {expected}, got {list(arr.shape)}")
+    if finite and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name}: expected finite values, got NaN or inf (shape {list(arr.shape)})")
+    return arr
+
+
+def check_same(name_a: str, a: int, name_b: str, b: int, what: str) -> None:
+    if a != b:
+        raise ValueError(f"{name_a} and {name_b} must have the same {what}, got {a} and {b}")
+
+
+def check_bool(name: str, x) -> bool:
+    if not isinstance(x, (bool, np.bool_)):
+        raise ValueError(f"{name}: expected True or False, got {x!r}")
+    return bool(x)

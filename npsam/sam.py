@@ -1,0 +1,76 @@
+"""Mirror of segment_anything/modeling/sam.py: Sam (preprocess, postprocess_masks).
+
+Dimension letters:
+    B  batch    C  channels    H, W  image height/width    h, w  input size after resize
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+
+from .nn import Module, WeightsMissingError
+
+# NOTE(reference): Sam's defaults, in RGB, for pixel values 0..255.
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class Sam(Module):
+    """Mirror of sam.py: Sam. Holds the three modules and the image normalisation."""
+
+    mask_threshold: float = 0.0
+    image_format: str = "RGB"
+
+    def __init__(self, image_encoder: Module, prompt_encoder: Module, mask_decoder: Module,
+                 pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD, model_type: str = "") -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.model_type = model_type
+        # Buffers of the official state_dict ([3, 1, 1]); a checkpoint may omit them.
+        self.register_parameter("pixel_mean", (3, 1, 1), optional=True)
+        self.register_parameter("pixel_std", (3, 1, 1), optional=True)
+        self._params["pixel_mean"] = np.asarray(pixel_mean, dtype=np.float32).reshape(3, 1, 1)
+        self._params["pixel_std"] = np.asarray(pixel_std, dtype=np.float32).reshape(3, 1, 1)
+
+    @property
+    def dtype(self):
+        return self.prompt_encoder.dtype
+
+    @property
+    def has_image_encoder(self) -> bool:
+        return self.image_encoder.is_loaded()
+
+    def require_image_encoder(self) -> None:
+        if not self.has_image_encoder:
+            raise WeightsMissingError(
+                "this model has no image encoder weights (it was loaded from a decoder-only checkpoint); "
+                "load a checkpoint with image_encoder.* keys, or pass an image embedding computed elsewhere "
+                "(SamPredictor.set_embedding)")
+
+    def preprocess(self, x: np.ndarray) -> np.ndarray:
+        """Normalize pixel values and pad to a square input: [B, 3, h, w] -> [B, 3, S, S]."""
+        x = (x - self.pixel_mean.astype(self.dtype)) / self.pixel_std.astype(self.dtype)
+        h, w = x.shape[-2:]
+        size = self.image_encoder.img_size
+        # NOTE(reference): zero padding at the bottom and right, after normalisation.
+        return np.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, size - h), (0, size - w)])
+
+    def postprocess_masks(self, masks: np.ndarray, input_size: Tuple[int, ...],
+                          original_size: Tuple[int, ...]) -> np.ndarray:
+        """Remove padding and upscale masks to the original image size:
+        [B, C, 256, 256] -> [B, C, H, W].
+
+        NOTE(reference): two bilinear resizes (align_corners=False): first to the
+        square encoder input (1024), then, after cropping the padding, to the
+        original size.
+        """
+        from .resize import interpolate_bilinear
+
+        size = self.image_encoder.img_size
+        masks = interpolate_bilinear(masks, (size, size))  # -> [B, C, S, S]
+        masks = masks[..., : input_size[0], : input_size[1]]  # -> [B, C, h, w]
+        return interpolate_bilinear(np.ascontiguousarray(masks), tuple(original_size))  # -> [B, C, H, W]
