@@ -205,6 +205,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             hint = ""
             if module.startswith("__torch__"):
                 hint = " (this looks like a TorchScript archive from torch.jit.save; save model.state_dict() instead)"
+            elif module.startswith("torch.nn.") or module.startswith("segment_anything") or module.startswith("mobile_sam"):
+                hint = " (this looks like a whole pickled model; save model.state_dict() instead)"
             raise UnsafeCheckpointError(
                 f"checkpoint: the pickle asks for the global '{module}.{name}', which a tensor checkpoint "
                 f"never needs; refusing to load it (npsam never imports or calls code named by a checkpoint){hint}"

@@ -28,6 +28,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
+from npsam import __version__
 from npsam.checkpoint import CheckpointError, load_safetensors, load_torch_checkpoint, save_safetensors
 
 __all__ = [
@@ -281,8 +282,6 @@ def convert(src, dst, *, parts=None, dtype: str = "float32", model_type: Optiona
             out[key] = array.astype(dtype, copy=False) if np.issubdtype(array.dtype, np.floating) else array
     del state_dict
 
-    import npsam
-
     metadata = {
         "format": "npsam",
         "model_type": model,
@@ -292,7 +291,7 @@ def convert(src, dst, *, parts=None, dtype: str = "float32", model_type: Optiona
         "source_format": source_format,
         "source_name": os.path.basename(src),
         "source_sha256": _sha256(src),
-        "npsam_version": npsam.__version__,
+        "npsam_version": __version__,
     }
     save_safetensors(dst, out, metadata)
     return {
