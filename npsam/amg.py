@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from copy import deepcopy
 from itertools import product
-from typing import Any, Dict, Generator, ItemsView, List, Sequence, Tuple
+from typing import Any, Dict, Generator, ItemsView, List, Tuple
 
 import numpy as np
 
@@ -193,6 +193,8 @@ def calculate_stability_score(
 
 def build_point_grid(n_per_side: int) -> np.ndarray:
     """Mirror of utils/amg.py: build_point_grid. -> [n_per_side**2, 2] in [0,1]x[0,1]."""
+    if n_per_side < 1:
+        raise ValueError(f"n_per_side: expected a positive number of points per side, got {n_per_side}")
     offset = 1 / (2 * n_per_side)
     points_one_side = np.linspace(offset, 1 - offset, n_per_side)
     points_x = np.tile(points_one_side[None, :], (n_per_side, 1))  # [n, n]
