@@ -249,8 +249,8 @@ _LEGACY_PROTOCOL_VERSION = 1001
 
 
 def _read_exact_into(f, array: np.ndarray, what: str) -> np.ndarray:
-    view = memoryview(array).cast("B")
-    got = f.readinto(view)
+    view = memoryview(array.reshape(-1).view(np.uint8))  # the array's bytes, written in place
+    got = f.readinto(view) if view.nbytes else 0
     if got != view.nbytes:
         raise CheckpointError(f"{what}: expected {view.nbytes} bytes, the file has {got}: truncated")
     return array
@@ -511,7 +511,7 @@ def load_safetensors(path) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
             _read_exact_into(f, array, f"safetensors {path!r} tensor {name!r}")
             if entry["dtype"] == "BF16":
                 array = (array.astype(np.uint32) << 16).view(np.float32)  # bfloat16 bits -> float32, exact
-            tensors[name] = array.astype(dtype.newbyteorder("="), copy=False)
+            tensors[name] = array.astype(array.dtype.newbyteorder("="), copy=False)  # native byte order
     return tensors, dict(metadata)
 
 
@@ -534,7 +534,8 @@ def save_safetensors(path, tensors: Dict[str, np.ndarray], metadata: Dict[str, s
         kind = _NUMPY_TO_SAFETENSORS.get(array.dtype.newbyteorder("="))
         if kind is None:
             raise ValueError(f"tensors[{name!r}]: dtype {array.dtype} cannot be stored in safetensors")
-        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        # (not np.ascontiguousarray, which turns a 0-d array into shape [1])
+        array = array.astype(array.dtype.newbyteorder("<"), order="C", copy=False)
         header[name] = {"dtype": kind, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
         arrays.append(array)
         offset += array.nbytes
@@ -549,7 +550,7 @@ def save_safetensors(path, tensors: Dict[str, np.ndarray], metadata: Dict[str, s
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
             for array in arrays:
-                f.write(memoryview(array).cast("B"))
+                f.write(memoryview(array.reshape(-1).view(np.uint8)))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
