@@ -390,7 +390,7 @@ def test_safetensors_round_trip_against_the_library(tmp_path):
     }
     save_safetensors(tmp_path / "ours.safetensors", arrays, {"format": "npsam"})
     theirs = load_file(tmp_path / "ours.safetensors")
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp_path / "theirs.safetensors", {"a": "b"})
+    save_file({k: v.copy(order="C") for k, v in arrays.items()}, tmp_path / "theirs.safetensors", {"a": "b"})
     ours, metadata = load_safetensors(tmp_path / "theirs.safetensors")
     assert metadata == {"a": "b"}
     assert load_safetensors(tmp_path / "ours.safetensors")[1] == {"format": "npsam"}
