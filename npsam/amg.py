@@ -66,12 +66,28 @@ class MaskData:
             if k not in self._stats or self._stats[k] is None:
                 self._stats[k] = deepcopy(v)
             elif isinstance(v, np.ndarray):
-                self._stats[k] = np.concatenate([self._stats[k], v], axis=0)
+                self._stats[k] = _cat_like_torch(self._stats[k], v)
             else:  # list
                 self._stats[k] = self._stats[k] + deepcopy(v)
 
     def to_numpy(self) -> None:
         """NOTE(reference): moves torch tensors to NumPy; every value here is one already."""
+
+
+def _cat_like_torch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """torch.cat([a, b]) on arrays (where the official MaskData holds tensors).
+
+    NOTE(reference): torch.cat promotes float32 with int64 to float32 (NumPy
+    would give float64) and skips 1-D empty tensors when matching shapes; the
+    generator relies on both (a batch with no masks has float32 boxes [0, 4];
+    a crop with no masks has crop_boxes ``torch.tensor([])``, float32 [0]).
+    """
+    floats = [x.dtype for x in (a, b) if np.issubdtype(x.dtype, np.floating)]
+    dtype = np.result_type(*floats) if floats else np.result_type(a, b)
+    parts = [x for x in (a, b) if not (x.ndim == 1 and x.size == 0)]
+    if not parts:
+        return np.zeros(0, dtype=dtype)
+    return np.concatenate(parts, axis=0).astype(dtype, copy=False)
 
 
 def _check_stat(key: str, value: Any) -> None:

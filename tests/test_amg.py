@@ -69,6 +69,23 @@ def test_mask_data_filter_cat_items_match_official():
     assert [k for k, _ in ours.items()] == ["l", "b"]
 
 
+def test_mask_data_cat_promotes_like_torch_cat():
+    # The official MaskData holds tensors: float32 [0, 4] boxes (no masks in a
+    # batch) or float32 [0] crop boxes (no masks in a crop) turn int64 boxes float32.
+    cases = [(np.zeros((0, 4), np.float32), np.ones((2, 4), np.int64)),
+             (np.ones((2, 4), np.int64), np.zeros((0, 4), np.float32)),
+             (np.zeros(0, np.float32), np.ones((2, 4), np.int64)),
+             (np.ones((2, 4), np.int64), np.zeros(0, np.float32)),
+             (np.zeros(0, np.float32), np.zeros(0, np.float32)),
+             (np.ones((1, 2), np.float64), np.ones((2, 2), np.float32))]
+    for first, second in cases:
+        ours, theirs = amg.MaskData(b=first), ref.MaskData(b=torch.as_tensor(first))
+        ours.cat(amg.MaskData(b=second))
+        theirs.cat(ref.MaskData(b=torch.as_tensor(second)))
+        assert ours["b"].dtype == theirs["b"].numpy().dtype and ours["b"].shape == tuple(theirs["b"].shape)
+        np.testing.assert_array_equal(ours["b"], theirs["b"].numpy())
+
+
 def test_mask_data_rejects_other_types():
     with pytest.raises(ValueError, match="x"):
         amg.MaskData(x=3)
