@@ -251,14 +251,15 @@ def _interpolate_axis(x: np.ndarray, axis: int, out: np.ndarray) -> np.ndarray:
     for r in range(0, rows, block):
         rs = slice(r, min(r + block, rows))
         dst = out[..., rs, :]  # [B, C, R, o]
+        # (np.take is several times faster than fancy indexing along the last axis)
         if axis == -1:
             src = x[..., rs, :]  # [B, C, R, W]
-            np.multiply(src[..., index0], lambda0, out=dst)  # [B, C, R, W] -> [B, C, R, w]
-            right = src[..., index1]  # [B, C, R, W] -> [B, C, R, w]
+            np.multiply(np.take(src, index0, axis=-1, mode="clip"), lambda0, out=dst)  # [B, C, R, W] -> [B, C, R, w]
+            right = np.take(src, index1, axis=-1, mode="clip")  # [B, C, R, W] -> [B, C, R, w]
             right *= lambda1
         else:
-            np.multiply(x[..., index0[rs], :], lambda0[rs, None], out=dst)  # [B, C, H, w] -> [B, C, R, w]
-            right = x[..., index1[rs], :]  # [B, C, H, w] -> [B, C, R, w]
+            np.multiply(np.take(x, index0[rs], axis=-2, mode="clip"), lambda0[rs, None], out=dst)  # [B, C, H, w] -> [B, C, R, w]
+            right = np.take(x, index1[rs], axis=-2, mode="clip")  # [B, C, H, w] -> [B, C, R, w]
             right *= lambda1[rs, None]
         dst += right
     return out
