@@ -11,13 +11,14 @@
   ``area_pixel_compute_scale``, ``area_pixel_compute_source_index``,
   ``guard_index_and_lambda``), used by ``Sam.postprocess_masks``.
 
-Both are separable: a pass along the width, then a pass along the height,
-each a few gathers and multiply-adds (one per filter tap), never a Python
-loop over pixels.
+Both are separable: a pass along one axis, then along the other (the order
+is the reference's), each a few gathers and multiply-adds (one per filter
+tap), never a Python loop over pixels.
 
 Dimension letters:
   B batch, C channels, H, W input height and width, h, w output height and
-  width, K taps of the resampling filter (2 for ``interpolate_bilinear``).
+  width, o output length along the axis being resampled, K taps of the
+  resampling filter (2 for ``interpolate_bilinear``), R rows in a block.
 """
 
 from __future__ import annotations
