@@ -247,7 +247,8 @@ def convert(src, dst, *, parts=None, dtype: str = "float32", model_type: Optiona
 
     ``parts``: which of image_encoder, prompt_encoder, mask_decoder to keep
     (a list or a comma-separated string; default: what the source holds, a
-    full model, an encoder alone, or the two decoder parts). ``dtype``: the
+    full model, an encoder alone, or the two decoder parts; every part when
+    ``model_type`` names a ViT). ``dtype``: the
     floating dtype written (integer buffers such as num_batches_tracked keep
     theirs). ``model_type``: check against this model instead of detecting it.
 
@@ -268,8 +269,11 @@ def convert(src, dst, *, parts=None, dtype: str = "float32", model_type: Optiona
     state_dict, source_format = read_state_dict(src)
     model = model_type or detect_model(state_dict)
     folded_bn = model == "vit_t" and detect_folded_bn(state_dict)
-    if parts is None:
-        parts = _default_parts(state_dict) if model != "decoder" else ("prompt_encoder", "mask_decoder")
+    if parts is None and model == "decoder":
+        parts = ("prompt_encoder", "mask_decoder")
+    elif parts is None:
+        # A model named by the caller is checked whole; a detected one as the source holds it.
+        parts = PARTS if model_type else _default_parts(state_dict)
     if model == "decoder" and "image_encoder" in parts:
         raise ValueError(f"parts: a decoder-only model has no image_encoder, got {', '.join(parts)}")
     check_state_dict(state_dict, model, expected_state_shapes(model, folded_bn=folded_bn), parts)
