@@ -54,7 +54,8 @@ _VIT_WIDTHS = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
 
 # NOTE(reference): Sam registers pixel_mean/pixel_std with persistent=False, so
 # the official state_dict leaves them out; files written by other tools may
-# carry them. Accepted (with this shape) and kept alongside the image encoder.
+# carry them. Always accepted (with this shape), never required, and kept
+# alongside the image encoder.
 OPTIONAL_KEYS = {"pixel_mean": (3, 1, 1), "pixel_std": (3, 1, 1)}
 
 _LIST_LIMIT = 10  # entries shown per list in a mismatch error
@@ -168,9 +169,13 @@ def detect_folded_bn(state_dict: Dict[str, np.ndarray]) -> bool:
     return not any(k.startswith("image_encoder.") and k.endswith(".c.weight") for k in state_dict)
 
 
-def expected_state_shapes(model_type: str, *, folded_bn: bool = False) -> Dict[str, Tuple[int, ...]]:
+def expected_state_shapes(model_type: str, *, folded_bn: bool = False, include_optional: bool = True) -> Dict[str, Tuple[int, ...]]:
     """The official state_dict's keys and shapes for a model type (``decoder``
     = the prompt encoder and mask decoder, the same in every SAM and MobileSAM).
+
+    ``include_optional=False`` leaves out the keys a file may omit because
+    inference never reads them (pixel_mean/pixel_std, TinyViT's classifier
+    head), as :func:`npsam.build_sam.expected_shapes` marks them.
     """
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type: expected one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
@@ -178,11 +183,10 @@ def expected_state_shapes(model_type: str, *, folded_bn: bool = False) -> Dict[s
     from npsam.build_sam import expected_shapes
 
     if model_type == "decoder":
-        full = expected_shapes("vit_b")
+        full = expected_shapes("vit_b", include_optional=include_optional)
         return {k: tuple(v) for k, v in full.items() if _part(k) in ("prompt_encoder", "mask_decoder")}
-    if model_type == "vit_t":
-        return {k: tuple(v) for k, v in expected_shapes("vit_t", folded_bn=folded_bn).items()}
-    return {k: tuple(v) for k, v in expected_shapes(model_type).items()}
+    shapes = expected_shapes(model_type, folded_bn=folded_bn, include_optional=include_optional)
+    return {k: tuple(v) for k, v in shapes.items()}
 
 
 def _default_parts(state_dict: Dict[str, np.ndarray]) -> Tuple[str, ...]:
@@ -196,24 +200,29 @@ def _default_parts(state_dict: Dict[str, np.ndarray]) -> Tuple[str, ...]:
 
 
 def check_state_dict(
-    state_dict: Dict[str, np.ndarray], model: str, expected: Dict[str, Tuple[int, ...]], parts: Iterable[str]
+    state_dict: Dict[str, np.ndarray],
+    model: str,
+    expected: Dict[str, Tuple[int, ...]],
+    parts: Iterable[str],
+    optional: Iterable[str] = (),
 ) -> None:
     """Raise StateDictMismatchError listing every problem at once.
 
-    Every key of ``parts`` must be present; every key present (kept or not)
-    must be an expected key with the expected shape.
+    Every key of ``parts`` must be present, except ``optional`` ones (and
+    pixel_mean/pixel_std); every key present (kept or not) must be an
+    expected key with the expected shape.
     """
     parts = set(parts)
-    expected = {k: v for k, v in expected.items() if k not in OPTIONAL_KEYS}
-    missing = sorted(k for k in expected if _part(k) in parts and k not in state_dict)
+    expected = {**OPTIONAL_KEYS, **expected}
+    optional = set(optional) | set(OPTIONAL_KEYS)
+    missing = sorted(k for k in expected if _part(k) in parts and k not in state_dict and k not in optional)
     unexpected, mismatched = [], []
     for key in sorted(state_dict):
-        want = expected.get(key, OPTIONAL_KEYS.get(key))
         got = tuple(state_dict[key].shape)
-        if want is None:
+        if key not in expected:
             unexpected.append(key)
-        elif got != tuple(want):
-            mismatched.append(f"{key} {list(got)} (expected {list(want)})")
+        elif got != tuple(expected[key]):
+            mismatched.append(f"{key} {list(got)} (expected {list(expected[key])})")
     if missing or unexpected or mismatched:
         raise StateDictMismatchError(model, missing, unexpected, mismatched)
 
@@ -276,7 +285,9 @@ def convert(src, dst, *, parts=None, dtype: str = "float32", model_type: Optiona
         parts = PARTS if model_type else _default_parts(state_dict)
     if model == "decoder" and "image_encoder" in parts:
         raise ValueError(f"parts: a decoder-only model has no image_encoder, got {', '.join(parts)}")
-    check_state_dict(state_dict, model, expected_state_shapes(model, folded_bn=folded_bn), parts)
+    expected = expected_state_shapes(model, folded_bn=folded_bn)
+    optional = set(expected) - set(expected_state_shapes(model, folded_bn=folded_bn, include_optional=False))
+    check_state_dict(state_dict, model, expected, parts, optional)
 
     keep_optional = "image_encoder" in parts
     out = {}

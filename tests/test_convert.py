@@ -73,48 +73,13 @@ def official_shapes(tiny_model):
     return shapes
 
 
-@pytest.fixture(scope="module")
-def shapes_file(official_shapes, tmp_path_factory):
-    path = tmp_path_factory.mktemp("shapes") / "shapes.json"
-    path.write_text(json.dumps(official_shapes))
-    return str(path)
-
-
-# npsam.build_sam.expected_shapes is the source of truth. Until npsam.tiny_vit
-# lands, it cannot build vit_t; only then (ImportError) do the official shapes
-# stand in, so that the converter's vit_t path is tested meanwhile.
-FALLBACK = """
-import json
-import npsam.build_sam as _build_sam
-_real, _official = _build_sam.expected_shapes, json.load(open({shapes_file!r}))
-def _expected_shapes(model_type, *, folded_bn=False, **kwargs):
-    try:
-        return _real(model_type, folded_bn=folded_bn, **kwargs)
-    except ImportError:
-        key = model_type + ("_folded" if folded_bn else "")
-        return {{k: tuple(v) for k, v in _official[key].items()}}
-_build_sam.expected_shapes = _expected_shapes
-"""
-
-
-@pytest.fixture(autouse=True, scope="module")
-def expected_shapes_available(shapes_file):
-    namespace = {}
-    exec(FALLBACK.format(shapes_file=shapes_file), namespace)
-    import npsam.build_sam
-
-    yield
-    npsam.build_sam.expected_shapes = namespace["_real"]
-
-
-def run_convert_without_torch(shapes_file: str, *argv: str) -> subprocess.CompletedProcess:
+def run_convert_without_torch(*argv: str) -> subprocess.CompletedProcess:
     """`python -m npsam.convert ARGV` in a process where importing torch fails."""
     code = (
         "import sys\n"
         "sys.modules['torch'] = None\n"
         f"sys.path.insert(0, {REPO!r})\n"
-        + FALLBACK.format(shapes_file=shapes_file)
-        + "from npsam.convert import main\n"
+        "from npsam.convert import main\n"
         "status = main(sys.argv[1:])\n"
         "assert sys.modules.get('torch') is None, 'torch was imported'\n"
         "sys.exit(status)\n"
@@ -158,10 +123,10 @@ def vit_t(tiny_model):
 # Official checkpoints, converted without torch
 # --------------------------------------------------------------------------
 
-def test_vit_b_converted_without_torch_bit_for_bit(vit_b, shapes_file, tmp_path):
+def test_vit_b_converted_without_torch_bit_for_bit(vit_b, tmp_path):
     src, state = vit_b
     dst = tmp_path / "sam_vit_b.safetensors"
-    result = run_convert_without_torch(shapes_file, str(src), str(dst))
+    result = run_convert_without_torch(str(src), str(dst))
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.strip().splitlines()) == 1 and "vit_b" in result.stdout
     assert_same_state(load_file(dst), state, "vit_b")
@@ -197,12 +162,12 @@ def test_vit_b_parts_and_dtypes(vit_b, tmp_path):
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
-def test_mobile_sam_converted_without_torch(vit_t, shapes_file, tmp_path, legacy):
+def test_mobile_sam_converted_without_torch(vit_t, tmp_path, legacy):
     unfused, folded = vit_t
     for name, state, is_folded in [("unfused", unfused, False), ("folded", folded, True)]:
         src, dst = tmp_path / f"mobile_sam_{name}.pt", tmp_path / f"{name}.safetensors"
         torch.save(state, src, _use_new_zipfile_serialization=not legacy)
-        result = run_convert_without_torch(shapes_file, str(src), str(dst))
+        result = run_convert_without_torch(str(src), str(dst))
         assert result.returncode == 0, result.stderr
         assert "vit_t" in result.stdout and ("BatchNorm folded" in result.stdout) == is_folded
         assert_same_state(load_file(dst), state, name)
@@ -259,11 +224,24 @@ def test_detect_each_model(official_shapes):
     assert expected_state_shapes("decoder") == decoder
 
 
-def test_expected_shapes_of_vit_b_are_the_official_ones(official_shapes):
-    ours = expected_state_shapes("vit_b")
-    optional = {k: ours.pop(k) for k in ("pixel_mean", "pixel_std") if k in ours}
-    assert ours == official_shapes["vit_b"]
-    assert all(v == (3, 1, 1) for v in optional.values())
+@pytest.mark.parametrize("model_type", ["vit_b", "vit_l", "vit_h", "vit_t", "vit_t_folded"])
+def test_expected_shapes_are_the_official_ones(official_shapes, model_type):
+    """What the converter checks against (npsam.build_sam.expected_shapes) is the official state_dict."""
+    ours = expected_state_shapes(model_type.replace("_folded", ""), folded_bn=model_type.endswith("_folded"))
+    pixels = {k: ours.pop(k) for k in ("pixel_mean", "pixel_std") if k in ours}
+    assert ours == official_shapes[model_type]
+    assert all(v == (3, 1, 1) for v in pixels.values())
+
+
+def test_optional_keys_may_be_absent(vit_t, tmp_path):
+    """TinyViT's classifier head (unused by SAM; absent from encoder ONNX exports) may be left out."""
+    _, folded = vit_t
+    headless = {k: v for k, v in folded.items() if not k.startswith(("image_encoder.head.", "image_encoder.norm_head."))}
+    assert len(headless) == len(folded) - 4
+    torch.save(headless, tmp_path / "headless.pt")
+    report = convert(tmp_path / "headless.pt", tmp_path / "out.safetensors")
+    assert report["model_type"] == "vit_t" and report["folded_bn"] is True
+    assert_same_state(load_file(tmp_path / "out.safetensors"), headless, "headless")
 
 
 def test_not_sam_at_all():
@@ -363,7 +341,7 @@ def corrupt_sources(folder, vit_t_state) -> dict:
     return cases
 
 
-def test_command_errors_on_corrupt_files(vit_t, shapes_file, tmp_path):
+def test_command_errors_on_corrupt_files(vit_t, tmp_path):
     sources = tmp_path / "src"
     sources.mkdir()
     out = tmp_path / "out"
@@ -373,7 +351,7 @@ def test_command_errors_on_corrupt_files(vit_t, shapes_file, tmp_path):
         # An existing output is left as it was (checked on two cases, to keep the test short).
         targets = [out / "new.safetensors"] + [out / "existing.safetensors"] * (name in ("malicious", "short storage"))
         for dst in targets:
-            result = run_convert_without_torch(shapes_file, str(path), str(dst))
+            result = run_convert_without_torch(str(path), str(dst))
             assert result.returncode == 2, f"{name}: status {result.returncode}, {result.stderr}"
             lines = result.stderr.strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith("npsam convert: error: "), f"{name}: {result.stderr}"
