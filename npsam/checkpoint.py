@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import pickle
 import struct
@@ -110,6 +111,15 @@ def _check_int_tuple(value, what: str) -> Tuple[int, ...]:
     return tuple(value)
 
 
+def _contiguous_strides(size: Tuple[int, ...]) -> Tuple[int, ...]:
+    """Row-major strides, in elements: (4, 5, 6) -> (30, 6, 1)."""
+    strides, step = [], 1
+    for n in reversed(size):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     """Stand-in for ``torch._utils._rebuild_tensor_v2``: the view as a NumPy array (a copy)."""
     if not isinstance(storage, _Storage):
@@ -120,7 +130,7 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     if len(size) != len(stride):
         raise CheckpointError(f"tensor in storage {storage.key!r}: size {size} and stride {stride} differ in length")
     flat = storage.data  # [numel]
-    numel = int(np.prod(size, dtype=np.int64))
+    numel = math.prod(size)  # Python ints: no overflow, whatever the file claims
     if numel == 0:
         array = np.empty(size, dtype=flat.dtype)
     else:
@@ -138,8 +148,7 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
                 f"storage {storage.key!r}: a tensor of size {size} ({numel} elements) from a storage of "
                 f"{flat.size} elements (broadcast views are not supported)"
             )
-        contiguous = tuple(int(s) for s in np.cumprod((1,) + size[:0:-1])[::-1]) if size else ()
-        if storage_offset == 0 and numel == flat.size and stride == contiguous:
+        if storage_offset == 0 and numel == flat.size and stride == _contiguous_strides(size):
             array = flat.reshape(size)  # [numel] -> size, the whole storage, no copy
         else:
             item = flat.itemsize
@@ -198,6 +207,17 @@ class RestrictedUnpickler(pickle.Unpickler):
         super().__init__(file, encoding="utf-8")
         self._read_storage = read_storage
         self._storages: Dict[str, _Storage] = {}
+
+    def load(self):
+        try:
+            return super().load()
+        except CheckpointError:
+            raise
+        except (EOFError, pickle.UnpicklingError, struct.error) as e:
+            raise CheckpointError(f"checkpoint: truncated or corrupt pickle: {e}") from None
+        except (TypeError, AttributeError, IndexError, KeyError, ValueError, RecursionError) as e:
+            # E.g. an allowed stand-in called with the wrong arguments: a malformed file, never code.
+            raise CheckpointError(f"checkpoint: malformed pickle ({type(e).__name__}: {e})") from None
 
     def find_class(self, module: str, name: str):
         found = _SAFE_GLOBALS.get((module, name))
@@ -319,59 +339,51 @@ def _load_zip(path: str) -> object:
 
 
 def _load_legacy(path: str) -> object:
+    """The legacy format. Its storages follow the object pickle, so the object is
+    unpickled twice: once to learn each storage's type and size (the tensors
+    built then are discarded), and again once the storages are read."""
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        storages: Dict[str, np.ndarray] = {}  # key -> [numel], in the order the pickle names them
+
+        def declare_storage(key: str, storage_type: _StorageType, numel: int) -> np.ndarray:
+            if numel * storage_type.dtype.itemsize > size:
+                raise CheckpointError(
+                    f"checkpoint {path!r}: storage {key!r} declares {numel} elements, more than the file holds: "
+                    "truncated or corrupt"
+                )
+            storages[key] = np.empty(numel, dtype=storage_type.dtype)  # [numel], filled below
+            return storages[key]
+
         try:
-            magic = RestrictedUnpickler(f).load()
-            if magic != _LEGACY_MAGIC_NUMBER:
+            if RestrictedUnpickler(f).load() != _LEGACY_MAGIC_NUMBER:
                 raise CheckpointError(f"checkpoint {path!r}: a pickle, but not a torch.save file (wrong magic number)")
             protocol = RestrictedUnpickler(f).load()
             if protocol != _LEGACY_PROTOCOL_VERSION:
                 raise CheckpointError(f"checkpoint {path!r}: legacy protocol {protocol!r}, expected 1001")
             sys_info = RestrictedUnpickler(f).load()
             little = not isinstance(sys_info, dict) or sys_info.get("little_endian", True)
-
-            declared = {}  # key -> (storage type, numel), filled while the object is unpickled
-
-            size = os.fstat(f.fileno()).st_size
-
-            def read_storage(key: str, storage_type: _StorageType, numel: int) -> np.ndarray:
-                if numel * storage_type.dtype.itemsize > size:
-                    raise CheckpointError(f"checkpoint {path!r}: storage {key!r} declares {numel} elements, "
-                                          f"more than the file holds: truncated or corrupt")
-                declared[key] = (storage_type, numel)
-                return np.empty(numel, dtype=storage_type.dtype)  # [numel], filled below
-
-            unpickler = RestrictedUnpickler(f, read_storage)
-            result = unpickler.load()
+            object_start = f.tell()
+            RestrictedUnpickler(f, declare_storage).load()
             keys = RestrictedUnpickler(f).load()
         except (EOFError, pickle.UnpicklingError, struct.error) as e:
             raise CheckpointError(f"checkpoint {path!r}: truncated or corrupt legacy checkpoint: {e}") from None
-        if not isinstance(keys, list) or set(map(str, keys)) != set(declared):
+        if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages):
             raise CheckpointError(f"checkpoint {path!r}: storage key list does not match the tensors")
         for key in map(str, keys):
-            storage = unpickler._storages[key]
+            flat = storages[key]  # [numel]
             count = f.read(8)
             if len(count) != 8:
                 raise CheckpointError(f"checkpoint {path!r}: truncated before storage {key!r}")
             (numel,) = struct.unpack("<q" if little else ">q", count)
-            flat = storage.data  # [numel]
-            if numel != flat.size or numel * flat.itemsize > size - f.tell():
-                raise CheckpointError(
-                    f"checkpoint {path!r}: storage {key!r} declares {flat.size} elements, the file has "
-                    f"{numel} (and {size - f.tell()} bytes left): truncated or corrupt"
-                )
+            if numel != flat.size:
+                raise CheckpointError(f"checkpoint {path!r}: storage {key!r} declares {flat.size} elements, its record {numel}")
             if little:
-                _read_exact_into(f, flat, f"checkpoint storage {key!r}")
+                _read_exact_into(f, flat, f"checkpoint {path!r} storage {key!r}")
             else:
-                swapped = _read_exact_into(f, np.empty(numel, flat.dtype.newbyteorder(">")), f"storage {key!r}")
-                flat[...] = swapped
-        # The tensors were built from the storages before these were filled;
-        # rebuild now that the bytes are in (the pickle is read once more).
-        f.seek(0)
-        for _ in range(3):
-            RestrictedUnpickler(f).load()
-        filled = RestrictedUnpickler(f, lambda key, storage_type, numel: unpickler._storages[key].data)
-        return filled.load()
+                flat[...] = _read_exact_into(f, np.empty(numel, flat.dtype.newbyteorder(">")), f"storage {key!r}")
+        f.seek(object_start)
+        return RestrictedUnpickler(f, lambda key, storage_type, numel: storages[key]).load()
 
 
 def unwrap_state_dict(obj) -> Dict[str, np.ndarray]:

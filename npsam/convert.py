@@ -13,7 +13,7 @@ Models: ``vit_b``/``vit_l``/``vit_h`` (SAM ViT image encoder, told apart by
 768/1024/1280), ``vit_t`` (MobileSAM TinyViT, ``image_encoder.layers.*``),
 and ``decoder`` (only ``prompt_encoder.*`` and ``mask_decoder.*``).
 
-Notation: C = ViT embedding width; O = output channels of a convolution.
+Notation: C = ViT embedding width.
 """
 
 from __future__ import annotations

@@ -264,6 +264,25 @@ def test_whole_pickled_module_is_refused_with_hint(tmp_path):
         load_torch_checkpoint(tmp_path / "model.pth")
 
 
+def test_allowed_globals_with_bad_arguments_are_clear_errors(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.ones(2)}, good)
+    cases = [
+        global_call_pickle("torch._utils", "_rebuild_tensor_v2", 1),  # wrong arity
+        global_call_pickle("collections", "OrderedDict", 1),
+        global_call_pickle("torch._utils", "_rebuild_parameter", "x", False, None),
+        b"\x80\x02ctorch\nFloatStorage\n)R.",  # a storage type is not callable
+        b"\x80\x02(X\x01\x00\x00\x00aQ.",  # persistent id that is not a storage tuple
+        b"\x80\x02]q\x00h\x00a.",  # fine pickle, but a list
+        b"\x80\x02}q\x00X",  # truncated mid-opcode
+    ]
+    for i, data in enumerate(cases):
+        replace_member(good, tmp_path / f"bad{i}.pth", "/data.pkl", data)
+        with pytest.raises(CheckpointError) as info:
+            load_torch_checkpoint(tmp_path / f"bad{i}.pth")
+        assert not isinstance(info.value, UnsafeCheckpointError), str(info.value)
+
+
 # --------------------------------------------------------------------------
 # Hand-made checkpoints (storage/tensor metadata under our control)
 # --------------------------------------------------------------------------
