@@ -154,11 +154,22 @@ class Conv2d_BN(Module):
                 f"pad={self.pad}, groups={self.groups}, folded_bn={self.folded_bn}")
 
 
+_GELU_CHUNK = 1 << 16  # elements per ops.gelu call
+
+
 class GELU(Module):
-    """Mirror of nn.GELU() (exact erf form), TinyViT's ``activation``."""
+    """Mirror of nn.GELU() (exact erf form), TinyViT's ``activation``.
+
+    Elementwise, so it runs ``ops.gelu`` on slices of 64K elements: identical
+    values, but erf's temporaries stay in cache instead of costing several
+    copies of a [1, 256, 256, 256] activation (stage 0's MBConvs)."""
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        return ops.gelu(x)
+        flat = np.ascontiguousarray(x).reshape(-1)
+        out = np.empty_like(flat)
+        for i in range(0, flat.size, _GELU_CHUNK):
+            out[i : i + _GELU_CHUNK] = ops.gelu(flat[i : i + _GELU_CHUNK])
+        return out.reshape(x.shape)
 
 
 class PatchEmbed(Module):
@@ -519,5 +530,6 @@ class TinyViT(Module):
         assert n == h * w, f"tokens {n} do not match the last layer's resolution {h}x{w}"
         x = x.reshape(b, h, w, c).transpose(0, 3, 1, 2)  # [B, N, C] -> [B, C, H, W]
         x = self.neck(x)  # [B, C, H, W] -> [B, 256, H, W]
+        assert x.shape == (b, 256, h, w), f"neck output {x.shape}"
         # NOTE(reference): norm_head/head are not applied (commented out in the official forward).
         return x

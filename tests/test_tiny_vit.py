@@ -201,6 +201,7 @@ def test_vit_t_state_dict_layouts():
     assert len(expected) - len(fused) == 4 * 27  # 27 Conv2d_BN: c.weight + 5 bn leaves -> weight + bias
 
 
+@pytest.mark.slow
 def test_vit_t_full_resolution_float32():
     enc = official_vit_t_encoder()
     oracle.randomize_(enc, 7)
