@@ -125,6 +125,7 @@ class Conv2d_BN(Module):
 
     def on_load(self, dtype) -> None:
         p = self._params
+        self.fused_weight = self.fused_bias = None
         if self.folded_bn:
             if "weight" in p and "bias" in p:
                 self.fused_weight, self.fused_bias = p["weight"], p["bias"]
