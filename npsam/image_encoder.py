@@ -174,7 +174,10 @@ class Block(Module):
             x = window_unpartition(x, self.window_size, pad_hw, (H, W))  # -> [B, H, W, C]
 
         x += shortcut  # official: x = shortcut + x
-        y = self.mlp(self.norm2(x))  # [B, H, W, C] -> [B, H, W, M] -> [B, H, W, C]
+        # Tokens as one [B*H*W, C] matrix: np.matmul runs one GEMM per leading
+        # index, so [B, H, W, C] @ [C, M] would be B*H small, slow products.
+        y = self.mlp(self.norm2(x).reshape(-1, x.shape[-1]))  # [BHW, C] -> [BHW, M] -> [BHW, C]
+        y = y.reshape(x.shape)  # -> [B, H, W, C]
         y += x  # official: x = x + self.mlp(self.norm2(x))
         return y
 
@@ -215,7 +218,7 @@ class Attention(Module):
     def forward(self, x: np.ndarray) -> np.ndarray:
         B, H, W, _ = x.shape
         h = self.num_heads
-        qkv = self.qkv(x)  # [B, H, W, C] -> [B, H, W, 3C]
+        qkv = self.qkv(x.reshape(B * H * W, -1))  # [B*N, C] -> [B*N, 3C] (one GEMM, see Block.forward)
         qkv = qkv.reshape(B, H * W, 3, h, -1).transpose(2, 0, 3, 1, 4)  # -> [3, B, h, N, D]
         q, k, v = qkv.reshape(3, B * h, H * W, -1)  # -> 3 x [G, N, D]
 
@@ -226,8 +229,8 @@ class Attention(Module):
         if self.use_rel_pos:
             rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
         x = attention(q_scaled, k, v, rel_h, rel_w)  # -> [G, N, D]
-        x = x.reshape(B, h, H, W, -1).transpose(0, 2, 3, 1, 4).reshape(B, H, W, -1)  # -> [B, H, W, C]
-        return self.proj(x)  # [B, H, W, C] -> [B, H, W, C]
+        x = x.reshape(B, h, H, W, -1).transpose(0, 2, 3, 1, 4).reshape(B * H * W, -1)  # -> [B*N, C]
+        return self.proj(x).reshape(B, H, W, -1)  # [B*N, C] -> [B, H, W, C]
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, rel_h: Optional[np.ndarray] = None,
