@@ -1,3 +1,43 @@
-"""npsam: Segment Anything in pure NumPy, reading the official state_dict."""
+"""npsam: Segment Anything (SAM and MobileSAM) in pure NumPy, reading the official state_dict.
+
+The public names mirror ``segment_anything``::
+
+    import npsam
+    sam = npsam.sam_model_registry["vit_b"](checkpoint="sam_vit_b.safetensors")
+    predictor = npsam.SamPredictor(sam)
+
+Submodules are imported on first use, so ``import npsam`` costs only NumPy.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "sam_model_registry": "build_sam",
+    "build_sam": "build_sam",
+    "build_sam_vit_h": "build_sam",
+    "build_sam_vit_l": "build_sam",
+    "build_sam_vit_b": "build_sam",
+    "build_sam_vit_t": "build_sam",
+    "SamPredictor": "predictor",
+    "SamAutomaticMaskGenerator": "automatic_mask_generator",
+    "SamOnnxModel": "onnx",
+    "ResizeLongestSide": "transforms",
+    "convert": "convert",
+    "load_image": "image_io",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'npsam' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__
