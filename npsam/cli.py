@@ -288,11 +288,25 @@ def write_npy(path, array) -> None:
     _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
-def write_json(path, obj) -> None:
-    def default(o):
-        return o.item() if hasattr(o, "item") and getattr(o, "ndim", 1) == 0 else o.tolist()
+def to_json(obj, indent: str = "") -> str:
+    """JSON with one key per line, but lists of numbers (points, boxes) on one line."""
+    if hasattr(obj, "tolist"):  # NumPy scalars and arrays
+        obj = obj.tolist()
+    inner = indent + " "
+    if isinstance(obj, dict) and obj:
+        items = [f"{inner}{json.dumps(str(k))}: {to_json(v, inner)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if isinstance(obj, (list, tuple)) and obj and any(isinstance(v, (dict, list, tuple)) for v in obj):
+        if all(isinstance(v, (list, tuple)) and not any(isinstance(u, (dict, list)) for u in v) for v in obj):
+            return "[" + ", ".join(to_json(v) for v in obj) + "]"  # e.g. [[500, 375], [1125, 625]]
+        return "[\n" + ",\n".join(inner + to_json(v, inner) for v in obj) + "\n" + indent + "]"
+    if isinstance(obj, (list, tuple)):
+        return "[" + ", ".join(to_json(v) for v in obj) + "]"
+    return json.dumps(obj)
 
-    text = json.dumps(obj, indent=1, default=default) + "\n"
+
+def write_json(path, obj) -> None:
+    text = to_json(obj) + "\n"
     _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
@@ -466,9 +480,11 @@ def run_segment(args: argparse.Namespace) -> int:
     return 0
 
 
-EVERYTHING_EXAMPLES = """Example:
+EVERYTHING_EXAMPLES = """Examples:
   npsam everything assets/images/dog.jpg -o out/dog_all
   npsam everything assets/images/groceries.jpg --points-per-side 16 --min-mask-region-area 100 -o out/groceries
+  npsam embed assets/images/dog.jpg -o dog_emb.npy
+  npsam everything assets/images/dog.jpg --embedding dog_emb.npy --pred-iou-thresh 0.8 -o out/dog_loose
 
 Writes into OUT: mask_000.png ... (one per mask, 1-bit, the photo's size),
 overlay.png (every mask in its own colour, largest first) and masks.json (the
@@ -487,6 +503,9 @@ def add_everything_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop-n-layers", type=_natural, default=0, help="layers of image crops (default 0)")
     parser.add_argument("--min-mask-region-area", type=_natural, default=0,
                         help="remove islands and holes smaller than this many pixels (default 0: off)")
+    parser.add_argument("--embedding", metavar="EMB.npy",
+                        help="image embedding from 'npsam embed' of the same IMAGE: skips the image encoder "
+                             "(only with --crop-n-layers 0)")
     add_model_arguments(parser)
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created)")
 
@@ -502,7 +521,11 @@ def run_everything(args: argparse.Namespace) -> int:
 
     out = _check_out_dir(args.output)
     image = load_photo(args.image)
-    sam, model = load_model(args.checkpoint, args.model_type)
+    if args.embedding and args.crop_n_layers:
+        raise CliError("--embedding needs --crop-n-layers 0 (each crop is embedded on its own)")
+    embedding = load_embedding(args.embedding) if args.embedding else None
+    parts = ("decoder",) if embedding is not None else ("encoder", "decoder")
+    sam, model = load_model(args.checkpoint, args.model_type, parts)
     encoder_bar, mask_bar = ProgressBar("image encoder"), ProgressBar("masks")
     options = dict(
         points_per_side=args.points_per_side,
@@ -514,8 +537,13 @@ def run_everything(args: argparse.Namespace) -> int:
         min_mask_region_area=args.min_mask_region_area,
     )
     generator = SamAutomaticMaskGenerator(sam, progress=mask_bar, **options)
-    # The generator embeds each crop itself; give those calls the encoder's bar.
-    generator.predictor.set_image = partial(generator.predictor.set_image, progress=encoder_bar)
+    # The generator embeds each crop itself (predictor.set_image): give those
+    # calls the encoder's bar, or, with --embedding, the given embedding (one
+    # crop: the whole photo).
+    if embedding is None:
+        generator.predictor.set_image = partial(generator.predictor.set_image, progress=encoder_bar)
+    else:
+        generator.predictor.set_image = lambda crop: generator.predictor.set_embedding(embedding, crop.shape[:2])
     try:
         records = generator.generate(image)
     finally:
@@ -531,6 +559,7 @@ def run_everything(args: argparse.Namespace) -> int:
         "image_size": [int(image.shape[0]), int(image.shape[1])],
         "model": model,
         "options": options,
+        "embedding": os.path.abspath(args.embedding) if args.embedding else None,
         "masks": [{**r, "segmentation": name} for r, name in zip(records, names)],
         "overlay": "overlay.png",
         "files": names + ["overlay.png"],
@@ -620,6 +649,7 @@ def run_info(args: argparse.Namespace) -> int:
             print(f"    {key}: {meta[key]}")
     print("modules (parameters, + buffers):")
     total_params = total_buffers = 0
+    optional = sam.optional_keys()
     for path, module in sam.named_modules():
         depth = path.count(".") + 1
         if not path or depth > args.depth:
@@ -627,7 +657,10 @@ def run_info(args: argparse.Namespace) -> int:
         params, buffers = count_entries(state_dict, path)
         if depth == 1:
             total_params, total_buffers = total_params + params, total_buffers + buffers
-        loaded = "" if params or buffers or not module.state_dict_shapes() else "  (not loaded)"
+        shapes = module.state_dict_shapes(path)
+        loaded = "" if params or buffers or not shapes else "  (not loaded)"
+        if loaded and set(shapes) <= optional:
+            loaded = "  (not in the file; never used by SAM)"
         extra = f" + {buffers:,}" if buffers else ""
         label = f"{'  ' * depth}{path.rsplit('.', 1)[-1]} ({type(module).__name__})"
         print(f"{label:<48} {params:>12,}{extra}{loaded}")
