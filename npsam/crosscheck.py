@@ -299,9 +299,14 @@ def load_npsam(checkpoint: Sequence[str], dtype) -> Any:
         state_dict = hf_to_official(state_dict)
     model_type = guess_model_type(state_dict)
     try:
-        return sam_model_registry[model_type](checkpoint=state_dict, dtype=dtype), state_dict
+        sam = sam_model_registry[model_type](checkpoint=state_dict, dtype=dtype)
     except ValueError as e:
         raise CrosscheckError(f"--checkpoint: {e}") from None
+    for part in ("prompt_encoder", "mask_decoder"):
+        if not getattr(sam, part).is_loaded():
+            raise CrosscheckError(f"--checkpoint: expected weights with {part}.* keys (e.g. "
+                                  f"{SHIPPED_WEIGHTS[0]}), got none in {', '.join(map(str, checkpoint))}")
+    return sam, state_dict
 
 
 def guess_model_type(state_dict: Dict[str, np.ndarray]) -> str:
@@ -397,9 +402,12 @@ def _require(module: str, for_what: str):
 def _bare_package(name: str, for_what: str) -> types.ModuleType:
     """Register ``name`` as a package without running its __init__ (which imports
     torchvision through predictor.py): modeling and build_sam then import normally."""
-    if name in sys.modules:
+    if sys.modules.get(name) is not None:
         return sys.modules[name]
-    spec = importlib.util.find_spec(name)
+    try:
+        spec = None if name in sys.modules else importlib.util.find_spec(name)  # None entry: blocked
+    except ValueError:
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise CrosscheckError(f"--against {for_what}: the {name!r} package is not installed; {_INSTALL[name]}")
     pkg = types.ModuleType(name)
@@ -746,11 +754,12 @@ def onnx_scope_to_module(scope: str) -> Optional[str]:
             parts[-1] = parts[-1] + comp[len(last):]
         else:
             parts.append(comp)
-    if parts[0] in ("mask_decoder", "prompt_encoder", "image_encoder"):
+    head = parts[0].split(".", 1)[0]
+    if head in ("mask_decoder", "prompt_encoder", "image_encoder"):
         return ".".join(parts)
-    if parts[0] in _DECODER_CHILDREN:
+    if head in _DECODER_CHILDREN:
         return "mask_decoder." + ".".join(parts)
-    if parts[0] in _PROMPT_CHILDREN:
+    if head in _PROMPT_CHILDREN:
         return "prompt_encoder." + ".".join(parts)
     return None
 
