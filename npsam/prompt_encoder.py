@@ -102,8 +102,20 @@ class PromptEncoder(Module):
         return self.pe_layer.positional_encoding_gaussian_matrix.dtype
 
     def get_dense_pe(self) -> np.ndarray:
-        """Positional encoding of every image-embedding location: [1, C, H, W]."""
-        return self.pe_layer(self.image_embedding_size)[None]  # [C, H, W] -> [1, C, H, W]
+        """Positional encoding of every image-embedding location: [1, C, H, W].
+
+        It depends on the weights only, so it is computed once per loaded
+        ``positional_encoding_gaussian_matrix`` and the same read-only array is
+        returned each time (which also lets the mask decoder recognise it).
+        """
+        gauss = self.pe_layer.positional_encoding_gaussian_matrix
+        cached = self.__dict__.get("_dense_pe")
+        if cached is None or cached[0] is not gauss:
+            pe = np.ascontiguousarray(self.pe_layer(self.image_embedding_size)[None])  # [C, H, W] -> [1, C, H, W]
+            pe.flags.writeable = False
+            cached = (gauss, pe)
+            object.__setattr__(self, "_dense_pe", cached)
+        return cached[1]
 
     def _embed_points(self, points: np.ndarray, labels: np.ndarray, pad: bool) -> np.ndarray:
         """Embeds point prompts: [B, N, 2], [B, N] -> [B, N(+1), C]."""

@@ -8,6 +8,7 @@ Dimension letters:
 
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import numpy as np
@@ -49,6 +50,75 @@ class Attention(Module):
     def extra_repr(self) -> str:
         return f"embedding_dim={self.embedding_dim}, internal_dim={self.internal_dim}, num_heads={self.num_heads}"
 
+    # The two cross-attentions of SAM pair a few tokens (T, about 5-10) with every
+    # image location (HW = 4096). The two methods below compute exactly forward()
+    # (same mathematics, different association of the products) with the
+    # projections moved to the token side, so the [HW, C] image side meets two
+    # [C, h*T]-sized products instead of two [C, I] projections, and no [HW, I]
+    # array is ever split into heads.
+
+    def attend_to_image(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """forward(q, k, v) for tokens attending to the image: q [B, T, C]; k, v
+        [Bk, HW, C] with Bk = B or 1 (one image shared by every prompt) -> [B, T, C].
+
+        Per head h, with q_h = q W_q^h + b_q^h:
+            q_h . (k_n W_k^h + b_k^h) = (q_h W_k^h^T) . k_n + q_h . b_k^h
+        and the last term is the same for every n, so softmax over n drops it;
+            sum_n p_n (v_n W_v^h + b_v^h) = (sum_n p_n v_n) W_v^h + b_v^h   (sum_n p_n = 1).
+        """
+        b, t, c = q.shape
+        bk, hw, _ = k.shape
+        nh, d = self.num_heads, self.internal_dim // self.num_heads
+        qh = self.q_proj(q).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # [B, T, I] -> [B, h, T, D]
+        qk = qh @ self.k_proj.weight.reshape(nh, d, c)  # [B, h, T, D] @ [h, D, C] -> [B, h, T, C]
+        # NOTE(reference): the logits are divided by sqrt(D); done here on the small
+        # side (D = 16 in SAM's cross-attentions: a power of two, so exactly the same).
+        qk /= qk.dtype.type(math.sqrt(d))
+        if bk == 1:
+            attn = qk.reshape(b * nh * t, c) @ k[0].T  # [B*h*T, C] @ [C, HW] -> [B*h*T, HW]
+            attn = attn.reshape(b, nh * t, hw)  # -> [B, h*T, HW]
+        else:
+            attn = qk.reshape(b, nh * t, c) @ k.transpose(0, 2, 1)  # [B, h*T, C] @ [B, C, HW] -> [B, h*T, HW]
+        attn = ops.softmax(attn, axis=-1)
+        if bk == 1:
+            pv = attn.reshape(b * nh * t, hw) @ v[0]  # [B*h*T, HW] @ [HW, C] -> [B*h*T, C]
+        else:
+            pv = attn @ v  # [B, h*T, HW] @ [B, HW, C] -> [B, h*T, C]
+        wv = self.v_proj.weight.reshape(nh, d, c)  # [I, C] -> [h, D, C]
+        out = pv.reshape(b, nh, t, c) @ wv.transpose(0, 2, 1)  # [B, h, T, C] @ [h, C, D] -> [B, h, T, D]
+        out += self.v_proj.bias.reshape(nh, 1, d)
+        out = ops.recombine_heads(out)  # -> [B, T, I]
+        return self.out_proj(out)  # -> [B, T, C]
+
+    def attend_from_image(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """forward(q, k, v) for the image attending to the tokens: q [Bq, HW, C] with
+        Bq = B or 1; k, v [B, T, C] -> [B, HW, C].
+
+        Per head h, with k_h = k W_k^h + b_k^h and v_h = v W_v^h + b_v^h:
+            (q_n W_q^h + b_q^h) . k_h,t = q_n . (W_q^h^T k_h,t) + b_q^h . k_h,t
+            (sum_t p_h,t v_h,t) W_o^h = sum_t p_h,t (v_h,t W_o^h)
+        and b_o is spread as b_o / h over every (h, t) row (each head's p sums to 1).
+        """
+        b, t, c = k.shape
+        bq, hw, _ = q.shape
+        nh, d = self.num_heads, self.internal_dim // self.num_heads
+        scale = q.dtype.type(math.sqrt(d))
+        kh = self.k_proj(k).reshape(b, t, nh, d).transpose(0, 2, 3, 1)  # [B, T, I] -> [B, h, D, T]
+        wq = self.q_proj.weight.reshape(nh, d, c).transpose(0, 2, 1)  # [I, C] -> [h, C, D]
+        kq = (wq @ kh).transpose(0, 2, 1, 3).reshape(b, c, nh * t)  # [B, h, C, T] -> [B, C, h*T]
+        kq /= scale  # NOTE(reference): logits / sqrt(D), on the small side (exact for D = 16)
+        kb = (self.q_proj.bias.reshape(nh, 1, d) @ kh).reshape(b, 1, nh * t)  # [B, h, 1, T] -> [B, 1, h*T]
+        kb /= scale
+        attn = q @ kq  # [Bq, HW, C] @ [B, C, h*T] -> [B, HW, h*T]
+        attn += kb
+        attn = ops.softmax(attn.reshape(b, hw, nh, t), axis=-1)  # over T within each head
+        vh = self.v_proj(v).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # [B, T, I] -> [B, h, T, D]
+        wo = self.out_proj.weight.T.reshape(nh, d, c)  # [C, I] -> [I, C] -> [h, D, C]
+        vo = (vh @ wo).reshape(b, nh * t, c)  # [B, h, T, C] -> [B, h*T, C]
+        vo += self.out_proj.bias / q.dtype.type(nh)
+        return attn.reshape(b, hw, nh * t) @ vo  # [B, HW, h*T] @ [B, h*T, C] -> [B, HW, C]
+
+
 
 class TwoWayAttentionBlock(Module):
     """Mirror of transformer.py: TwoWayAttentionBlock.
@@ -89,8 +159,8 @@ class TwoWayAttentionBlock(Module):
 
         # (2) tokens attend to the image
         q = queries + query_pe
-        k = keys + key_pe
-        attn_out = self.cross_attn_token_to_image(q=q, k=k, v=keys)  # -> [B, T, C]
+        k = keys + key_pe  # [Bk, HW, C]; also step (4)'s queries: keys do not change in between
+        attn_out = self.cross_attn_token_to_image.attend_to_image(q=q, k=k, v=keys)  # -> [B, T, C]
         queries = queries + attn_out
         queries = self.norm2(queries)
 
@@ -101,11 +171,14 @@ class TwoWayAttentionBlock(Module):
 
         # (4) the image attends to the tokens
         q = queries + query_pe
-        k = keys + key_pe
         # NOTE(reference): q and k swap roles: the image locations are the queries.
-        attn_out = self.cross_attn_image_to_token(q=k, k=q, v=queries)  # -> [B, HW, C]
-        keys = keys + attn_out
-        keys = self.norm4(keys)
+        attn_out = self.cross_attn_image_to_token.attend_from_image(q=k, k=q, v=queries)  # -> [B, HW, C]
+        if keys.shape[0] == attn_out.shape[0]:
+            keys = ops.layer_norm(attn_out, self.norm4.weight, self.norm4.bias, self.norm4.eps,
+                                  out=attn_out, add=keys)  # norm4(keys + attn_out)
+        else:  # layer 0: one image for every prompt, [1, HW, C] -> [B, HW, C]
+            attn_out += keys
+            keys = self.norm4(attn_out)
         return queries, keys
 
     def extra_repr(self) -> str:
@@ -136,7 +209,15 @@ class TwoWayTransformer(Module):
         bs, c, h, w = image_embedding.shape
         image_embedding = image_embedding.reshape(bs, c, h * w).transpose(0, 2, 1)  # -> [B, HW, C]
         image_pe = image_pe.reshape(image_pe.shape[0], c, h * w).transpose(0, 2, 1)  # -> [B, HW, C]
+        return self.forward_rows(image_embedding, image_pe, point_embedding)
 
+    def forward_rows(self, image_embedding: np.ndarray, image_pe: np.ndarray,
+                     point_embedding: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """forward() on image locations as rows: image_embedding, image_pe [1 or B, HW, C].
+
+        A batch of 1 on the image side means one image shared by every prompt: it
+        stays [1, HW, C] until the first layer's image-to-token attention makes one
+        copy per prompt (official repeat_interleave's it up front)."""
         queries = point_embedding
         keys = image_embedding
         for layer in self.layers:
@@ -144,7 +225,7 @@ class TwoWayTransformer(Module):
 
         q = queries + point_embedding
         k = keys + image_pe
-        attn_out = self.final_attn_token_to_image(q=q, k=k, v=keys)  # -> [B, T, C]
+        attn_out = self.final_attn_token_to_image.attend_to_image(q=q, k=k, v=keys)  # -> [B, T, C]
         queries = queries + attn_out
         queries = self.norm_final_attn(queries)
         return queries, keys
