@@ -461,11 +461,9 @@ def _float64_pe(pe_layer) -> None:
     in float32 this is the same computation."""
     import torch
 
-    gauss = pe_layer.positional_encoding_gaussian_matrix
-
     def forward(size):
         h, w = size
-        grid = torch.ones((h, w), dtype=gauss.dtype)
+        grid = torch.ones((h, w), dtype=pe_layer.positional_encoding_gaussian_matrix.dtype)
         y_embed = (grid.cumsum(dim=0) - 0.5) / h
         x_embed = (grid.cumsum(dim=1) - 0.5) / w
         pe = pe_layer._pe_encoding(torch.stack([x_embed, y_embed], dim=-1))  # -> [h, w, C]
@@ -475,7 +473,7 @@ def _float64_pe(pe_layer) -> None:
         coords = coords_input.clone()
         coords[:, :, 0] = coords[:, :, 0] / image_size[1]
         coords[:, :, 1] = coords[:, :, 1] / image_size[0]
-        return pe_layer._pe_encoding(coords.to(gauss.dtype))
+        return pe_layer._pe_encoding(coords.to(pe_layer.positional_encoding_gaussian_matrix.dtype))
 
     pe_layer.forward = forward
     pe_layer.forward_with_coords = forward_with_coords
