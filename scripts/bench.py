@@ -1,0 +1,249 @@
+"""npsam against official PyTorch and onnxruntime, each engine in its own process.
+
+    python scripts/bench.py                      # the full run: writes bench/results.json and .md
+    python scripts/bench.py --quick              # CI smoke run: 1 warm-up, 2 iterations, no ViT-B
+    python scripts/bench.py --cases decoder1 onnx1 --repeats 5 --out /tmp/b
+
+Setup (in this process, with torch): the official SAM vit_b modules with random
+weights (tests/oracle.py's randomize_), saved as official-key safetensors for
+npsam and torch, and the official SamOnnxModel (single mask) exported with
+torch.onnx.export(dynamo=False, opset_version=17) for onnxruntime.
+
+Each measurement is a fresh `python scripts/bench_worker.py --engine E --case C`
+(engines in one process fight over the two cores and share one peak-memory
+figure); engines alternate A B C A B C ... over ``--repeats`` rounds; every
+worker warms up, then times ``--iters`` calls. Reported: median, min, max over
+all timed calls of all rounds, peak RSS (VmHWM), and the ratio npsam / other
+against the issue's targets. Threads: OMP/MKL/OPENBLAS_NUM_THREADS=2,
+torch.set_num_threads(2), onnxruntime intra_op_num_threads=2.
+
+Cases:
+    decoder1   prompt encoder + mask decoder, 1 point + 1 box, multimask, low-res logits
+               (ort: the export's one call, single mask upscaled to 1200x1800)
+    onnx1      SamOnnxModel, single mask, upscaled to the photo's size (1200x1800)
+    decoder16  16 point prompts on one image (npsam, torch: one batch; ort: 16 calls)
+    vitb       ViT-B image encoder at 1024x1024
+    cold       a whole process: import, load weights, decode one prompt (wall time)
+Timing is not a test: no thresholds here; the table says which targets are met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "scripts", "bench_worker.py")
+
+CASES = {
+    # case: engines, in the order they alternate
+    "decoder1": ("npsam", "torch", "ort"),
+    "onnx1": ("npsam", "torch", "ort"),
+    "decoder16": ("npsam", "torch", "ort"),
+    "vitb": ("npsam", "torch"),
+    "cold": ("npsam", "torch", "ort"),
+}
+# (case, other engine): the issue's target for time(npsam) / time(other)
+TARGETS = {
+    ("decoder1", "torch"): 0.45,
+    ("onnx1", "ort"): 0.8,
+    ("decoder16", "ort"): 0.75,
+    ("vitb", "torch"): 0.6,
+}
+COLD_TARGET_S = 0.25
+VITB_PEAK_TARGET_MB = 1536
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[k] = "2"
+    env.setdefault("NPSAM_NUM_THREADS", "2")
+    return env
+
+
+# ---------------------------------------------------------------------------
+# Setup: random official weights, their safetensors and the official export
+# ---------------------------------------------------------------------------
+def prepare(workdir: str, with_vitb: bool, seed: int = 0) -> None:
+    import numpy as np
+    import torch
+    from safetensors.numpy import save_file
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import oracle
+
+    oracle.segment_anything()
+    from segment_anything.build_sam import sam_model_registry
+    from segment_anything.utils.onnx import SamOnnxModel
+
+    torch.manual_seed(seed)
+    sam = sam_model_registry["vit_b"]().eval()
+    oracle.randomize_(sam.prompt_encoder, seed)
+    oracle.randomize_(sam.mask_decoder, seed + 1)
+    sd = {k: v for k, v in oracle.state_dict_numpy(sam).items() if k.split(".", 1)[0] in ("prompt_encoder", "mask_decoder")}
+    _save(save_file, {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}, os.path.join(workdir, "decoder.safetensors"))
+    if with_vitb:
+        enc = {"image_encoder." + k: np.ascontiguousarray(v.detach().numpy(), np.float32)
+               for k, v in sam.image_encoder.state_dict().items()}
+        _save(save_file, enc, os.path.join(workdir, "vitb.safetensors"))
+    export_onnx(SamOnnxModel(sam, return_single_mask=True), os.path.join(workdir, "sam.onnx"))
+
+
+def _save(save_file, tensors: dict, path: str) -> None:
+    tmp = path + ".tmp"
+    save_file(tensors, tmp)
+    os.replace(tmp, path)
+
+
+def export_onnx(onnx_model, path: str) -> None:
+    """As the official scripts/export_onnx_model.py does, with torch's TorchScript exporter."""
+    import torch
+
+    embed_dim = onnx_model.model.prompt_encoder.embed_dim
+    embed_size = onnx_model.model.prompt_encoder.image_embedding_size
+    mask_input_size = [4 * x for x in embed_size]
+    dummy_inputs = {
+        "image_embeddings": torch.randn(1, embed_dim, *embed_size, dtype=torch.float),
+        "point_coords": torch.randint(low=0, high=1024, size=(1, 5, 2), dtype=torch.float),
+        "point_labels": torch.randint(low=0, high=4, size=(1, 5), dtype=torch.float),
+        "mask_input": torch.randn(1, 1, *mask_input_size, dtype=torch.float),
+        "has_mask_input": torch.tensor([1], dtype=torch.float),
+        "orig_im_size": torch.tensor([1500, 2250], dtype=torch.float),
+    }
+    dynamic_axes = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.onnx.export(onnx_model, tuple(dummy_inputs.values()), f, export_params=True, verbose=False,
+                          opset_version=17, do_constant_folding=True, input_names=list(dummy_inputs),
+                          output_names=["masks", "iou_predictions", "low_res_masks"], dynamic_axes=dynamic_axes,
+                          dynamo=False)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------
+# Running workers
+# ---------------------------------------------------------------------------
+def run_worker(engine: str, case: str, workdir: str, warmup: int, iters: int) -> dict:
+    cmd = [sys.executable, WORKER, "--engine", engine, "--case", case, "--workdir", workdir,
+           "--warmup", str(warmup), "--iters", str(iters)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{engine}/{case} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if case == "cold":
+        out["times"] = [wall]
+    return out
+
+
+def bench(cases, workdir: str, repeats: int, warmup: int, iters: int, log=print) -> dict:
+    results = {}
+    for case in cases:
+        engines = CASES[case]
+        times = {e: [] for e in engines}
+        peaks = {e: 0.0 for e in engines}
+        # cold: one process is one sample, so more rounds instead of iterations
+        rounds = repeats * (iters if case == "cold" else 1)
+        n_iter = 1 if case == "vitb" and iters > 1 else iters
+        for r in range(rounds):
+            for e in engines:  # alternate A B C A B C ...
+                out = run_worker(e, case, workdir, 0 if case == "cold" else (1 if case == "vitb" else warmup),
+                                 n_iter)
+                times[e] += out["times"]
+                peaks[e] = max(peaks[e], out["peak_rss_mb"])
+            log(f"  {case} round {r + 1}/{rounds}: " + ", ".join(
+                f"{e} {1000 * statistics.median(times[e]):.1f} ms" for e in engines))
+        results[case] = {e: {"median_s": statistics.median(times[e]), "min_s": min(times[e]),
+                             "max_s": max(times[e]), "n": len(times[e]), "peak_rss_mb": peaks[e]}
+                         for e in engines}
+    return results
+
+
+def ratios(results: dict) -> list:
+    rows = []
+    for case, res in results.items():
+        for other in CASES[case][1:]:
+            if other in res:
+                target = TARGETS.get((case, other))
+                r = res["npsam"]["median_s"] / res[other]["median_s"]
+                rows.append({"case": case, "vs": other, "ratio": r, "target": target,
+                             "met": None if target is None else r <= target})
+        if case == "cold":
+            t = res["npsam"]["median_s"]
+            rows.append({"case": case, "vs": "seconds", "ratio": t, "target": COLD_TARGET_S, "met": t <= COLD_TARGET_S})
+        if case == "vitb":
+            m = res["npsam"]["peak_rss_mb"]
+            rows.append({"case": case, "vs": "peak MB", "ratio": m, "target": VITB_PEAK_TARGET_MB,
+                         "met": m <= VITB_PEAK_TARGET_MB})
+    return rows
+
+
+def markdown(results: dict, rows: list, meta: dict) -> str:
+    lines = [f"Measured {meta['date']} on {meta['cpus']} CPUs (load average at start {meta['load']}), "
+             f"{meta['repeats']} alternating rounds x {meta['iters']} iterations, float32, 2 threads per engine.",
+             "", "| case | engine | median ms | min ms | max ms | peak MB |", "|---|---|---|---|---|---|"]
+    for case, res in results.items():
+        for e, r in res.items():
+            lines.append(f"| {case} | {e} | {1000 * r['median_s']:.1f} | {1000 * r['min_s']:.1f} | "
+                         f"{1000 * r['max_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+    lines += ["", "| case | npsam vs | ratio | target | met |", "|---|---|---|---|---|"]
+    for row in rows:
+        tgt = "" if row["target"] is None else f"{row['target']:g}"
+        met = "" if row["met"] is None else ("yes" if row["met"] else "no")
+        lines.append(f"| {row['case']} | {row['vs']} | {row['ratio']:.3g} | {tgt} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".bench-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CI smoke run: 1 warm-up, 2 iterations, 1 round, no vitb")
+    p.add_argument("--cases", nargs="+", choices=sorted(CASES), help="default: all (all but vitb with --quick)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds (default 3)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--out", default=os.path.join(ROOT, "bench"), help="folder for results.json and results.md")
+    p.add_argument("--workdir", help="keep the prepared weights and export here (default: a temporary folder)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.warmup, args.iters = 1, 1, 2
+    cases = args.cases or [c for c in CASES if not (args.quick and c == "vitb")]
+    for name in ("repeats", "iters"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name}: expected >= 1, got {getattr(args, name)}")
+
+    with tempfile.TemporaryDirectory(prefix="npsam-bench-") as tmp:
+        workdir = args.workdir or tmp
+        os.makedirs(workdir, exist_ok=True)
+        print(f"preparing random official weights and the ONNX export in {workdir}")
+        prepare(workdir, with_vitb="vitb" in cases)
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
+                "load": round(os.getloadavg()[0], 2), "repeats": args.repeats, "iters": args.iters,
+                "warmup": args.warmup, "quick": args.quick}
+        results = bench(cases, workdir, args.repeats, args.warmup, args.iters)
+    rows = ratios(results)
+    write_atomic(os.path.join(args.out, "results.json"),
+                 json.dumps({"meta": meta, "results": results, "ratios": rows}, indent=2) + "\n")
+    md = markdown(results, rows, meta)
+    write_atomic(os.path.join(args.out, "results.md"), md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
