@@ -405,11 +405,13 @@ def test_everything_on_the_dog(tmp_path):
 
 
 def test_everything_with_embedding(truck_embedding, tmp_path):
-    ok("everything", TRUCK, "--points-per-side", "4", "--embedding", truck_embedding, "-o", tmp_path)
+    ok("everything", TRUCK, "--points-per-side", "3", "--embedding", truck_embedding, "-o", tmp_path)
     records = check_everything_output(tmp_path, TRUCK_HW)
-    # the 4 x 4 grid's points, as the official build_point_grid places them
-    grid = {(1800 * (2 * i + 1) / 8, 1200 * (2 * j + 1) / 8) for i in range(4) for j in range(4)}
-    assert all(tuple(r["point_coords"][0]) in grid for r in records)
+    # the 3 x 3 grid's points, computed as the official build_point_grid does (cell centres)
+    side = np.linspace(1 / 6, 1 - 1 / 6, 3)
+    for record in records:
+        (x, y), = record["point_coords"]
+        assert x in (side * 1800).tolist() and y in (side * 1200).tolist(), (x, y)
 
 
 # ---------------------------------------------------------------------------
