@@ -160,7 +160,7 @@ class PromptEncoder(Module):
                     f"points[1] (labels): expected shape {list(coords.shape[:2])} to match coords "
                     f"{list(coords.shape)}, got {list(labels.shape)}")
             if labels.size and not np.all(np.isin(labels, (-1, 0, 1))):
-                bad = labels[~np.isin(labels, (-1, 0, 1))].ravel()[0]
+                bad = labels[~np.isin(labels, (-1, 0, 1))].ravel()[0].item()
                 raise ValueError(f"points[1] (labels): expected values -1 (padding), 0 (background) or 1 "
                                  f"(foreground), got {bad!r}")
             points = (coords.astype(dtype), labels.astype(np.int64))
