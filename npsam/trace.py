@@ -169,7 +169,10 @@ def trace(root: nn.Module, *, copy: bool = True, inputs: bool = False,
 # the token side) without going through Module.__call__. While a trace is
 # open they are wrapped per instance so that the call is still recorded under
 # the module's official path; outside a trace nothing is wrapped.
-FAST_PATHS = {"Attention": ("attend_to_image", "attend_from_image")}
+FAST_PATHS = {
+    "Attention": ("attend_to_image", "attend_from_image"),
+    "TwoWayTransformer": ("forward_rows",),  # inputs as rows [B, HW, C]; same outputs as forward
+}
 
 
 def _patch_fast_paths(root: nn.Module) -> List[Tuple[nn.Module, str]]:
