@@ -12,7 +12,7 @@ from typing import Tuple
 
 import numpy as np
 
-from . import ops
+from . import nn, ops
 from .checks import check_array, check_bool, check_same
 from .common import LayerNorm2d
 from .nn import GELU, ConvTranspose2d, Embedding, Linear, Module, ModuleList, Sequential
@@ -103,25 +103,102 @@ class MaskDecoder(Module):
         output_tokens = np.broadcast_to(output_tokens[None], (b,) + output_tokens.shape)  # -> [B, 1+M, C]
         tokens = np.concatenate([output_tokens, sparse_prompt_embeddings], axis=1)  # -> [B, T, C]
 
-        # NOTE(reference): official repeat_interleave's the (batch-1) image
-        # embedding once per prompt; adding the dense embedding makes the copies.
-        src = image_embeddings + dense_prompt_embeddings  # [1, C, H, W] + [B, C, H, W] -> [B, C, H, W]
-        src = np.broadcast_to(src, (b,) + src.shape[1:])
-        pos_src = np.broadcast_to(image_pe, (b,) + image_pe.shape[1:])  # [1, C, H, W] -> [B, C, H, W]
-        _, c, h, w = src.shape
+        src, pos_src = self._image_rows(image_embeddings, image_pe, dense_prompt_embeddings)  # -> [1 or B, HW, C]
+        _, c, h, w = image_embeddings.shape
 
-        hs, src = self.transformer(src, pos_src, tokens)  # -> [B, T, C], [B, HW, C]
+        hs, src = self.transformer.forward_rows(src, pos_src, tokens)  # -> [B, T, C], [B, HW, C]
         iou_token_out = hs[:, 0, :]  # -> [B, C]
         mask_tokens_out = hs[:, 1:(1 + self.num_mask_tokens), :]  # -> [B, M, C]
 
-        src = src.transpose(0, 2, 1).reshape(b, c, h, w)  # [B, HW, C] -> [B, C, H, W]
-        upscaled_embedding = self.output_upscaling(src)  # -> [B, C/8, 4H, 4W]
         hyper_in = np.stack(
             [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in range(self.num_mask_tokens)],
             axis=1)  # M x [B, C/8] -> [B, M, C/8]
-        b, c8, h4, w4 = upscaled_embedding.shape
-        masks = hyper_in @ upscaled_embedding.reshape(b, c8, h4 * w4)  # [B, M, C/8] @ [B, C/8, 16HW] -> [B, M, 16HW]
-        masks = masks.reshape(b, -1, h4, w4)  # -> [B, M, 4H, 4W]
+        if nn._hook is None:
+            masks = self._upscaled_masks(src, hyper_in, h, w)  # -> [B, M, 4H, 4W]
+        else:  # tracing: run output_upscaling as a module so it is recorded
+            src = src.transpose(0, 2, 1).reshape(b, c, h, w)  # [B, HW, C] -> [B, C, H, W]
+            upscaled_embedding = self.output_upscaling(src)  # -> [B, C/8, 4H, 4W]
+            b, c8, h4, w4 = upscaled_embedding.shape
+            masks = hyper_in @ upscaled_embedding.reshape(b, c8, h4 * w4)  # [B, M, C/8] @ [B, C/8, 16HW] -> [B, M, 16HW]
+            masks = masks.reshape(b, -1, h4, w4)  # -> [B, M, 4H, 4W]
 
         iou_pred = self.iou_prediction_head(iou_token_out)  # [B, C] -> [B, M]
         return masks, iou_pred
+
+    def _image_rows(self, image_embeddings: np.ndarray, image_pe: np.ndarray,
+                    dense_prompt_embeddings: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """src = image_embeddings + dense_prompt_embeddings and the PE, as rows
+        [1 or B, HW, C].
+
+        NOTE(reference): official repeat_interleave's the (batch-1) image embedding
+        once per prompt; adding the dense embedding makes the copies. When the
+        dense embedding is one per-channel constant for every prompt (the
+        broadcast no-mask embedding), src stays one image, shared by the prompts,
+        and is kept per image: keyed on the identity of image_embeddings and
+        image_pe (held by the cache, so an identity cannot be reused), on the
+        dense embedding's values, and, for a writeable image_embeddings, on its
+        contents. Exact: a hit returns what the computation would.
+        """
+        b, c, h, w = dense_prompt_embeddings.shape
+        constant = dense_prompt_embeddings.strides[0] == 0 or b == 1
+        constant = constant and dense_prompt_embeddings.strides[2:] == (0, 0)  # the no-mask embedding, broadcast
+        if not constant:
+            src = image_embeddings + dense_prompt_embeddings  # [1, C, H, W] + [B, C, H, W] -> [B, C, H, W]
+            src = src.reshape(b, c, h * w).transpose(0, 2, 1)  # -> [B, HW, C]
+            return src, image_pe.reshape(1, c, h * w).transpose(0, 2, 1)  # -> [1, HW, C]
+        dense = np.array(dense_prompt_embeddings[0, :, 0, 0])  # [C], the same at every location and prompt
+        cached = self.__dict__.get("_rows_cache")
+        if cached is not None and cached[0] is image_embeddings and cached[1] is image_pe \
+                and np.array_equal(cached[2], dense) \
+                and (not image_pe.flags.writeable or np.array_equal(cached[4], image_pe)) \
+                and (not image_embeddings.flags.writeable or np.array_equal(cached[3], image_embeddings)):
+            return cached[5], cached[6]
+        src = image_embeddings + dense[:, None, None]  # [1, C, H, W] + [C, 1, 1] -> [1, C, H, W]
+        src = np.ascontiguousarray(src.reshape(1, c, h * w).transpose(0, 2, 1))  # -> [1, HW, C]
+        pos_src = np.ascontiguousarray(image_pe.reshape(1, c, h * w).transpose(0, 2, 1))  # -> [1, HW, C]
+        src.flags.writeable = pos_src.flags.writeable = False
+        copies = tuple(x.copy() if x.flags.writeable else None for x in (image_embeddings, image_pe))
+        object.__setattr__(self, "_rows_cache", (image_embeddings, image_pe, dense) + copies + (src, pos_src))
+        return src, pos_src
+
+    def _upscaled_masks(self, src: np.ndarray, hyper_in: np.ndarray, h: int, w: int) -> np.ndarray:
+        """hyper_in @ output_upscaling(src), per pixel: src [B, HW, C], hyper_in
+        [B, M, C/8] -> masks [B, M, 4H, 4W].
+
+        The same computation as output_upscaling followed by the product with the
+        hypernetwork weights, without interleaving pixels: a 2x2 stride-2
+        transposed convolution gives every input pixel its own 2x2 output block,
+        so it is one matrix product per pixel whose columns, ordered (i, j, O),
+        are the block's four output pixels. LayerNorm2d and GELU are per pixel,
+        the second convolution and the mask product too, so every step works on
+        rows of pixels in (h, w, i, j[, k, l]) order and only the final masks are
+        put in image order, row 4h + 2i + k, column 4w + 2j + l.
+        """
+        conv1, ln, _, conv2, _ = (self.output_upscaling[i] for i in range(5))
+        b, hw, c = src.shape
+        o1, o2, m = conv1.out_channels, conv2.out_channels, hyper_in.shape[1]
+        w1 = conv1.weight.transpose(0, 2, 3, 1).reshape(c, 4 * o1)  # (C, O1, 2, 2) -> [C, 2*2*O1]
+        w2 = conv2.weight.transpose(0, 2, 3, 1).reshape(o1, 4 * o2)  # (O1, O2, 2, 2) -> [O1, 2*2*O2]
+        y1 = (src.reshape(b * hw, c) @ w1).reshape(b * hw * 4, o1)  # [B*HW, C] @ [C, 4*O1] -> [B*HW*4, O1]
+
+        def norm_act(start, stop):  # y1 = GELU(LayerNorm2d(y1 + bias)), per block of pixels
+            for lo, hi in ops.blocks(start, stop, max(1, ops.CHUNK // o1)):
+                yb = y1[lo:hi]
+                yb += conv1.bias
+                ops.layer_norm(yb, ln.weight, ln.bias, ln.eps, out=yb)
+                ops.gelu(yb, out=yb)
+
+        ops.parallel_rows(norm_act, y1.shape[0], min_rows=ops.CHUNK // o1)
+        y2 = (y1 @ w2).reshape(b * hw * 16, o2)  # [B*HW*4, O1] @ [O1, 4*O2] -> [B*HW*16, O2]
+
+        def act(start, stop):  # y2 = GELU(y2 + bias)
+            for lo, hi in ops.blocks(start, stop, max(1, ops.CHUNK // o2)):
+                yb = y2[lo:hi]
+                yb += conv2.bias
+                ops.gelu(yb, out=yb)
+
+        ops.parallel_rows(act, y2.shape[0], min_rows=ops.CHUNK // o2)
+        y2 = y2.reshape(b, hw * 16, o2)  # -> [B, HW*16, C/8]
+        masks = hyper_in @ y2.transpose(0, 2, 1)  # [B, M, C/8] @ [B, C/8, HW*16] -> [B, M, HW*16]
+        masks = masks.reshape(b, m, h, w, 2, 2, 2, 2).transpose(0, 1, 2, 4, 6, 3, 5, 7)  # -> [B, M, H, i, k, W, j, l]
+        return masks.reshape(b, m, 4 * h, 4 * w)  # -> [B, M, 4H, 4W]

@@ -1,0 +1,197 @@
+"""The performance paths compute what the plain ones do.
+
+- float32 GELU (erfc form, blocks over threads) against the exact GELU on a dense
+  grid of float32 inputs: never less accurate than torch's own float32 GELU;
+- threads and blocks change nothing (bit for bit), in place or not;
+- LayerNorm with a fused residual, in place;
+- the reassociated cross-attentions and the per-pixel upscaling against the
+  official modules (one image shared by a batch of prompts too);
+- the per-image cache in MaskDecoder is exact and notices changed inputs.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import oracle
+from npsam import nn, ops
+from npsam.transformer import Attention
+from tolerances import DECODER_F32, DECODER_F64, assert_close
+
+oracle.segment_anything()
+from segment_anything.modeling import transformer as sa_tr  # noqa: E402
+
+from test_decoder import EMBED, GRID, official_modules, ours_from, run_official  # noqa: E402
+
+DTYPES = {"f32": (np.float32, torch.float32, DECODER_F32), "f64": (np.float64, torch.float64, DECODER_F64)}
+
+
+def float32_grid(limit: float, step: int) -> np.ndarray:
+    """Every ``step``-th float32 in [-limit, limit] by bit pattern (both signs), 0 excluded."""
+    top = np.float32(limit).view(np.uint32)
+    x = np.arange(1, top, step, dtype=np.uint32).view(np.float32)
+    return np.concatenate([x, -x])
+
+
+def test_gelu_float32_at_least_as_accurate_as_torch_on_a_dense_grid():
+    x = float32_grid(10.0, 397)  # ~5.5M values: every binade of [-10, 10], subnormals included
+    x64 = x.astype(np.float64)
+    exact = 0.5 * x64 * np.frompyfunc(math.erfc, 1, 1)(-x64 / math.sqrt(2)).astype(np.float64)
+    ours = ops.gelu(x).astype(np.float64)
+    theirs = F.gelu(torch.from_numpy(x)).numpy().astype(np.float64)
+    ulp_x = np.spacing(np.abs(x)).astype(np.float64)  # the input's resolution
+    ours_err, theirs_err = np.abs(ours - exact), np.abs(theirs - exact)
+    worst = int(np.argmax(ours_err / ulp_x))
+    assert (ours_err / ulp_x).max() <= (theirs_err / ulp_x).max(), (
+        f"gelu({x[worst]!r}): ours {ours[worst]!r}, exact {exact[worst]!r}")
+    assert ours_err.max() <= theirs_err.max()
+    assert_close(ours, exact, DECODER_F32, "gelu vs exact")
+
+
+def test_gelu_float32_extremes():
+    x = np.array([0.0, -0.0, 1e-38, -1e-38, 1e-45, 30.0, -30.0, 1e30, -1e30, np.nan], np.float32)
+    got = ops.gelu(x)
+    assert got[0] == 0 and got[1] == 0 and got[5] == 30 and got[6] == 0 and got[7] == 1e30
+    assert got[8] == 0 and np.isnan(got[9])
+    assert got[2] == np.float32(0.5e-38) and got[3] == np.float32(-0.5e-38)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_gelu_threads_blocks_and_in_place_change_nothing(threads):
+    x = np.random.default_rng(0).standard_normal((3, 70001)).astype(np.float32) * 3
+    ops.set_num_threads(1)
+    ref = ops.gelu(x)
+    try:
+        ops.set_num_threads(threads)
+        np.testing.assert_array_equal(ops.gelu(x), ref)
+        np.testing.assert_array_equal(ops.gelu(x[:, ::2]), ref[:, ::2])  # strided input
+        y = x.copy()
+        assert ops.gelu(y, out=y) is y
+        np.testing.assert_array_equal(y, ref)
+    finally:
+        ops.set_num_threads(ops.NUM_THREADS if threads == 1 else 2)
+
+
+def test_set_num_threads_rejects_bad_values():
+    for bad in (0, -1, 1.5, "2"):
+        with pytest.raises(ValueError, match="set_num_threads"):
+            ops.set_num_threads(bad)
+
+
+def test_parallel_rows_covers_each_row_once_and_nests_inline():
+    seen = np.zeros(1001, np.int64)
+
+    def inner(lo, hi):
+        seen[lo:hi] += 1
+
+    def outer(lo, hi):
+        ops.parallel_rows(inner, 0)  # nothing to do
+        for a, b in ops.blocks(lo, hi, 7):
+            ops.parallel_rows(lambda s, e: inner(a + s, a + e), b - a)  # nested: inline
+
+    ops.parallel_rows(outer, seen.size)
+    assert np.all(seen == 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("c", [1, 3, 64, 256, 300])
+def test_layer_norm_with_residual_in_place(dtype, c):
+    rng = np.random.default_rng(c)
+    x, r = rng.standard_normal((5, 77, c)).astype(dtype) * 3, rng.standard_normal((5, 77, c)).astype(dtype)
+    w, b = (1 + 0.2 * rng.standard_normal(c)).astype(dtype), rng.standard_normal(c).astype(dtype)
+    tol = DECODER_F32 if dtype == np.float32 else DECODER_F64
+    ref = F.layer_norm(torch.from_numpy(x + r), (c,), torch.from_numpy(w), torch.from_numpy(b), 1e-5).numpy()
+    assert_close(ops.layer_norm(x, w, b, 1e-5, add=r), ref, tol, "layer_norm(x + r)")
+    y = x.copy()
+    out = ops.layer_norm(y, w, b, 1e-5, out=y, add=r)
+    assert out is y
+    assert_close(y, ref, tol, "layer_norm in place")
+
+
+@pytest.mark.parametrize("name", sorted(DTYPES))
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31), b=st.integers(1, 4), t=st.integers(1, 9), hw=st.integers(1, 70),
+       shared=st.booleans())
+def test_reassociated_cross_attentions_match_official(name, seed, b, t, hw, shared):
+    dtype, td, tol = DTYPES[name]
+    rng = np.random.default_rng(seed)
+    ref = oracle.randomize_(sa_tr.Attention(64, 4, downsample_rate=2), seed).to(td)
+    ours = Attention(64, 4, downsample_rate=2)
+    ours.load_state_dict(oracle.state_dict_numpy(ref), dtype=dtype)
+    tokens = rng.standard_normal((b, t, 64)).astype(dtype)
+    image = rng.standard_normal((1 if shared else b, hw, 64)).astype(dtype)
+    image_b = np.broadcast_to(image, (b, hw, 64))
+    tv, iv = torch.as_tensor(tokens), torch.as_tensor(np.array(image_b))
+    with torch.no_grad():
+        r_to = ref(tv, iv, iv).numpy()
+        r_from = ref(iv, tv, tv).numpy()
+    assert_close(ours.attend_to_image(tokens, image, image), r_to, tol, "attend_to_image")
+    assert_close(ours.attend_from_image(image, tokens, tokens), r_from, tol, "attend_from_image")
+
+
+@pytest.fixture(scope="module", params=sorted(DTYPES))
+def decoder(request):
+    dtype, tdtype, tol = DTYPES[request.param]
+    ref_pe, ref_md = official_modules(tdtype)
+    pe, md = ours_from(ref_pe, ref_md, dtype)
+    emb = np.random.default_rng(7).standard_normal((1, EMBED, GRID, GRID)).astype(dtype)
+    return dict(dtype=dtype, tdtype=tdtype, tol=tol, ref_pe=ref_pe, ref_md=ref_md, pe=pe, md=md, emb=emb)
+
+
+def test_per_pixel_upscaling_equals_the_module_path(decoder):
+    """predict_masks without interleaving == predict_masks through output_upscaling
+    (the path taken while a trace is open)."""
+    m = decoder
+    sparse, dense = m["pe"](points=(np.array([[[500.0, 375.0]], [[10.0, 900.0]]]), np.array([[1], [0]])),
+                            boxes=None, masks=None)
+    fast = m["md"].predict_masks(m["emb"], m["pe"].get_dense_pe(), sparse, dense)
+    previous = nn._hook
+    nn._hook = lambda *a: None
+    try:
+        plain = m["md"].predict_masks(m["emb"], m["pe"].get_dense_pe(), sparse, dense)
+    finally:
+        nn._hook = previous
+    assert_close(fast[0], plain[0], m["tol"], "masks")
+    assert_close(fast[1], plain[1], m["tol"], "iou")
+
+
+def test_per_image_cache_is_exact_and_notices_changes(decoder):
+    m = decoder
+    points = (np.array([[[500.0, 375.0]]]), np.array([[1]]))
+    boxes = np.array([[425.0, 600.0, 700.0, 875.0]])
+
+    def ours(emb):
+        sparse, dense = m["pe"](points=points, boxes=boxes, masks=None)
+        return m["md"](emb, m["pe"].get_dense_pe(), sparse, dense, True)
+
+    def theirs(emb):
+        return run_official(dict(m, emb=emb), points, boxes, None, True)[2:]
+
+    emb = m["emb"].copy()
+    first, second = ours(emb), ours(emb)  # the second call is served from the cache
+    np.testing.assert_array_equal(first[0], second[0])
+    assert_close(second[0], theirs(emb)[0], m["tol"], "cached low_res_masks")
+    emb *= 0.5  # same array, new contents: the cache must not answer
+    assert_close(ours(emb)[0], theirs(emb)[0], m["tol"], "low_res_masks after an in-place change")
+    other = np.random.default_rng(9).standard_normal(emb.shape).astype(m["dtype"])
+    assert_close(ours(other)[0], theirs(other)[0], m["tol"], "low_res_masks of another image")
+
+
+def test_dense_pe_is_computed_once_per_weights(decoder):
+    pe = decoder["pe"]
+    a, b = pe.get_dense_pe(), pe.get_dense_pe()
+    assert a is b and not a.flags.writeable
+    sd = pe.state_dict(prefix="prompt_encoder")
+    key = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
+    pe.load_state_dict({**sd, key: sd[key] * 2}, dtype=decoder["dtype"], prefix="prompt_encoder")
+    try:
+        c = pe.get_dense_pe()
+        assert c is not a and not np.array_equal(c, a)
+    finally:
+        pe.load_state_dict(sd, dtype=decoder["dtype"], prefix="prompt_encoder")
+    assert_close(pe.get_dense_pe(), decoder["ref_pe"].get_dense_pe().numpy(), decoder["tol"], "dense pe")
