@@ -19,6 +19,9 @@ written into a temporary folder next to OUT and moved into place.
 Importing this module is cheap: NumPy and the model code are imported inside
 the subcommand functions, and a subcommand's arguments are only built when it
 is the one that runs.
+
+Dimension letters: H, W photo height and width, C masks (3, or 1 with
+--single), N points.
 """
 
 from __future__ import annotations
@@ -756,6 +759,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return args.run(args)
     except (CliError, ValueError, OSError, ImportError) as error:
         message = _one_line(error)
+    except KeyboardInterrupt:
+        print(f"\n{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
     print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
     return 2
 
