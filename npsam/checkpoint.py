@@ -527,14 +527,9 @@ def load_safetensors(path) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
     return tensors, dict(metadata)
 
 
-def save_safetensors(path, tensors: Dict[str, np.ndarray], metadata: Dict[str, str] = None) -> None:
-    """Write arrays (and string metadata) as safetensors, atomically.
-
-    The file is written to a temporary file in the same folder and renamed
-    over ``path`` only once complete; on any error the temporary file is
-    removed and ``path`` is left as it was.
-    """
-    path = os.fspath(path)
+def _safetensors_layout(tensors: Dict[str, np.ndarray], metadata: Dict[str, str] = None):
+    """The header bytes and the arrays in file order. Arrays go largest dtype
+    first, then by key (alignment); the metadata keeps its order."""
     metadata = dict(metadata or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise ValueError(f"metadata: expected a dict of str -> str, got {metadata!r:.200}")
@@ -555,12 +550,29 @@ def save_safetensors(path, tensors: Dict[str, np.ndarray], metadata: Dict[str, s
         header = {"__metadata__": metadata, **header}
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # NOTE(reference): safetensors pads the header to 8 bytes with spaces
+    return struct.pack("<Q", len(blob)) + blob, arrays
+
+
+def safetensors_bytes(tensors: Dict[str, np.ndarray], metadata: Dict[str, str] = None) -> bytes:
+    """The exact bytes ``save_safetensors`` writes (deterministic: same input, same bytes)."""
+    head, arrays = _safetensors_layout(tensors, metadata)
+    return head + b"".join(a.reshape(-1).view(np.uint8).tobytes() for a in arrays)
+
+
+def save_safetensors(path, tensors: Dict[str, np.ndarray], metadata: Dict[str, str] = None) -> None:
+    """Write arrays (and string metadata) as safetensors, atomically.
+
+    The file is written to a temporary file in the same folder and renamed
+    over ``path`` only once complete; on any error the temporary file is
+    removed and ``path`` is left as it was.
+    """
+    path = os.fspath(path)
+    head, arrays = _safetensors_layout(tensors, metadata)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
+            f.write(head)
             for array in arrays:
                 f.write(memoryview(array.reshape(-1).view(np.uint8)))
         os.replace(tmp, path)

@@ -22,7 +22,6 @@ Dimension letters:
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 from collections import defaultdict
@@ -31,6 +30,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .onnx_proto import Model, Node, load_model
+from .tiny_vit import attention_bias_idxs
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -181,23 +181,6 @@ def tinyvit_folded_shapes(
     s[f"{p}.neck.2.weight"] = (out_chans, out_chans, 3, 3)
     pair(f"{p}.neck.3", (out_chans,), out_chans)
     return s, conv_bns, attentions
-
-
-def attention_bias_idxs(r: int) -> np.ndarray:
-    """[N, N] offset index of each (query, key) pair of an r x r window.
-
-    Mirror of tiny_vit_sam.py: Attention.__init__ (the attention_bias_idxs buffer).
-    """
-    points = list(itertools.product(range(r), range(r)))
-    attention_offsets: dict[tuple[int, int], int] = {}
-    idxs = []
-    for p1 in points:
-        for p2 in points:
-            offset = (abs(p1[0] - p2[0]), abs(p1[1] - p2[1]))
-            if offset not in attention_offsets:
-                attention_offsets[offset] = len(attention_offsets)
-            idxs.append(attention_offsets[offset])
-    return np.array(idxs, dtype=np.int64).reshape(len(points), len(points))  # [N*N] -> [N, N]
 
 
 # ---------------------------------------------------------------- graph index
@@ -546,7 +529,7 @@ def _attention_biases(g: _Graph, attentions: list[tuple[str, int, int]]) -> dict
         if table.shape != (h, N, N):
             raise g.error(f"{path}: expected an attention-bias table of shape {(h, N, N)}, node {add.name!r} adds {table.shape}")
         _agree(g, add, path, _encoder_scope(add))
-        idxs = attention_bias_idxs(r)  # [N, N]
+        idxs, _ = attention_bias_idxs((r, r))  # [N, N]
         first = np.unique(idxs.reshape(-1), return_index=True)[1]  # [A]: first (query, key) pair of each offset
         biases = table.reshape(h, N * N)[:, first]  # [h, N, N] -> [h, A]
         rebuilt = biases[:, idxs]  # [h, A] -> [h, N, N]

