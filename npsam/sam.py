@@ -38,7 +38,12 @@ class Sam(Module):
 
     @property
     def dtype(self):
-        return self.prompt_encoder.dtype
+        """The compute dtype: that of the loaded weights (any part may be absent)."""
+        for part in (self.prompt_encoder, self.mask_decoder, self.image_encoder):
+            for arr in part.state_dict().values():
+                if arr.dtype.kind == "f":
+                    return arr.dtype
+        raise WeightsMissingError("this model has no weights loaded")
 
     @property
     def has_image_encoder(self) -> bool:
