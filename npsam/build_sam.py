@@ -8,6 +8,8 @@ torch), or a list of them whose keys are merged (e.g. the shipped encoder and
 decoder files). Each of the three parts (image_encoder, prompt_encoder,
 mask_decoder) must be either complete or absent; anything else raises one
 ValueError listing every missing, unexpected and mis-shaped key.
+
+Dimension letters: none; shapes appear only as (official key -> shape) tables.
 """
 
 from __future__ import annotations

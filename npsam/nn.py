@@ -8,7 +8,11 @@ same dotted names as PyTorch, so a state_dict moves between the two unchanged.
 Calling a module runs ``forward``; while a :func:`npsam.trace.trace` context is
 open, the call is also recorded under the module's official path (the
 equivalent of a forward hook). When no trace is open the cost is one global
-lookup per call.
+lookup per call. A fast path that computes a module's output without calling
+it reports that output with :func:`record`, so traces stay complete.
+
+Dimension letters (the layers below): B batch, N tokens, C channels in,
+O channels out, H/W height/width, K kernel size.
 """
 
 from __future__ import annotations
@@ -142,6 +146,14 @@ class Module:
         if len(lines) == 1:
             return lines[0] + ")"
         return "\n".join(lines) + "\n)"
+
+
+def record(module: "Module", args: tuple, output, kwargs: Optional[dict] = None):
+    """Report ``output`` as what ``module(*args)`` returned, for code that computes
+    a module's result without calling it (fused fast paths). Free when no trace is open."""
+    if _hook is not None:
+        _hook(module, args, kwargs or {}, output)
+    return output
 
 
 class ModuleList(Module):
