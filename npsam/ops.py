@@ -288,8 +288,13 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 # Linear and normalisation
 # ---------------------------------------------------------------------------
 def linear(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None) -> np.ndarray:
-    """Mirror of F.linear: x @ weight.T + bias, weight in PyTorch's (out, in) layout."""
-    y = x @ weight.T  # [..., C] @ [C, O] -> [..., O]
+    """Mirror of F.linear: x @ weight.T + bias, weight in PyTorch's (out, in) layout.
+
+    The leading dimensions are flattened into one matrix product (a 3-D @ 2-D
+    matmul would make one small BLAS call per leading index)."""
+    lead = x.shape[:-1]
+    y = x.reshape(-1, x.shape[-1]) @ weight.T  # [..., C] -> [R, C] @ [C, O] -> [R, O]
+    y = y.reshape(lead + (weight.shape[0],))  # -> [..., O]
     if bias is not None:
         y += bias
     return y

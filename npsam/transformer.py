@@ -77,8 +77,11 @@ class Attention(Module):
         if bk == 1:
             attn = qk.reshape(b * nh * t, c) @ k[0].T  # [B*h*T, C] @ [C, HW] -> [B*h*T, HW]
             attn = attn.reshape(b, nh * t, hw)  # -> [B, h*T, HW]
-        else:
-            attn = qk.reshape(b, nh * t, c) @ k.transpose(0, 2, 1)  # [B, h*T, C] @ [B, C, HW] -> [B, h*T, HW]
+        else:  # one product per prompt (a batched matmul with a transposed operand is slower)
+            qk = qk.reshape(b, nh * t, c)  # -> [B, h*T, C]
+            attn = np.empty((b, nh * t, hw), dtype=qk.dtype)
+            for i in range(b):
+                np.matmul(qk[i], k[i].T, out=attn[i])  # [h*T, C] @ [C, HW] -> [h*T, HW]
         attn = ops.softmax(attn, axis=-1)
         if bk == 1:
             pv = attn.reshape(b * nh * t, hw) @ v[0]  # [B*h*T, HW] @ [HW, C] -> [B*h*T, C]
