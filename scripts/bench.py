@@ -151,7 +151,7 @@ def bench(cases, workdir: str, repeats: int, warmup: int, iters: int, log=print)
         times = {e: [] for e in engines}
         peaks = {e: 0.0 for e in engines}
         # cold: one process is one sample, so more rounds instead of iterations
-        rounds = repeats * (iters if case == "cold" else 1)
+        rounds = repeats * (min(iters, 5) if case == "cold" else 1)
         n_iter = 1 if case == "vitb" and iters > 1 else iters
         for r in range(rounds):
             for e in engines:  # alternate A B C A B C ...
