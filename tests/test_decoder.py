@@ -1,6 +1,8 @@
 """Tier 2: the prompt encoder and mask decoder against the official modules,
 random weights (LayerNorms and embeddings perturbed too), hypothesis inputs."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -46,13 +48,18 @@ def ours_from(official_pe, official_md, dtype):
     return pe, md
 
 
-@pytest.fixture(scope="module", params=sorted(DTYPES))
-def models(request):
-    dtype, tdtype, tol = DTYPES[request.param]
+@functools.lru_cache(maxsize=None)
+def build_models(name):
+    dtype, tdtype, tol = DTYPES[name]
     ref_pe, ref_md = official_modules(tdtype)
     pe, md = ours_from(ref_pe, ref_md, dtype)
     emb = np.random.default_rng(7).standard_normal((1, EMBED, GRID, GRID)).astype(dtype)
     return dict(dtype=dtype, tdtype=tdtype, tol=tol, ref_pe=ref_pe, ref_md=ref_md, pe=pe, md=md, emb=emb)
+
+
+@pytest.fixture(scope="module", params=sorted(DTYPES))
+def models(request):
+    return build_models(request.param)
 
 
 @st.composite
@@ -93,11 +100,22 @@ def run_official(m, points, boxes, masks, multimask):
     return sparse.detach().numpy(), dense.detach().numpy(), lowres.detach().numpy(), iou.detach().numpy()
 
 
+# float64 runs fewer examples: the same input space, but each example costs ~10x
+# (float64 attention over up to 8 x 4096 image tokens, on both sides).
 @settings(max_examples=25)
 @given(p=prompts())
-def test_prompt_encoder_and_mask_decoder_match_official(models, p):
+def test_prompt_encoder_and_mask_decoder_match_official_f32(p):
+    check_prompt_encoder_and_mask_decoder(build_models("f32"), p)
+
+
+@settings(max_examples=10)
+@given(p=prompts())
+def test_prompt_encoder_and_mask_decoder_match_official_f64(p):
+    check_prompt_encoder_and_mask_decoder(build_models("f64"), p)
+
+
+def check_prompt_encoder_and_mask_decoder(m, p):
     points, boxes, masks, multimask = p
-    m = models
     r_sparse, r_dense, r_masks, r_iou = run_official(m, points, boxes, masks, multimask)
     sparse, dense = m["pe"](points=points, boxes=boxes, masks=masks)
     assert_close(sparse, r_sparse, m["tol"], "sparse_embeddings")
