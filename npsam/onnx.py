@@ -69,8 +69,17 @@ class SamOnnxModel:
     def _embed_masks(self, input_mask: np.ndarray, has_mask_input: np.ndarray) -> np.ndarray:
         """[B, 1, 256, 256], [1] -> [B, C, 64, 64]: the mask embedding, or no_mask_embed."""
         pe = self.model.prompt_encoder
+        no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)  # [1, C, 1, 1]
+        # The export blends both without control flow; with has_mask_input exactly
+        # 0 or 1 the blend is exactly one side (0 * finite = 0, x + 0 = x), so the
+        # other side need not be computed. The broadcast no-mask embedding also
+        # lets the decoder share the image side across calls on one image.
+        if has_mask_input[0] == 0:
+            return np.broadcast_to(no_mask, (input_mask.shape[0], pe.embed_dim) + pe.image_embedding_size)
+        if has_mask_input[0] == 1:
+            return pe.mask_downscaling(input_mask)
         mask_embedding = has_mask_input * pe.mask_downscaling(input_mask)
-        return mask_embedding + (1 - has_mask_input) * pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        return mask_embedding + (1 - has_mask_input) * no_mask
 
     def mask_postprocessing(self, masks: np.ndarray, orig_im_size: np.ndarray) -> np.ndarray:
         """[B, M, 256, 256] -> [B, M, H, W]: upscale to S, crop the padding, resize to H, W."""
@@ -107,8 +116,10 @@ class SamOnnxModel:
         size = check_array("orig_im_size", orig_im_size, (2,))
         if np.any(size < 1):
             raise ValueError(f"orig_im_size: expected (H, W) >= 1, got {size.tolist()}")
-        return (emb.astype(dtype), coords.astype(dtype), labels.astype(dtype), mask.astype(dtype),
-                has.astype(dtype), size.astype(np.float32))
+        # copy=False: the same embedding array on every call lets the decoder's
+        # per-image cache recognise it
+        return (emb.astype(dtype, copy=False), coords.astype(dtype), labels.astype(dtype),
+                mask.astype(dtype, copy=False), has.astype(dtype), size.astype(np.float32))
 
     def __call__(self, image_embeddings: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray,
                  mask_input: np.ndarray, has_mask_input: np.ndarray, orig_im_size: np.ndarray):
