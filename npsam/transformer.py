@@ -13,7 +13,7 @@ from typing import Tuple
 
 import numpy as np
 
-from . import ops
+from . import nn, ops
 from .common import MLPBlock
 from .nn import LayerNorm, Linear, Module, ModuleList, ReLU
 
@@ -176,10 +176,11 @@ class TwoWayAttentionBlock(Module):
         q = queries + query_pe
         # NOTE(reference): q and k swap roles: the image locations are the queries.
         attn_out = self.cross_attn_image_to_token.attend_from_image(q=k, k=q, v=queries)  # -> [B, HW, C]
-        if keys.shape[0] == attn_out.shape[0]:
+        if keys.shape[0] == attn_out.shape[0] and nn._hook is None:
+            # fused norm4(keys + attn_out), in place; a trace takes the module path below
             keys = ops.layer_norm(attn_out, self.norm4.weight, self.norm4.bias, self.norm4.eps,
-                                  out=attn_out, add=keys)  # norm4(keys + attn_out)
-        else:  # layer 0: one image for every prompt, [1, HW, C] -> [B, HW, C]
+                                  out=attn_out, add=keys)
+        else:  # (layer 0: one image for every prompt, [1, HW, C] -> [B, HW, C])
             attn_out += keys
             keys = self.norm4(attn_out)
         return queries, keys

@@ -53,8 +53,6 @@ def test_trace_names_are_the_official_module_paths(sam):
     assert t["mask_decoder.transformer.layers.0"].in_kw_shapes["keys"] == (1, 4096, 256)
 
 
-@pytest.mark.xfail(strict=True, reason="perf commit fad846c fuses layers.1's residual + norm4 into ops.layer_norm "
-                   "without calling the module, so its output is not traced (reported to the lead)")
 def test_every_decoder_module_with_weights_is_traced(sam):
     with trace(sam) as t:
         _run(sam)
