@@ -8,7 +8,8 @@ every worker runs, and that the JSON and markdown reports are complete.
 import json
 import subprocess
 import sys
-\nimport pytest
+
+import pytest
 
 from minisam import ROOT, load_script
 
