@@ -1,14 +1,17 @@
-"""Wall time and peak memory of the ViT-B image encoder at 1024x1024, float32:
-npsam against the official PyTorch module, each in its own fresh process (two
-engines in one process fight over the cores, and peak RSS is per process).
+"""Wall time and peak memory of an image encoder (SAM ViT-B/L/H, or MobileSAM's
+TinyViT) at 1024x1024, float32: npsam against the official PyTorch module, each
+in its own fresh process (two engines in one process fight over the cores, and
+peak RSS is per process).
 
-    python scripts/measure_encoders.py                 # both, one after the other, a table
-    python scripts/measure_encoders.py --engine npsam  # one measurement here, as JSON
+    python scripts/measure_encoders.py                 # ViT-B, both engines, a table
+    python scripts/measure_encoders.py --model vit_t   # MobileSAM's TinyViT
+    python scripts/measure_encoders.py --engine npsam --model vit_h  # one measurement here, as JSON
     python scripts/measure_encoders.py --model vit_l --repeat 2
 
 Weights are random (timing and memory do not depend on their values): npsam
-gets ``npsam.build_sam.random_state_dict``, torch the official initialisation.
-Peak RSS is the process's ru_maxrss, so it includes the weights.
+gets ``npsam.build_sam.random_state_dict`` (TinyViT: unfolded BatchNorm, folded
+at load), torch the official initialisation in eval mode. Peak RSS is the
+process's ru_maxrss, so it includes the interpreter, the libraries and the weights.
 """
 
 from __future__ import annotations
@@ -64,8 +67,10 @@ def measure_torch(model: str, repeat: int, threads: int) -> dict:
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import oracle
 
-    oracle.segment_anything()
-    from segment_anything.build_sam import sam_model_registry
+    if model == "vit_t":  # MobileSAM's TinyViT (official initialisation, eval mode)
+        sam_model_registry = oracle.mobile_sam().build_sam.sam_model_registry
+    else:
+        sam_model_registry = oracle.segment_anything().build_sam.sam_model_registry
 
     t0 = time.perf_counter()
     encoder = sam_model_registry[model]().image_encoder.eval()
@@ -86,7 +91,8 @@ def measure_torch(model: str, repeat: int, threads: int) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", choices=["npsam", "torch"], help="measure one engine in this process")
-    parser.add_argument("--model", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
+    parser.add_argument("--model", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "vit_t"],
+                        help="vit_t is MobileSAM's TinyViT (default vit_b)")
     parser.add_argument("--repeat", type=int, default=1, help="forward passes (default 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = parser.parse_args(argv)
