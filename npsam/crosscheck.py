@@ -399,9 +399,10 @@ def _require(module: str, for_what: str):
                               f"{_INSTALL.get(module, 'pip install ' + module)}") from None
 
 
-def _bare_package(name: str, for_what: str) -> types.ModuleType:
+def bare_package(name: str, for_what: str) -> types.ModuleType:
     """Register ``name`` as a package without running its __init__ (which imports
-    torchvision through predictor.py): modeling and build_sam then import normally."""
+    torchvision through predictor.py): modeling and build_sam then import normally.
+    Also the test oracle's way in (tests/oracle.py)."""
     if sys.modules.get(name) is not None:
         return sys.modules[name]
     try:
@@ -418,7 +419,7 @@ def _bare_package(name: str, for_what: str) -> types.ModuleType:
     return pkg
 
 
-def _stub_timm() -> None:
+def stub_timm() -> None:
     """The four timm names MobileSAM's TinyViT imports (timm itself needs
     torchvision); at inference DropPath is the identity."""
     if "timm.models.layers" in sys.modules:
@@ -448,12 +449,12 @@ def _stub_timm() -> None:
 def _import_modeling(package: str):
     _require("torch", package)
     if package == "mobile_sam":
-        _stub_timm()
-    _bare_package(package, package)
+        stub_timm()
+    bare_package(package, package)
     return importlib.import_module(f"{package}.modeling")
 
 
-def _float64_pe(pe_layer) -> None:
+def float64_pe(pe_layer) -> None:
     """Make an official PositionEmbeddingRandom follow its buffer's dtype.
 
     NOTE(reference): prompt_encoder.py builds the grid with dtype=torch.float32 and
@@ -522,7 +523,7 @@ def build_official(package: str, state_dict: Dict[str, np.ndarray], model_type: 
     torch_dtype = torch.float64 if np.dtype(dtype) == np.float64 else torch.float32
     root = root.to(torch_dtype).eval()
     if torch_dtype == torch.float64:
-        _float64_pe(root.prompt_encoder.pe_layer)
+        float64_pe(root.prompt_encoder.pe_layer)
     for name in parts - set(dict(root.named_children())) - {"pixel_mean", "pixel_std"}:
         notes.append(f"{name}: not in the reference")
     return root, notes

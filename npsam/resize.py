@@ -34,7 +34,7 @@ PRECISION_BITS = 32 - 8 - 2
 BILINEAR_SUPPORT = 1.0
 
 
-def _check_size(size, name: str = "size") -> tuple[int, int]:
+def check_size(size, name: str = "size") -> tuple[int, int]:
     try:
         h, w = (int(s) for s in size)
     except (TypeError, ValueError):
@@ -142,7 +142,7 @@ def pil_resize_bilinear(image: np.ndarray, size) -> np.ndarray:
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"image must not be empty, got shape {image.shape}")
     # Only "L" and "RGB" are reproduced: Pillow premultiplies alpha for RGBA.
-    new_h, new_w = _check_size(size)
+    new_h, new_w = check_size(size)
 
     # NOTE(reference): Image.resize returns a copy when the size is
     # unchanged, and ImagingResampleInner skips a pass whose dimension is
@@ -286,7 +286,7 @@ def interpolate_bilinear(x: np.ndarray, size, out: np.ndarray | None = None) -> 
         raise ValueError(f"x must be float32 or float64, got {x.dtype}")
     if x.shape[2] < 1 or x.shape[3] < 1:
         raise ValueError(f"x must have a non-empty image, got shape {x.shape}")
-    h, w = _check_size(size)
+    h, w = check_size(size)
     B, C, H, W = x.shape
     if out is not None and (out.shape != (B, C, h, w) or out.dtype != x.dtype or not out.flags.writeable):
         raise ValueError(f"out must be a writeable {x.dtype} array of shape {(B, C, h, w)}, "

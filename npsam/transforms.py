@@ -16,17 +16,7 @@ from typing import Tuple
 
 import numpy as np
 
-from .resize import pil_resize_bilinear
-
-
-def _check_original_size(original_size) -> tuple[int, int]:
-    try:
-        old_h, old_w = (int(s) for s in original_size)
-    except (TypeError, ValueError):
-        raise ValueError(f"original_size must be (H, W), got {original_size!r}") from None
-    if old_h < 1 or old_w < 1 or (old_h, old_w) != tuple(original_size):
-        raise ValueError(f"original_size must be two positive integers (H, W), got {original_size!r}")
-    return old_h, old_w
+from .resize import check_size, pil_resize_bilinear
 
 
 class ResizeLongestSide:
@@ -58,7 +48,7 @@ class ResizeLongestSide:
         coords = np.asarray(coords)
         if coords.ndim < 1 or coords.shape[-1] != 2:
             raise ValueError(f"coords must be [..., 2] (x, y), got shape {coords.shape}")
-        old_h, old_w = _check_original_size(original_size)
+        old_h, old_w = check_size(original_size, "original_size")
         new_h, new_w = self.get_preprocess_shape(old_h, old_w, self.target_length)
         # NOTE(reference): deepcopy(coords).astype(float): always a float64
         # copy, whatever the input dtype.

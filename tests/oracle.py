@@ -18,56 +18,15 @@ both follow the buffer's dtype, which is identical in float32.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 import types
 
 import numpy as np
 import torch
 
-
-def _bare_package(name: str) -> types.ModuleType:
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"{name} is not installed; pip install -e '.[test]'")
-    pkg = types.ModuleType(name)
-    pkg.__path__ = list(spec.submodule_search_locations)
-    pkg.__file__ = None
-    pkg.__package__ = name
-    sys.modules[name] = pkg
-    return pkg
-
-
-def _stub_timm() -> None:
-    if "timm.models.layers" in sys.modules:
-        return
-
-    class DropPath(torch.nn.Identity):
-        def __init__(self, drop_prob=None, *a, **k):
-            super().__init__()
-            self.drop_prob = drop_prob
-
-    def to_2tuple(x):
-        return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
-
-    def trunc_normal_(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0):
-        return torch.nn.init.trunc_normal_(tensor, mean, std, a, b)
-
-    def register_model(fn):
-        return fn
-
-    timm = types.ModuleType("timm")
-    models = types.ModuleType("timm.models")
-    layers = types.ModuleType("timm.models.layers")
-    registry = types.ModuleType("timm.models.registry")
-    layers.DropPath, layers.to_2tuple, layers.trunc_normal_ = DropPath, to_2tuple, trunc_normal_
-    registry.register_model = register_model
-    timm.models, models.layers, models.registry = models, layers, registry
-    sys.modules.update(
-        {"timm": timm, "timm.models": models, "timm.models.layers": layers, "timm.models.registry": registry}
-    )
+# The runtime versions of the import trick and the float64 PE live in
+# npsam.crosscheck (which needs them without the tests); the oracle reuses them.
+from npsam.crosscheck import bare_package, float64_pe, stub_timm  # noqa: F401  (float64_pe re-exported)
 
 
 def _stub_torchvision() -> None:
@@ -135,7 +94,7 @@ def _stub_torchvision() -> None:
 def segment_anything():
     """The official package with modeling, build_sam and utils importable."""
     _stub_torchvision()
-    pkg = _bare_package("segment_anything")
+    pkg = bare_package("segment_anything", "the tests")
     for sub in ("modeling", "build_sam", "utils.transforms", "utils.amg", "utils.onnx",
                 "predictor", "automatic_mask_generator"):
         importlib.import_module(f"segment_anything.{sub}")
@@ -144,38 +103,12 @@ def segment_anything():
 
 def mobile_sam():
     """MobileSAM's package (mobilesam-mirror) with timm stubbed."""
-    _stub_timm()
+    stub_timm()
     _stub_torchvision()
-    pkg = _bare_package("mobile_sam")
+    pkg = bare_package("mobile_sam", "the tests")
     for sub in ("modeling", "build_sam", "utils.transforms"):
         importlib.import_module(f"mobile_sam.{sub}")
     return pkg
-
-
-def float64_pe(pe_layer) -> None:
-    """Make an official PositionEmbeddingRandom follow its buffer's dtype.
-
-    NOTE(reference): prompt_encoder.py builds the grid with dtype=torch.float32
-    and casts coords with .to(torch.float); identical to this in float32.
-    """
-    gauss = pe_layer.positional_encoding_gaussian_matrix
-
-    def forward(size):
-        h, w = size
-        grid = torch.ones((h, w), dtype=gauss.dtype)
-        y_embed = (grid.cumsum(dim=0) - 0.5) / h
-        x_embed = (grid.cumsum(dim=1) - 0.5) / w
-        pe = pe_layer._pe_encoding(torch.stack([x_embed, y_embed], dim=-1))
-        return pe.permute(2, 0, 1)
-
-    def forward_with_coords(coords_input, image_size):
-        coords = coords_input.clone()
-        coords[:, :, 0] = coords[:, :, 0] / image_size[1]
-        coords[:, :, 1] = coords[:, :, 1] / image_size[0]
-        return pe_layer._pe_encoding(coords.to(gauss.dtype))
-
-    pe_layer.forward = forward
-    pe_layer.forward_with_coords = forward_with_coords
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 1.0) -> torch.nn.Module:
