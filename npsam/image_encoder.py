@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import ops
 from .common import LayerNorm2d, MLPBlock
 from .nn import GELU, Conv2d, LayerNorm, Linear, Module, ModuleList, Sequential
 
@@ -263,8 +264,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, rel_h: Optional[np.nd
             if rel_h is not None:
                 add_decomposed_rel_pos(attn, rel_h[g0:g1, n0 // q_w:n1 // q_w], rel_w[g0:g1, n0 // q_w:n1 // q_w])
             # softmax(dim=-1), in place
-            attn -= attn.max(axis=-1, keepdims=True)  # [g, n, Nk] - [g, n, 1]
-            np.exp(attn, out=attn)
+            ops.exp_below_max_(attn, attn.max(axis=-1, keepdims=True))  # [g, n, Nk] - [g, n, 1], no subnormals
             denom = attn.sum(axis=-1, keepdims=True)  # [g, n, Nk] -> [g, n, 1]
             # Dividing the [g, n, D] product rather than the [g, n, Nk] probabilities:
             # the same mathematics, D/Nk as many divisions (rounding differs by an ulp or so).

@@ -90,7 +90,8 @@ class MaskDecoder(Module):
         """-> masks [B, 3 or 1, 4H, 4W] (logits), iou_pred [B, 3 or 1]."""
         multimask_output = check_bool("multimask_output", multimask_output)
         args = self._check(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
-        masks, iou_pred = self.predict_masks(*args)
+        with ops.single_threaded_blas():  # the decoder's threads are its own (see ops.py)
+            masks, iou_pred = self.predict_masks(*args)
         # NOTE(reference): multimask returns tokens 1..3; single-mask returns token 0.
         mask_slice = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, mask_slice], iou_pred[:, mask_slice]
@@ -173,32 +174,36 @@ class MaskDecoder(Module):
         the second convolution and the mask product too, so every step works on
         rows of pixels in (h, w, i, j[, k, l]) order and only the final masks are
         put in image order, row 4h + 2i + k, column 4w + 2j + l.
+
+        So it runs as one pass over blocks of whole image rows, every step of a
+        block in cache, blocks spread over threads (BLAS single-threaded inside).
         """
         conv1, ln, _, conv2, _ = (self.output_upscaling[i] for i in range(5))
         b, hw, c = src.shape
         o1, o2, m = conv1.out_channels, conv2.out_channels, hyper_in.shape[1]
         w1 = conv1.weight.transpose(0, 2, 3, 1).reshape(c, 4 * o1)  # (C, O1, 2, 2) -> [C, 2*2*O1]
         w2 = conv2.weight.transpose(0, 2, 3, 1).reshape(o1, 4 * o2)  # (O1, O2, 2, 2) -> [O1, 2*2*O2]
-        y1 = (src.reshape(b * hw, c) @ w1).reshape(b * hw * 4, o1)  # [B*HW, C] @ [C, 4*O1] -> [B*HW*4, O1]
+        masks = np.empty((b, m, 4 * h, 4 * w), dtype=src.dtype)
+        rows = max(1, self.UPSCALE_PIXELS // w)  # image rows per block
+        per_image = -(-h // rows)
 
-        def norm_act(start, stop):  # y1 = GELU(LayerNorm2d(y1 + bias)), per block of pixels
-            for lo, hi in ops.blocks(start, stop, max(1, ops.CHUNK // o1)):
-                yb = y1[lo:hi]
-                yb += conv1.bias
-                ops.layer_norm(yb, ln.weight, ln.bias, ln.eps, out=yb)
-                ops.gelu(yb, out=yb)
+        def work(start, stop):
+            for j in range(start, stop):
+                p, r0 = divmod(j, per_image)
+                r0 *= rows
+                r1 = min(h, r0 + rows)
+                y1 = (src[p, r0 * w:r1 * w] @ w1).reshape(-1, o1)  # [R, C] @ [C, 4*O1] -> [R*4, O1]
+                y1 += conv1.bias
+                ops.layer_norm_rows(y1, ln.weight, ln.bias, ln.eps, out=y1)  # LayerNorm2d: over O1, per pixel
+                ops.gelu_block(y1, y1)
+                y2 = (y1 @ w2).reshape(-1, o2)  # [R*4, O1] @ [O1, 4*O2] -> [R*16, O2]
+                y2 += conv2.bias
+                ops.gelu_block(y2, y2)
+                blk = hyper_in[p] @ y2.T  # [M, C/8] @ [C/8, R*16] -> [M, R*16] in (h, w, i, j, k, l) order
+                blk = blk.reshape(m, r1 - r0, w, 2, 2, 2, 2).transpose(0, 1, 3, 5, 2, 4, 6)  # -> [M, h, i, k, w, j, l]
+                masks[p, :, 4 * r0:4 * r1].reshape(blk.shape)[...] = blk
 
-        ops.parallel_rows(norm_act, y1.shape[0], min_rows=ops.CHUNK // o1)
-        y2 = (y1 @ w2).reshape(b * hw * 16, o2)  # [B*HW*4, O1] @ [O1, 4*O2] -> [B*HW*16, O2]
+        ops.parallel_rows(work, b * per_image, threads=ops.row_threads())
+        return masks
 
-        def act(start, stop):  # y2 = GELU(y2 + bias)
-            for lo, hi in ops.blocks(start, stop, max(1, ops.CHUNK // o2)):
-                yb = y2[lo:hi]
-                yb += conv2.bias
-                ops.gelu(yb, out=yb)
-
-        ops.parallel_rows(act, y2.shape[0], min_rows=ops.CHUNK // o2)
-        y2 = y2.reshape(b, hw * 16, o2)  # -> [B, HW*16, C/8]
-        masks = hyper_in @ y2.transpose(0, 2, 1)  # [B, M, C/8] @ [B, C/8, HW*16] -> [B, M, HW*16]
-        masks = masks.reshape(b, m, h, w, 2, 2, 2, 2).transpose(0, 1, 2, 4, 6, 3, 5, 7)  # -> [B, M, H, i, k, W, j, l]
-        return masks.reshape(b, m, 4 * h, 4 * w)  # -> [B, M, 4H, 4W]
+    UPSCALE_PIXELS = 128  # input pixels per block of the upscaling pass (its y2 is 16x as many rows)

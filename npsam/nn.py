@@ -285,10 +285,12 @@ class ConvTranspose2d(Module):
 
 
 class GELU(Module):
-    """Mirror of nn.GELU() (exact erf form)."""
+    """Mirror of nn.GELU() (exact erf form). ``precise``: see ops.gelu."""
+
+    precise = False
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        return ops.gelu(x)
+        return ops.gelu(x, precise=self.precise)
 
 
 class ReLU(Module):

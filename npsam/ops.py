@@ -43,12 +43,12 @@ def set_num_threads(n: int) -> None:
         _executor = None
 
 
-def parallel_rows(fn: Callable[[int, int], None], n: int, min_rows: int = 1) -> None:
+def parallel_rows(fn: Callable[[int, int], None], n: int, min_rows: int = 1, threads: Optional[int] = None) -> None:
     """Call ``fn(start, stop)`` on contiguous ranges covering rows ``[0, n)``, one
-    range per thread (the calling thread takes the first). ``fn`` must write only
-    its own rows."""
+    range per thread (the calling thread takes the first; ``threads`` defaults to
+    NUM_THREADS). ``fn`` must write only its own rows."""
     global _executor
-    parts = min(NUM_THREADS, max(1, n // max(1, min_rows)))
+    parts = min(NUM_THREADS if threads is None else threads, max(1, n // max(1, min_rows)))
     if parts <= 1 or getattr(_in_worker, "busy", False):
         fn(0, n)
         return
@@ -70,6 +70,86 @@ def _run_in_worker(fn: Callable[[int, int], None], start: int, stop: int) -> Non
         fn(start, stop)
     finally:
         _in_worker.busy = busy
+
+
+# ---------------------------------------------------------------------------
+# BLAS threads
+# ---------------------------------------------------------------------------
+# The fused passes (transformer.py, mask_decoder.py) split rows over our own
+# threads, each running its matrix products *and* element-wise work on its rows.
+# BLAS must then run single-threaded in each: OpenBLAS's own threads would
+# oversubscribe the cores, and after every multi-threaded product they spin for
+# a while, taking the core an element-wise thread needs. NumPy has no API for
+# this, so single_threaded_blas() calls OpenBLAS's documented
+# openblas_set_num_threads through ctypes (what threadpoolctl does), looking
+# the library up among those NumPy loaded. Where it is not found (MKL,
+# Accelerate), fused passes run on one Python thread and BLAS keeps its threads.
+_blas = None  # (set, get) once looked up; False when there is no OpenBLAS to control
+_blas_lock = threading.Lock()
+
+
+def _find_openblas():
+    import ctypes
+    import glob
+
+    here = os.path.dirname(np.__file__)
+    paths = []
+    for pattern in ("*openblas*.so*", "*openblas*.dylib", "*openblas*.dll"):
+        for folder in (here + ".libs", os.path.join(here, ".dylibs"), here):
+            paths += glob.glob(os.path.join(folder, pattern))
+    try:
+        with open("/proc/self/maps") as f:  # Linux: whatever NumPy actually loaded
+            paths += sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
+    except OSError:
+        pass
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"),
+                               ("openblas", "")):
+            set_, get = (getattr(lib, f"{prefix}_{verb}_num_threads{suffix}", None) for verb in ("set", "get"))
+            if set_ is not None and get is not None:
+                set_.argtypes, set_.restype, get.restype = [ctypes.c_int], None, ctypes.c_int
+                return set_, get
+    return False
+
+
+class _SingleThreadedBlas:
+    """Context manager: OpenBLAS on one thread inside, its setting restored after;
+    nothing when row_threads() is 1 (no OpenBLAS found, or NUM_THREADS 1). Nests."""
+
+    def __init__(self):
+        self.active = row_threads() > 1
+        self._saved = None
+
+    def __enter__(self):
+        if self.active:
+            self._saved = _blas[1]()
+            if self._saved != 1:
+                _blas[0](1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.active and self._saved not in (None, 1):
+            _blas[0](self._saved)
+
+
+def single_threaded_blas() -> _SingleThreadedBlas:
+    return _SingleThreadedBlas()
+
+
+def row_threads() -> int:
+    """Python threads for a fused pass: NUM_THREADS when BLAS can be made
+    single-threaded (see single_threaded_blas), else 1."""
+    if NUM_THREADS == 1:
+        return 1
+    global _blas
+    with _blas_lock:
+        if _blas is None:
+            _blas = _find_openblas()
+    return NUM_THREADS if _blas else 1
 
 
 def blocks(start: int, stop: int, size: int):
@@ -188,56 +268,59 @@ def erf(x: np.ndarray) -> np.ndarray:
     return out
 
 
-# GELU in float32 through erfc, evaluated without branches.
-# gelu(x) = x * Phi(x), Phi the normal CDF. With a = |x| and m = Phi(-a):
-#     x >= 0: x * (1 - m) = x - a * m;      x < 0: x * m = -(a * m)
-# so gelu(x) = max(x, 0) - a * m for every x, with no cancellation for x < 0
-# (1 + erf(x / sqrt 2) loses the small tail that m keeps). And
-#     m = Phi(-a) = exp(-a^2 / 2) * R(a),   R(a) = erfcx(a / sqrt 2) / 2,
-# smooth and positive: one rational R = P/Q with positive coefficients (stable in
-# float32) fitted to relative error 2.5e-9 on [0, 10]. a is clamped to 15 inside
-# m, where exp(-a^2 / 2) is already 0 in float32, so m = 0 for every larger |x|.
-# tests/test_fast_kernels.py checks it against the exact GELU on every float32
-# in [-10, 10] by a dense grid and against F.gelu.
-_GELU_R_P = (0.0036858038392519987, 0.037682471176121966, 0.1743880569692603, 0.426182019435062,
-             0.5000000012601838)
-_GELU_R_Q = (0.009238679869196631, 0.09446758637852855, 0.4461331555173845, 1.1654818144268229,
-             1.6502487909667845, 1.0)
-_GELU_A_MAX = 15.0
+# GELU in float32 as x * sigmoid(z), evaluated without branches.
+# gelu(x) = x * Phi(x), Phi the normal CDF, and Phi(x) = sigmoid(z(x)) with
+#     z(x) = logit(Phi(x)) = log(Phi(x) / Phi(-x)) = 2 atanh(erf(x / sqrt 2)),
+# odd and smooth, so z(x) = x * P(x^2). P is a degree-6 polynomial fitted by
+# scripts/fit_gelu.py on x^2 <= 36, weighted so the fit minimises the error it
+# causes in gelu measured in ulps of x (about 0.24 of one). Then
+#     gelu(x) = x / (1 + exp(-x * P(x^2)))
+# is 17 passes over a block, where erf needs more than 30. Beyond |x| = 6, x^2
+# is clamped at 36, so z = x * P(36) grows linearly: the sigmoid is within 1e-8
+# of 0 or 1 there and reaches them exactly (exp overflows to inf, x / inf = 0)
+# by |x| ~ 26, far below an ulp of x from the exact gelu, which does the same.
+# tests/test_fast_kernels.py checks it against the exact GELU on every 397th
+# float32 in [-10, 10] (never less accurate than torch's float32 GELU: 1.8 ulps
+# of x at worst where torch has 4.8) and at the extremes.
+_GELU_P = (3.5123425082250996e-09, -2.645267134887992e-07, 7.929489234396613e-06, -0.00011061238942065956,
+           -6.518994679117022e-05, 0.07266616914429459, 1.5957698829214784)  # highest degree first
+_GELU_NEG_P32 = tuple(np.float32(-c) for c in _GELU_P)  # -P, so that the last product gives -z
+_GELU_U_MAX = np.float32(36.0)
 
 
 def _gelu_f32_block(x: np.ndarray, out: np.ndarray) -> None:
     """out[:] = gelu(x) for one cache-sized block of float32 (out may be x)."""
-    f = np.float32
-    a = np.abs(x)  # a = |x|
-    ac = np.minimum(a, f(_GELU_A_MAX))
-    e = np.multiply(ac, ac)
-    e *= f(-0.5)
-    np.exp(e, out=e)  # exp(-a^2 / 2)
-    p = np.full_like(ac, f(_GELU_R_P[0]))
-    for c in _GELU_R_P[1:]:
-        p *= ac
-        p += f(c)
-    q = np.full_like(ac, f(_GELU_R_Q[0]))
-    for c in _GELU_R_Q[1:]:
-        q *= ac
-        q += f(c)
-    p /= q  # R(a)
-    p *= e  # m = Phi(-a)
-    p *= a  # a * m
-    np.maximum(x, f(0), out=out)
-    out -= p
+    c = _GELU_NEG_P32
+    with np.errstate(over="ignore"):  # x * x and exp(-z) overflow to inf on purpose for huge |x|
+        u = np.multiply(x, x)
+        np.minimum(u, _GELU_U_MAX, out=u)  # NaN stays NaN
+        p = np.multiply(u, c[0])
+        p += c[1]
+        for ci in c[2:]:  # Horner: p = -P(u)
+            p *= u
+            p += ci
+        p *= x  # -z(x)
+        np.exp(p, out=p)
+        p += np.float32(1)
+        np.divide(x, p, out=out)  # x * sigmoid(z)
 
 
-def gelu(x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+def gelu(x: np.ndarray, out: Optional[np.ndarray] = None, precise: bool = False) -> np.ndarray:
     """Exact GELU: x * 0.5 * (1 + erf(x / sqrt(2))), elementwise; ``out`` may be ``x``.
 
     Mirror of ``nn.GELU()`` (approximate="none"). NOTE(reference): SAM uses the
     exact erf form; the tanh approximation differs by up to ~5e-4. float32 goes
-    through the erfc form above in cache-sized blocks spread over threads;
-    float64 uses the fdlibm erf.
+    through the sigmoid form above in cache-sized blocks spread over threads;
+    float64 uses the fdlibm erf, and so does float32 when ``precise`` (evaluated
+    in float64, then rounded: slower, for small arrays whose errors matter most).
     """
     x = np.asarray(x)
+    if precise and x.dtype == np.float32:
+        y = gelu(x.astype(np.float64)).astype(np.float32)
+        if out is None:
+            return y
+        out[...] = y
+        return out
     if x.dtype != np.float32:
         half = x.dtype.type(0.5)
         y = x * half * (1 + erf(x * x.dtype.type(math.sqrt(0.5))))
@@ -262,6 +345,15 @@ def gelu(x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
     return out
 
 
+def gelu_block(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """gelu on one cache-sized block, no threads, no checks (out may be x)."""
+    if x.dtype == np.float32:
+        _gelu_f32_block(x, out)
+    else:
+        out[...] = gelu(x)
+    return out
+
+
 def relu(x: np.ndarray) -> np.ndarray:
     """Mirror of F.relu."""
     return np.maximum(x, 0)
@@ -277,11 +369,27 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return out
 
 
+# NOTE(numerics): exp(x - max) underflows to subnormal floats for x - max below
+# about -87 (float32) or -708 (float64), and matrix products with subnormal
+# operands run many times slower on x86 (microcode assists). Clamping x - max
+# at EXP_FLOOR first keeps every weight normal: it changes weights smaller
+# than 1.7e-38 (float32) relative to the largest, which is 1, into 1.7e-38, far
+# below what float32 arithmetic on the softmax can see.
+EXP_FLOOR = {np.dtype(np.float32): np.float32(-87.0), np.dtype(np.float64): np.float64(-708.0)}
+
+
+def exp_below_max_(x: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """In place: x = exp(max(x - m, EXP_FLOOR)), ``m`` broadcasting to x (a max)."""
+    x -= m
+    np.maximum(x, EXP_FLOOR[x.dtype], out=x)
+    return np.exp(x, out=x)
+
+
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """Mirror of torch.softmax: subtract the max for stability."""
     if axis in (-1, x.ndim - 1) and 1 < x.shape[-1] <= 16 and x.size >= 4096:
         return _softmax_short(x)
-    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    e = exp_below_max_(np.array(x, copy=True), np.max(x, axis=axis, keepdims=True))
     e /= np.sum(e, axis=axis, keepdims=True)
     return e
 
@@ -293,8 +401,7 @@ def _softmax_short(x: np.ndarray) -> np.ndarray:
     m = x[..., 0].copy()  # [..., T] -> [...]
     for i in range(1, x.shape[-1]):
         np.maximum(m, x[..., i], out=m)
-    e = np.subtract(x, m[..., None])
-    np.exp(e, out=e)
+    e = exp_below_max_(np.array(x, copy=True), m[..., None])
     s = e[..., 0].copy()  # [..., T] -> [...]
     for i in range(1, x.shape[-1]):
         s += e[..., i]
@@ -337,30 +444,47 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float,
         y = layer_norm(xr if ar is None else xr + ar, weight, bias, eps)
         out[...] = y.reshape(out.shape)
         return out
-    dt = x.dtype.type
-    inv_c, eps_ = dt(1.0 / c), dt(eps)
-    ones = np.ones(c, x.dtype)
     rows = max(1, CHUNK // c)
 
     def work(start, stop):
         for lo, hi in blocks(start, stop, rows):
-            xb, ob = xr[lo:hi], orow[lo:hi]
-            if ar is not None:
-                xb = np.add(xb, ar[lo:hi], out=ob)
-            mean = xb @ ones  # [r, C] -> [r]
-            mean *= inv_c
-            np.subtract(xb, mean[:, None], out=ob)  # xc = x - mean
-            var = np.einsum("rc,rc->r", ob, ob)  # [r, C] -> [r]
-            var *= inv_c
-            var += eps_
-            np.sqrt(var, out=var)
-            np.divide(1, var, out=var)
-            ob *= var[:, None]
-            ob *= weight
-            ob += bias
+            layer_norm_rows(xr[lo:hi], weight, bias, eps, orow[lo:hi], None if ar is None else ar[lo:hi])
 
     parallel_rows(work, xr.shape[0], min_rows=rows)
     return out
+
+
+def layer_norm_rows(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray,
+                    add: Optional[np.ndarray] = None) -> np.ndarray:
+    """layer_norm on one block of rows, no threads, no checks: x, out (may be x)
+    and add [r, C] C-contiguous. Row sums are matrix-vector products."""
+    c = x.shape[-1]
+    dt = x.dtype.type
+    if add is not None:
+        x = np.add(x, add, out=out)
+    mean = x @ _ones(c, x.dtype)  # [r, C] -> [r]
+    mean *= dt(1.0 / c)
+    np.subtract(x, mean[:, None], out=out)  # xc = x - mean
+    var = np.einsum("rc,rc->r", out, out)  # [r, C] -> [r]
+    var *= dt(1.0 / c)
+    var += dt(eps)
+    np.sqrt(var, out=var)
+    np.divide(1, var, out=var)
+    out *= var[:, None]
+    out *= weight
+    out += bias
+    return out
+
+
+_ONES = {}
+
+
+def _ones(c: int, dtype) -> np.ndarray:
+    key = (c, np.dtype(dtype))
+    v = _ONES.get(key)
+    if v is None:
+        v = _ONES[key] = np.ones(c, dtype)
+    return v
 
 
 def layer_norm_2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float = 1e-6) -> np.ndarray:
@@ -474,6 +598,15 @@ def scaled_dot_product_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, bi
         attn += bias
     attn = softmax(attn, axis=-1)
     return attn @ v  # [..., Nq, Nk] @ [..., Nk, Dv] -> [..., Nq, Dv]
+
+
+def softmax_axis1_(x: np.ndarray) -> np.ndarray:
+    """In-place softmax over axis 1 of [A, N, R] with R the long, contiguous axis:
+    the max and sum run over N whole rows of R values (a short axis reduced this
+    way costs N vector operations instead of one slow loop per element)."""
+    exp_below_max_(x, x.max(axis=1, keepdims=True))
+    x /= x.sum(axis=1, keepdims=True)
+    return x
 
 
 def separate_heads(x: np.ndarray, num_heads: int) -> np.ndarray:

@@ -95,6 +95,12 @@ class PromptEncoder(Module):
             activation(),
             Conv2d(mask_in_chans, embed_dim, kernel_size=1),
         ])
+        # NOTE(numerics): the mask path is small (16 x 64 x 64 values per prompt at
+        # most) and its rounding errors reach every image location through the
+        # dense embedding, so its GELUs are evaluated in float64 and rounded.
+        for i in (2, 5):
+            if isinstance(self.mask_downscaling[i], GELU):
+                self.mask_downscaling[i].precise = True
         self.no_mask_embed = Embedding(1, embed_dim)
 
     @property

@@ -51,51 +51,51 @@ class Attention(Module):
         return f"embedding_dim={self.embedding_dim}, internal_dim={self.internal_dim}, num_heads={self.num_heads}"
 
     # The two cross-attentions of SAM pair a few tokens (T, about 5-10) with every
-    # image location (HW = 4096). The two methods below compute exactly forward()
+    # image location (HW = 4096). The methods below compute exactly forward()
     # (same mathematics, different association of the products) with the
     # projections moved to the token side, so the [HW, C] image side meets two
     # [C, h*T]-sized products instead of two [C, I] projections, and no [HW, I]
-    # array is ever split into heads.
+    # array is ever split into heads. Each is split into its token-side part
+    # (small) and its image-side part (on rows of image locations), which the
+    # fused passes of TwoWayTransformer run block by block.
 
-    def attend_to_image(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-        """forward(q, k, v) for tokens attending to the image: q [B, T, C]; k, v
-        [Bk, HW, C] with Bk = B or 1 (one image shared by every prompt) -> [B, T, C].
+    def to_image_logit_weights(self, q: np.ndarray) -> np.ndarray:
+        """Tokens attending to the image, token side: q [B, T, C] -> qk [B, h*T, C],
+        so that the logits against image rows k_n are qk @ k_n (for each head h,
+        then softmax over n).
 
         Per head h, with q_h = q W_q^h + b_q^h:
             q_h . (k_n W_k^h + b_k^h) = (q_h W_k^h^T) . k_n + q_h . b_k^h
-        and the last term is the same for every n, so softmax over n drops it;
-            sum_n p_n (v_n W_v^h + b_v^h) = (sum_n p_n v_n) W_v^h + b_v^h   (sum_n p_n = 1).
+        and the last term is the same for every n, so softmax over n drops it.
         """
         b, t, c = q.shape
-        bk, hw, _ = k.shape
         nh, d = self.num_heads, self.internal_dim // self.num_heads
         qh = self.q_proj(q).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # [B, T, I] -> [B, h, T, D]
         qk = qh @ self.k_proj.weight.reshape(nh, d, c)  # [B, h, T, D] @ [h, D, C] -> [B, h, T, C]
         # NOTE(reference): the logits are divided by sqrt(D); done here on the small
         # side (D = 16 in SAM's cross-attentions: a power of two, so exactly the same).
         qk /= qk.dtype.type(math.sqrt(d))
-        if bk == 1:
-            attn = qk.reshape(b * nh * t, c) @ k[0].T  # [B*h*T, C] @ [C, HW] -> [B*h*T, HW]
-            attn = attn.reshape(b, nh * t, hw)  # -> [B, h*T, HW]
-        else:  # one product per prompt (a batched matmul with a transposed operand is slower)
-            qk = qk.reshape(b, nh * t, c)  # -> [B, h*T, C]
-            attn = np.empty((b, nh * t, hw), dtype=qk.dtype)
-            for i in range(b):
-                np.matmul(qk[i], k[i].T, out=attn[i])  # [h*T, C] @ [C, HW] -> [h*T, HW]
-        attn = ops.softmax(attn, axis=-1)
-        if bk == 1:
-            pv = attn.reshape(b * nh * t, hw) @ v[0]  # [B*h*T, HW] @ [HW, C] -> [B*h*T, C]
-        else:
-            pv = attn @ v  # [B, h*T, HW] @ [B, HW, C] -> [B, h*T, C]
+        return qk.reshape(b, nh * t, c)  # -> [B, h*T, C]
+
+    def to_image_output(self, pv: np.ndarray, t: int) -> np.ndarray:
+        """Tokens attending to the image, after the image side: pv [B, h*T, C], the
+        softmax-weighted sums of the image rows v_n (value inputs) -> [B, T, C].
+
+        sum_n p_n (v_n W_v^h + b_v^h) = (sum_n p_n v_n) W_v^h + b_v^h   (sum_n p_n = 1).
+        """
+        b, _, c = pv.shape
+        nh, d = self.num_heads, self.internal_dim // self.num_heads
         wv = self.v_proj.weight.reshape(nh, d, c)  # [I, C] -> [h, D, C]
         out = pv.reshape(b, nh, t, c) @ wv.transpose(0, 2, 1)  # [B, h, T, C] @ [h, C, D] -> [B, h, T, D]
         out += self.v_proj.bias.reshape(nh, 1, d)
         out = ops.recombine_heads(out)  # -> [B, T, I]
         return self.out_proj(out)  # -> [B, T, C]
 
-    def attend_from_image(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-        """forward(q, k, v) for the image attending to the tokens: q [Bq, HW, C] with
-        Bq = B or 1; k, v [B, T, C] -> [B, HW, C].
+    def from_image_token_side(self, k: np.ndarray, v: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The image attending to the tokens, token side: k, v [B, T, C] ->
+        kq [B, h*T, C], kb [B, h*T, 1], vo [B, h*T, C], so that for an image row
+        q_n the logits are kq @ q_n + kb (softmax over T within each head) and the
+        output is sum over (h, t) of p_(h,t) vo_(h,t).
 
         Per head h, with k_h = k W_k^h + b_k^h and v_h = v W_v^h + b_v^h:
             (q_n W_q^h + b_q^h) . k_h,t = q_n . (W_q^h^T k_h,t) + b_q^h . k_h,t
@@ -103,24 +103,52 @@ class Attention(Module):
         and b_o is spread as b_o / h over every (h, t) row (each head's p sums to 1).
         """
         b, t, c = k.shape
-        bq, hw, _ = q.shape
         nh, d = self.num_heads, self.internal_dim // self.num_heads
-        scale = q.dtype.type(math.sqrt(d))
-        kh = self.k_proj(k).reshape(b, t, nh, d).transpose(0, 2, 3, 1)  # [B, T, I] -> [B, h, D, T]
-        wq = self.q_proj.weight.reshape(nh, d, c).transpose(0, 2, 1)  # [I, C] -> [h, C, D]
-        kq = (wq @ kh).transpose(0, 2, 1, 3).reshape(b, c, nh * t)  # [B, h, C, T] -> [B, C, h*T]
+        scale = k.dtype.type(math.sqrt(d))
+        kh = self.k_proj(k).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # [B, T, I] -> [B, h, T, D]
+        kq = kh @ self.q_proj.weight.reshape(nh, d, c)  # [B, h, T, D] @ [h, D, C] -> [B, h, T, C]
         kq /= scale  # NOTE(reference): logits / sqrt(D), on the small side (exact for D = 16)
-        kb = (self.q_proj.bias.reshape(nh, 1, d) @ kh).reshape(b, 1, nh * t)  # [B, h, 1, T] -> [B, 1, h*T]
+        kb = kh @ self.q_proj.bias.reshape(nh, d, 1)  # [B, h, T, D] @ [h, D, 1] -> [B, h, T, 1]
         kb /= scale
-        attn = q @ kq  # [Bq, HW, C] @ [B, C, h*T] -> [B, HW, h*T]
-        attn += kb
-        attn = ops.softmax(attn.reshape(b, hw, nh, t), axis=-1)  # over T within each head
         vh = self.v_proj(v).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # [B, T, I] -> [B, h, T, D]
         wo = self.out_proj.weight.T.reshape(nh, d, c)  # [C, I] -> [I, C] -> [h, D, C]
-        vo = (vh @ wo).reshape(b, nh * t, c)  # [B, h, T, C] -> [B, h*T, C]
-        vo += self.out_proj.bias / q.dtype.type(nh)
-        return attn.reshape(b, hw, nh * t) @ vo  # [B, HW, h*T] @ [B, h*T, C] -> [B, HW, C]
+        vo = vh @ wo  # [B, h, T, D] @ [h, D, C] -> [B, h, T, C]
+        vo += self.out_proj.bias / k.dtype.type(nh)
+        return kq.reshape(b, nh * t, c), kb.reshape(b, nh * t, 1), vo.reshape(b, nh * t, c)
 
+    def from_image_rows(self, q: np.ndarray, kq: np.ndarray, kb: np.ndarray, vo: np.ndarray) -> np.ndarray:
+        """The image attending to the tokens, image side, for one prompt: image rows
+        q [R, C] and that prompt's kq, kb, vo ([h*T, C], [h*T, 1], [h*T, C]) -> [R, C]."""
+        nh = self.num_heads
+        attn = kq @ q.T  # [h*T, C] @ [C, R] -> [h*T, R]: image rows along the long axis
+        attn += kb
+        attn = ops.softmax_axis1_(attn.reshape(nh, -1, q.shape[0]))  # over T within each head
+        return attn.reshape(kq.shape[0], -1).T @ vo  # [R, h*T] @ [h*T, C] -> [R, C]
+
+    def attend_to_image(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """forward(q, k, v) for tokens attending to the image: q [B, T, C]; k, v
+        [Bk, HW, C] with Bk = B or 1 (one image shared by every prompt) -> [B, T, C]."""
+        b, t, c = q.shape
+        bk, hw, _ = k.shape
+        qk = self.to_image_logit_weights(q)  # -> [B, h*T, C]
+        if bk == 1:
+            attn = (qk.reshape(-1, c) @ k[0].T).reshape(b, -1, hw)  # [B*h*T, C] @ [C, HW] -> [B, h*T, HW]
+            attn = ops.softmax(attn, axis=-1)
+            pv = (attn.reshape(-1, hw) @ v[0]).reshape(b, -1, c)  # [B*h*T, HW] @ [HW, C] -> [B, h*T, C]
+        else:  # one product per prompt (a batched matmul with a transposed operand is slower)
+            attn = np.empty(qk.shape[:2] + (hw,), dtype=qk.dtype)
+            for i in range(b):
+                np.matmul(qk[i], k[i].T, out=attn[i])  # [h*T, C] @ [C, HW] -> [h*T, HW]
+            attn = ops.softmax(attn, axis=-1)
+            pv = attn @ v  # [B, h*T, HW] @ [B, HW, C] -> [B, h*T, C]
+        return self.to_image_output(pv, t)
+
+    def attend_from_image(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """forward(q, k, v) for the image attending to the tokens: q [Bq, HW, C] with
+        Bq = B or 1; k, v [B, T, C] -> [B, HW, C]."""
+        kq, kb, vo = self.from_image_token_side(k, v)
+        b, bq = k.shape[0], q.shape[0]
+        return np.stack([self.from_image_rows(q[i if bq > 1 else 0], kq[i], kb[i], vo[i]) for i in range(b)])
 
 
 class TwoWayAttentionBlock(Module):
@@ -221,7 +249,18 @@ class TwoWayTransformer(Module):
 
         A batch of 1 on the image side means one image shared by every prompt: it
         stays [1, HW, C] until the first layer's image-to-token attention makes one
-        copy per prompt (official repeat_interleave's it up front)."""
+        copy per prompt (official repeat_interleave's it up front).
+
+        Runs the fused passes below; while a trace is open, the layers run as
+        modules instead so that every submodule is recorded.
+        """
+        if nn._hook is not None:
+            return self.forward_layers(image_embedding, image_pe, point_embedding)
+        return self.forward_fused(image_embedding, image_pe, point_embedding)
+
+    def forward_layers(self, image_embedding: np.ndarray, image_pe: np.ndarray,
+                       point_embedding: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """forward_rows, layer by layer as the official forward() does."""
         queries = point_embedding
         keys = image_embedding
         for layer in self.layers:
@@ -233,3 +272,115 @@ class TwoWayTransformer(Module):
         queries = queries + attn_out
         queries = self.norm_final_attn(queries)
         return queries, keys
+
+    def forward_fused(self, image_embedding: np.ndarray, image_pe: np.ndarray,
+                      point_embedding: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """forward_rows with the image side in one pass over its rows per layer.
+
+        In every layer the token side (a few rows) and the image side (HW rows)
+        meet twice: (2) tokens attend to the image, a softmax over all HW rows;
+        (4) the image attends to the tokens, row by row. Between them only the
+        token side changes. So each pass over blocks of image rows does layer
+        L-1's step (4) and norm4 on the block, then layer L's step (2) for it
+        (or the final attention's), while the block is in cache:
+
+            pass 0:  k = keys + pe;  partial softmax sums of step (2), layer 0
+            pass 1:  keys = norm4(keys + step (4) of layer 0);  k = keys + pe;  step (2) of layer 1
+            pass 2:  keys = norm4(keys + step (4) of layer 1);  k = keys + pe;  final attention
+
+        The softmax over HW is assembled from per-block parts: each block keeps
+        its max m_j, its sum l_j of exp(logit - m_j) and its exp-weighted sum of
+        values o_j; with M = max_j m_j the whole is sum_j exp(m_j - M) o_j /
+        sum_j exp(m_j - M) l_j (as flash attention does). Blocks are fixed by
+        ROWS, not by the number of threads, so threads change nothing.
+        Blocks are spread over threads; BLAS runs single-threaded inside.
+        """
+        bk, hw, c = image_embedding.shape
+        b, t, _ = point_embedding.shape
+        dtype = point_embedding.dtype
+        rows = min(hw, self.ROWS)
+        nblocks = -(-hw // rows)
+        pe = image_pe[0]  # [HW, C]
+        keys = image_embedding  # [1 or B, HW, C]: not written; the first step (4) makes [B, HW, C]
+        queries = point_embedding
+        step4 = None  # (module, kq, kb, vo, norm) of the layer whose step (4) the next pass runs
+        for i in range(len(self.layers) + 1):
+            if i < len(self.layers):
+                layer = self.layers[i]
+                # (1) self-attention of the tokens
+                if layer.skip_first_layer_pe:  # NOTE(reference): layer 0: no PE, no residual
+                    queries = layer.self_attn(q=queries, k=queries, v=queries)
+                else:
+                    q = queries + point_embedding
+                    queries = queries + layer.self_attn(q=q, k=q, v=queries)
+                queries = layer.norm1(queries)
+                to_image = layer.cross_attn_token_to_image
+            else:
+                to_image = self.final_attn_token_to_image
+            qk = to_image.to_image_logit_weights(queries + point_embedding)  # -> [B, h*T, C]
+            ht = qk.shape[1]
+            new_keys = keys
+            if step4 is not None and keys is image_embedding:
+                new_keys = np.empty((b, hw, c), dtype)
+            m_parts = np.empty((nblocks, b, ht), dtype)  # per block: max logit,
+            l_parts = np.empty((nblocks, b, ht), dtype)  # sum of exp(logit - max),
+            o_parts = np.empty((nblocks, b, ht, c), dtype)  # exp-weighted sum of value rows
+
+            def work(start, stop, args=(qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts)):
+                for j in range(start, stop):
+                    self._block(j * rows, min(hw, (j + 1) * rows), j, *args)
+
+            with ops.single_threaded_blas():
+                ops.parallel_rows(work, nblocks, threads=ops.row_threads())
+            keys = new_keys
+            big = m_parts.max(axis=0)  # [B, h*T]
+            w = np.exp(m_parts - big)  # [n, B, h*T]
+            total = np.einsum("nbk,nbk->bk", w, l_parts)  # [B, h*T]
+            pv = np.einsum("nbk,nbkc->bkc", w, o_parts)  # [B, h*T, C]
+            pv /= total[..., None]
+            attn_out = to_image.to_image_output(pv, t)  # -> [B, T, C]
+            if i < len(self.layers):
+                queries = layer.norm2(queries + attn_out)
+                # (3) MLP on the tokens
+                queries = layer.norm3(queries + layer.mlp(queries))
+                # (4), token side; the image side runs in the next pass
+                # NOTE(reference): q and k swap roles: the image locations are the queries.
+                from_image = layer.cross_attn_image_to_token
+                step4 = (from_image,) + from_image.from_image_token_side(queries + point_embedding, queries) \
+                    + (layer.norm4,)
+            else:
+                queries = self.norm_final_attn(queries + attn_out)
+        if keys is image_embedding:  # depth 0: the keys are the image embedding itself
+            keys = np.broadcast_to(image_embedding, (b, hw, c)).copy()
+        return queries, keys
+
+    ROWS = 512  # image rows per block of a fused pass: a block's arrays stay in L2
+
+    @staticmethod
+    def _block(lo, hi, j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts) -> None:
+        """Image rows [lo, hi), block j, of a fused pass (see forward_fused): keys
+        [1 or B, HW, C] in, new_keys [B, HW, C] out when the pass runs a step (4)."""
+        b = qk.shape[0]
+        pe_blk = pe[lo:hi]  # [R, C]
+        shared = keys.shape[0] == 1  # one image for every prompt
+        if shared:
+            k_shared = keys[0, lo:hi] + pe_blk  # [R, C]: keys + PE
+        for p in range(b):
+            residual = keys[0 if shared else p, lo:hi]  # [R, C]
+            k_rows = k_shared if shared else residual + pe_blk
+            if step4 is not None:
+                # (4) of the previous layer: the image rows attend to the tokens, then norm4
+                from_image, kq, kb, vo, norm = step4
+                attn_out = from_image.from_image_rows(k_rows, kq[p], kb[p], vo[p])  # -> [R, C]
+                v_rows = ops.layer_norm_rows(attn_out, norm.weight, norm.bias, norm.eps, out=new_keys[p, lo:hi],
+                                             add=residual)
+                k_rows = v_rows + pe_blk
+            else:
+                v_rows = residual
+            # (2) the tokens attend to these rows: this block's part of the softmax over HW
+            logits = qk[p] @ k_rows.T  # [h*T, C] @ [C, R] -> [h*T, R]
+            m = logits.max(axis=1)  # [h*T]
+            ops.exp_below_max_(logits, m[:, None])
+            l_parts[j, p] = logits.sum(axis=1)
+            np.matmul(logits, v_rows, out=o_parts[j, p])  # [h*T, R] @ [R, C] -> [h*T, C]
+            m_parts[j, p] = m

@@ -1,6 +1,6 @@
 """The performance paths compute what the plain ones do.
 
-- float32 GELU (erfc form, blocks over threads) against the exact GELU on a dense
+- float32 GELU (sigmoid form, blocks over threads) against the exact GELU on a dense
   grid of float32 inputs: never less accurate than torch's own float32 GELU;
 - threads and blocks change nothing (bit for bit), in place or not;
 - LayerNorm with a fused residual, in place;
