@@ -177,7 +177,8 @@ class Block(Module):
         x += shortcut  # official: x = shortcut + x
         # Tokens as one [B*H*W, C] matrix: np.matmul runs one GEMM per leading
         # index, so [B, H, W, C] @ [C, M] would be B*H small, slow products.
-        y = self.mlp(self.norm2(x).reshape(-1, x.shape[-1]))  # [BHW, C] -> [BHW, M] -> [BHW, C]
+        with ops.single_threaded_blas():  # MLPBlock's fused row pass brings its own threads
+            y = self.mlp(self.norm2(x).reshape(-1, x.shape[-1]))  # [BHW, C] -> [BHW, M] -> [BHW, C]
         y = y.reshape(x.shape)  # -> [B, H, W, C]
         y += x  # official: x = x + self.mlp(self.norm2(x))
         return y
@@ -229,7 +230,8 @@ class Attention(Module):
         rel_h = rel_w = None
         if self.use_rel_pos:
             rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
-        x = attention(q_scaled, k, v, rel_h, rel_w)  # -> [G, N, D]
+        with ops.single_threaded_blas():  # its steps bring their own threads; the projections keep BLAS's
+            x = attention(q_scaled, k, v, rel_h, rel_w)  # -> [G, N, D]
         x = x.reshape(B, h, H, W, -1).transpose(0, 2, 3, 1, 4).reshape(B * H * W, -1)  # -> [B*N, C]
         return self.proj(x).reshape(B, H, W, -1)  # [B*N, C] -> [B, H, W, C]
 
@@ -256,10 +258,13 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, rel_h: Optional[np.nd
     else:
         # whole grid rows (q_w queries each), so the rel-pos terms slice cleanly
         maps_per_step, rows_per_step = 1, max(1, chunk_elements // (Nk * q_w)) * q_w
-    for g0 in range(0, G, maps_per_step):
-        g1 = min(G, g0 + maps_per_step)
-        for n0 in range(0, N, rows_per_step):
-            n1 = min(N, n0 + rows_per_step)
+    map_steps, row_steps = -(-G // maps_per_step), -(-N // rows_per_step)
+
+    def work(start, stop):
+        for step in range(start, stop):
+            g0, n0 = divmod(step, row_steps)
+            g0, n0 = g0 * maps_per_step, n0 * rows_per_step
+            g1, n1 = min(G, g0 + maps_per_step), min(N, n0 + rows_per_step)
             attn = q[g0:g1, n0:n1] @ kT[g0:g1]  # [g, n, D] @ [g, D, Nk] -> [g, n, Nk]
             if rel_h is not None:
                 add_decomposed_rel_pos(attn, rel_h[g0:g1, n0 // q_w:n1 // q_w], rel_w[g0:g1, n0 // q_w:n1 // q_w])
@@ -270,6 +275,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, rel_h: Optional[np.nd
             # the same mathematics, D/Nk as many divisions (rounding differs by an ulp or so).
             o = np.matmul(attn, v[g0:g1], out=out[g0:g1, n0:n1])  # [g, n, Nk] @ [g, Nk, D] -> [g, n, D]
             o /= denom
+
+    # steps over threads (BLAS single-threaded inside, see ops.single_threaded_blas)
+    ops.parallel_rows(work, map_steps * row_steps, threads=ops.row_threads() if ops.blas_is_single() else 1)
     return out
 
 

@@ -90,8 +90,7 @@ class MaskDecoder(Module):
         """-> masks [B, 3 or 1, 4H, 4W] (logits), iou_pred [B, 3 or 1]."""
         multimask_output = check_bool("multimask_output", multimask_output)
         args = self._check(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
-        with ops.single_threaded_blas():  # the decoder's threads are its own (see ops.py)
-            masks, iou_pred = self.predict_masks(*args)
+        masks, iou_pred = self.predict_masks(*args)
         # NOTE(reference): multimask returns tokens 1..3; single-mask returns token 0.
         mask_slice = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, mask_slice], iou_pred[:, mask_slice]
@@ -99,15 +98,20 @@ class MaskDecoder(Module):
     def predict_masks(self, image_embeddings: np.ndarray, image_pe: np.ndarray, sparse_prompt_embeddings: np.ndarray,
                       dense_prompt_embeddings: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """All M masks and IoU predictions: -> [B, M, 4H, 4W], [B, M]."""
+        with ops.single_threaded_blas():  # the fused passes bring their own threads (see ops.py)
+            return self._predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
+
+    def _predict_masks(self, image_embeddings: np.ndarray, image_pe: np.ndarray, sparse_prompt_embeddings: np.ndarray,
+                       dense_prompt_embeddings: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         b = sparse_prompt_embeddings.shape[0]
         output_tokens = np.concatenate([self.iou_token.weight, self.mask_tokens.weight], axis=0)  # -> [1+M, C]
         output_tokens = np.broadcast_to(output_tokens[None], (b,) + output_tokens.shape)  # -> [B, 1+M, C]
         tokens = np.concatenate([output_tokens, sparse_prompt_embeddings], axis=1)  # -> [B, T, C]
 
-        src, pos_src = self._image_rows(image_embeddings, image_pe, dense_prompt_embeddings)  # -> [1 or B, HW, C]
+        src, pos_src, per_image = self._image_rows(image_embeddings, image_pe, dense_prompt_embeddings)
         _, c, h, w = image_embeddings.shape
 
-        hs, src = self.transformer.forward_rows(src, pos_src, tokens)  # -> [B, T, C], [B, HW, C]
+        hs, src = self.transformer.forward_rows(src, pos_src, tokens, per_image)  # -> [B, T, C], [B, HW, C]
         iou_token_out = hs[:, 0, :]  # -> [B, C]
         mask_tokens_out = hs[:, 1:(1 + self.num_mask_tokens), :]  # -> [B, M, C]
 
@@ -127,9 +131,10 @@ class MaskDecoder(Module):
         return masks, iou_pred
 
     def _image_rows(self, image_embeddings: np.ndarray, image_pe: np.ndarray,
-                    dense_prompt_embeddings: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+                    dense_prompt_embeddings: np.ndarray):
         """src = image_embeddings + dense_prompt_embeddings and the PE, as rows
-        [1 or B, HW, C].
+        [1 or B, HW, C], and a dict for the transformer's per-image work (None
+        when src is per prompt).
 
         NOTE(reference): official repeat_interleave's the (batch-1) image embedding
         once per prompt; adding the dense embedding makes the copies. When the
@@ -146,21 +151,22 @@ class MaskDecoder(Module):
         if not constant:
             src = image_embeddings + dense_prompt_embeddings  # [1, C, H, W] + [B, C, H, W] -> [B, C, H, W]
             src = src.reshape(b, c, h * w).transpose(0, 2, 1)  # -> [B, HW, C]
-            return src, image_pe.reshape(1, c, h * w).transpose(0, 2, 1)  # -> [1, HW, C]
+            return src, image_pe.reshape(1, c, h * w).transpose(0, 2, 1), None  # -> [1, HW, C]
         dense = np.array(dense_prompt_embeddings[0, :, 0, 0])  # [C], the same at every location and prompt
         cached = self.__dict__.get("_rows_cache")
         if cached is not None and cached[0] is image_embeddings and cached[1] is image_pe \
                 and np.array_equal(cached[2], dense) \
                 and (not image_pe.flags.writeable or np.array_equal(cached[4], image_pe)) \
                 and (not image_embeddings.flags.writeable or np.array_equal(cached[3], image_embeddings)):
-            return cached[5], cached[6]
+            return cached[5], cached[6], cached[7]
         src = image_embeddings + dense[:, None, None]  # [1, C, H, W] + [C, 1, 1] -> [1, C, H, W]
         src = np.ascontiguousarray(src.reshape(1, c, h * w).transpose(0, 2, 1))  # -> [1, HW, C]
         pos_src = np.ascontiguousarray(image_pe.reshape(1, c, h * w).transpose(0, 2, 1))  # -> [1, HW, C]
         src.flags.writeable = pos_src.flags.writeable = False
         copies = tuple(x.copy() if x.flags.writeable else None for x in (image_embeddings, image_pe))
-        object.__setattr__(self, "_rows_cache", (image_embeddings, image_pe, dense) + copies + (src, pos_src))
-        return src, pos_src
+        per_image = {}
+        object.__setattr__(self, "_rows_cache", (image_embeddings, image_pe, dense) + copies + (src, pos_src, per_image))
+        return src, pos_src, per_image
 
     def _upscaled_masks(self, src: np.ndarray, hyper_in: np.ndarray, h: int, w: int) -> np.ndarray:
         """hyper_in @ output_upscaling(src), per pixel: src [B, HW, C], hyper_in
@@ -206,4 +212,4 @@ class MaskDecoder(Module):
         ops.parallel_rows(work, b * per_image, threads=ops.row_threads())
         return masks
 
-    UPSCALE_PIXELS = 128  # input pixels per block of the upscaling pass (its y2 is 16x as many rows)
+    UPSCALE_PIXELS = 512  # input pixels per block of the upscaling pass (its y2 is 16x as many rows)

@@ -125,15 +125,31 @@ class _SingleThreadedBlas:
         self._saved = None
 
     def __enter__(self):
+        global _single_depth
         if self.active:
-            self._saved = _blas[1]()
-            if self._saved != 1:
-                _blas[0](1)
+            with _blas_lock:
+                _single_depth += 1
+                self._saved = _blas[1]()
+                if self._saved != 1:
+                    _blas[0](1)
         return self
 
     def __exit__(self, *exc):
-        if self.active and self._saved not in (None, 1):
-            _blas[0](self._saved)
+        global _single_depth
+        if self.active:
+            with _blas_lock:
+                _single_depth -= 1
+                if self._saved not in (None, 1):
+                    _blas[0](self._saved)
+
+
+_single_depth = 0  # open single_threaded_blas contexts
+
+
+def blas_is_single() -> bool:
+    """Inside single_threaded_blas (with row_threads() > 1): row passes may
+    spread their matrix products over our threads."""
+    return _single_depth > 0
 
 
 def single_threaded_blas() -> _SingleThreadedBlas:

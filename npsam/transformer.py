@@ -9,7 +9,7 @@ Dimension letters:
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -110,11 +110,18 @@ class Attention(Module):
         kq /= scale  # NOTE(reference): logits / sqrt(D), on the small side (exact for D = 16)
         kb = kh @ self.q_proj.bias.reshape(nh, d, 1)  # [B, h, T, D] @ [h, D, 1] -> [B, h, T, 1]
         kb /= scale
+        return kq.reshape(b, nh * t, c), kb.reshape(b, nh * t, 1), self.from_image_values(v)
+
+    def from_image_values(self, v: np.ndarray) -> np.ndarray:
+        """The value side of from_image_token_side: v [B, T, C] -> vo [B, h*T, C],
+        out_proj applied to each head's projected values, b_o / h on each row."""
+        b, t, c = v.shape
+        nh, d = self.num_heads, self.internal_dim // self.num_heads
         vh = self.v_proj(v).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # [B, T, I] -> [B, h, T, D]
-        wo = self.out_proj.weight.T.reshape(nh, d, c)  # [C, I] -> [I, C] -> [h, D, C]
+        wo = self.out_proj.weight.T.reshape(nh, d, -1)  # [C, I] -> [I, C] -> [h, D, C]
         vo = vh @ wo  # [B, h, T, D] @ [h, D, C] -> [B, h, T, C]
-        vo += self.out_proj.bias / k.dtype.type(nh)
-        return kq.reshape(b, nh * t, c), kb.reshape(b, nh * t, 1), vo.reshape(b, nh * t, c)
+        vo += self.out_proj.bias / v.dtype.type(nh)
+        return vo.reshape(b, nh * t, -1)
 
     def from_image_rows(self, q: np.ndarray, kq: np.ndarray, kb: np.ndarray, vo: np.ndarray) -> np.ndarray:
         """The image attending to the tokens, image side, for one prompt: image rows
@@ -243,20 +250,21 @@ class TwoWayTransformer(Module):
         image_pe = image_pe.reshape(image_pe.shape[0], c, h * w).transpose(0, 2, 1)  # -> [B, HW, C]
         return self.forward_rows(image_embedding, image_pe, point_embedding)
 
-    def forward_rows(self, image_embedding: np.ndarray, image_pe: np.ndarray,
-                     point_embedding: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    def forward_rows(self, image_embedding: np.ndarray, image_pe: np.ndarray, point_embedding: np.ndarray,
+                     per_image: Optional[dict] = None) -> Tuple[np.ndarray, np.ndarray]:
         """forward() on image locations as rows: image_embedding, image_pe [1 or B, HW, C].
 
         A batch of 1 on the image side means one image shared by every prompt: it
         stays [1, HW, C] until the first layer's image-to-token attention makes one
-        copy per prompt (official repeat_interleave's it up front).
+        copy per prompt (official repeat_interleave's it up front). ``per_image``:
+        a dict kept by the caller with that image (see forward_fused).
 
         Runs the fused passes below; while a trace is open, the layers run as
         modules instead so that every submodule is recorded.
         """
         if nn._hook is not None:
             return self.forward_layers(image_embedding, image_pe, point_embedding)
-        return self.forward_fused(image_embedding, image_pe, point_embedding)
+        return self.forward_fused(image_embedding, image_pe, point_embedding, per_image)
 
     def forward_layers(self, image_embedding: np.ndarray, image_pe: np.ndarray,
                        point_embedding: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -273,8 +281,8 @@ class TwoWayTransformer(Module):
         queries = self.norm_final_attn(queries)
         return queries, keys
 
-    def forward_fused(self, image_embedding: np.ndarray, image_pe: np.ndarray,
-                      point_embedding: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    def forward_fused(self, image_embedding: np.ndarray, image_pe: np.ndarray, point_embedding: np.ndarray,
+                      per_image: Optional[dict] = None) -> Tuple[np.ndarray, np.ndarray]:
         """forward_rows with the image side in one pass over its rows per layer.
 
         In every layer the token side (a few rows) and the image side (HW rows)
@@ -294,6 +302,12 @@ class TwoWayTransformer(Module):
         sum_j exp(m_j - M) l_j (as flash attention does). Blocks are fixed by
         ROWS, not by the number of threads, so threads change nothing.
         Blocks are spread over threads; BLAS runs single-threaded inside.
+
+        With one image for every prompt and a ``per_image`` dict, layer 0's
+        image-side projections, which do not depend on the prompt, are computed
+        once per image and kept there (official association: k_proj, v_proj of
+        step (2) and q_proj of step (4) on the image rows), and pass 0 becomes
+        a small computation on them: see _layer0_cached.
         """
         bk, hw, c = image_embedding.shape
         b, t, _ = point_embedding.shape
@@ -303,7 +317,8 @@ class TwoWayTransformer(Module):
         pe = image_pe[0]  # [HW, C]
         keys = image_embedding  # [1 or B, HW, C]: not written; the first step (4) makes [B, HW, C]
         queries = point_embedding
-        step4 = None  # (module, kq, kb, vo, norm) of the layer whose step (4) the next pass runs
+        step4 = None  # (rows function, norm) of the layer whose step (4) the next pass runs
+        cached = per_image is not None and bk == 1 and len(self.layers) > 0
         for i in range(len(self.layers) + 1):
             if i < len(self.layers):
                 layer = self.layers[i]
@@ -317,28 +332,15 @@ class TwoWayTransformer(Module):
                 to_image = layer.cross_attn_token_to_image
             else:
                 to_image = self.final_attn_token_to_image
-            qk = to_image.to_image_logit_weights(queries + point_embedding)  # -> [B, h*T, C]
-            ht = qk.shape[1]
-            new_keys = keys
-            if step4 is not None and keys is image_embedding:
-                new_keys = np.empty((b, hw, c), dtype)
-            m_parts = np.empty((nblocks, b, ht), dtype)  # per block: max logit,
-            l_parts = np.empty((nblocks, b, ht), dtype)  # sum of exp(logit - max),
-            o_parts = np.empty((nblocks, b, ht, c), dtype)  # exp-weighted sum of value rows
-
-            def work(start, stop, args=(qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts)):
-                for j in range(start, stop):
-                    self._block(j * rows, min(hw, (j + 1) * rows), j, *args)
-
-            with ops.single_threaded_blas():
-                ops.parallel_rows(work, nblocks, threads=ops.row_threads())
-            keys = new_keys
-            big = m_parts.max(axis=0)  # [B, h*T]
-            w = np.exp(m_parts - big)  # [n, B, h*T]
-            total = np.einsum("nbk,nbk->bk", w, l_parts)  # [B, h*T]
-            pv = np.einsum("nbk,nbkc->bkc", w, o_parts)  # [B, h*T, C]
-            pv /= total[..., None]
-            attn_out = to_image.to_image_output(pv, t)  # -> [B, T, C]
+            if i == 0 and cached:
+                attn_out, step4 = self._layer0_cached(layer, queries, point_embedding, image_embedding[0], pe,
+                                                      per_image)
+            else:
+                out_keys = keys
+                if step4 is not None and keys is image_embedding:  # the first step (4): keys become per prompt
+                    out_keys = np.empty((b, hw, c), dtype)
+                attn_out = self._pass(to_image, queries + point_embedding, step4, keys, out_keys, pe, rows, nblocks, t)
+                keys = out_keys
             if i < len(self.layers):
                 queries = layer.norm2(queries + attn_out)
                 # (3) MLP on the tokens
@@ -346,15 +348,45 @@ class TwoWayTransformer(Module):
                 # (4), token side; the image side runs in the next pass
                 # NOTE(reference): q and k swap roles: the image locations are the queries.
                 from_image = layer.cross_attn_image_to_token
-                step4 = (from_image,) + from_image.from_image_token_side(queries + point_embedding, queries) \
-                    + (layer.norm4,)
+                if i == 0 and cached:  # step (4) on the image rows' q_proj kept per image
+                    step4[0].set_tokens(queries + point_embedding, queries)
+                else:
+                    kq, kb, vo = from_image.from_image_token_side(queries + point_embedding, queries)
+                    step4 = (lambda p, lo, hi, k_rows, f=from_image, kq=kq, kb=kb, vo=vo:
+                             f.from_image_rows(k_rows, kq[p], kb[p], vo[p]), layer.norm4)
             else:
                 queries = self.norm_final_attn(queries + attn_out)
-        if keys is image_embedding:  # depth 0: the keys are the image embedding itself
+        if keys is image_embedding:  # no step (4) ran (depth 0): the keys are the image embedding itself
             keys = np.broadcast_to(image_embedding, (b, hw, c)).copy()
         return queries, keys
 
     ROWS = 512  # image rows per block of a fused pass: a block's arrays stay in L2
+
+    def _pass(self, to_image: Attention, q: np.ndarray, step4, keys: np.ndarray, new_keys: np.ndarray,
+              pe: np.ndarray, rows: int, nblocks: int, t: int) -> np.ndarray:
+        """One fused pass over the image rows: the pending step (4) (if any) from
+        keys into new_keys (may be keys), then step (2) of ``to_image`` for the
+        tokens q [B, T, C] -> [B, T, C]."""
+        b, c = q.shape[0], pe.shape[1]
+        hw = pe.shape[0]
+        qk = to_image.to_image_logit_weights(q)  # -> [B, h*T, C]
+        ht = qk.shape[1]
+        m_parts = np.empty((nblocks, b, ht), q.dtype)  # per block: max logit,
+        l_parts = np.empty((nblocks, b, ht), q.dtype)  # sum of exp(logit - max),
+        o_parts = np.empty((nblocks, b, ht, c), q.dtype)  # exp-weighted sum of value rows
+
+        def work(start, stop):
+            for j in range(start, stop):
+                self._block(j * rows, min(hw, (j + 1) * rows), j, qk, step4, keys, new_keys, pe,
+                            m_parts, l_parts, o_parts)
+
+        ops.parallel_rows(work, nblocks, threads=ops.row_threads())
+        big = m_parts.max(axis=0)  # [B, h*T]
+        w = np.exp(m_parts - big)  # [n, B, h*T]
+        total = np.einsum("nbk,nbk->bk", w, l_parts)  # [B, h*T]
+        pv = np.einsum("nbk,nbkc->bkc", w, o_parts)  # [B, h*T, C]
+        pv /= total[..., None]
+        return to_image.to_image_output(pv, t)  # -> [B, T, C]
 
     @staticmethod
     def _block(lo, hi, j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts) -> None:
@@ -363,15 +395,19 @@ class TwoWayTransformer(Module):
         b = qk.shape[0]
         pe_blk = pe[lo:hi]  # [R, C]
         shared = keys.shape[0] == 1  # one image for every prompt
-        if shared:
-            k_shared = keys[0, lo:hi] + pe_blk  # [R, C]: keys + PE
+        k_shared = None
         for p in range(b):
             residual = keys[0 if shared else p, lo:hi]  # [R, C]
-            k_rows = k_shared if shared else residual + pe_blk
+            if shared:
+                if k_shared is None:
+                    k_shared = residual + pe_blk  # [R, C]: keys + PE, once for every prompt
+                k_rows = k_shared
+            else:
+                k_rows = residual + pe_blk
             if step4 is not None:
                 # (4) of the previous layer: the image rows attend to the tokens, then norm4
-                from_image, kq, kb, vo, norm = step4
-                attn_out = from_image.from_image_rows(k_rows, kq[p], kb[p], vo[p])  # -> [R, C]
+                rows_fn, norm = step4
+                attn_out = rows_fn(p, lo, hi, k_rows)  # -> [R, C]
                 v_rows = ops.layer_norm_rows(attn_out, norm.weight, norm.bias, norm.eps, out=new_keys[p, lo:hi],
                                              add=residual)
                 k_rows = v_rows + pe_blk
@@ -384,3 +420,69 @@ class TwoWayTransformer(Module):
             l_parts[j, p] = logits.sum(axis=1)
             np.matmul(logits, v_rows, out=o_parts[j, p])  # [h*T, R] @ [R, C] -> [h*T, C]
             m_parts[j, p] = m
+
+    def _layer0_cached(self, layer: "TwoWayAttentionBlock", queries: np.ndarray, point_embedding: np.ndarray,
+                       src: np.ndarray, pe: np.ndarray, per_image: dict):
+        """Layer 0's step (2), and the token side of its step (4), on the image
+        side's projections kept per image: src, pe [HW, C] -> (attn_out [B, T, C],
+        step4 for the next pass). The official association, with the prompt-
+        independent products done once:
+
+            step (2): K = k_proj(src + pe), V = v_proj(src) per head;
+                      softmax(q_h K_h^T / sqrt(D)) V_h, for q = q_proj(queries + PE)
+            step (4): Q = q_proj(src + pe) / sqrt(D) per head (the image rows are
+                      the queries); softmax over T of Q_h k_h^T, k = k_proj(tokens),
+                      then the value side as in from_image_token_side.
+        """
+        to_image, from_image = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+        weights = tuple(m._params.get(n) for m in (to_image.k_proj, to_image.v_proj, from_image.q_proj)
+                        for n in ("weight", "bias"))
+        entry = per_image.get("layer0")
+        if entry is None or len(entry[0]) != len(weights) or any(a is not b for a, b in zip(entry[0], weights)):
+            hw, c = src.shape
+            k = src + pe  # [HW, C]
+            nh, d = to_image.num_heads, to_image.internal_dim // to_image.num_heads
+            k_t = np.ascontiguousarray(to_image.k_proj(k).reshape(hw, nh, d).transpose(1, 2, 0))  # -> [h, D, HW]
+            v_h = np.ascontiguousarray(to_image.v_proj(src).reshape(hw, nh, d).transpose(1, 0, 2))  # -> [h, HW, D]
+            nh4, d4 = from_image.num_heads, from_image.internal_dim // from_image.num_heads
+            q4 = from_image.q_proj(k)  # [HW, I]
+            q4 /= q4.dtype.type(math.sqrt(d4))  # NOTE(reference): logits / sqrt(D): exact for D = 16
+            q4_t = np.ascontiguousarray(q4.reshape(hw, nh4, d4).transpose(1, 2, 0))  # -> [h, D, HW]
+            for x in (k_t, v_h, q4_t):
+                x.flags.writeable = False
+            entry = per_image["layer0"] = (weights, k_t, v_h, q4_t)
+        _, k_t, v_h, q4_t = entry
+
+        # step (2): the tokens attend to the image
+        b, t, c = queries.shape
+        nh, d = to_image.num_heads, to_image.internal_dim // to_image.num_heads
+        qh = to_image.q_proj(queries + point_embedding).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # -> [B, h, T, D]
+        attn = qh @ k_t  # [B, h, T, D] @ [h, D, HW] -> [B, h, T, HW]
+        attn /= attn.dtype.type(math.sqrt(d))
+        attn = ops.softmax(attn, axis=-1)
+        out = attn @ v_h  # [B, h, T, HW] @ [h, HW, D] -> [B, h, T, D]
+        attn_out = to_image.out_proj(ops.recombine_heads(out))  # -> [B, T, I] -> [B, T, C]
+        return attn_out, (_Layer0Step4(layer, q4_t), layer.norm4)  # its token side after steps (2)-(3)
+
+
+class _Layer0Step4:
+    """Layer 0's step (4) with the image rows' q_proj kept per image (see
+    TwoWayTransformer._layer0_cached): called per (prompt, block of rows)."""
+
+    def __init__(self, layer: TwoWayAttentionBlock, q4_t: np.ndarray) -> None:
+        self.attn = layer.cross_attn_image_to_token
+        self.q4_t = q4_t  # [h, D, HW], scaled by 1/sqrt(D)
+        self.kh = self.vo = None
+
+    def set_tokens(self, q: np.ndarray, v: np.ndarray) -> None:
+        """Token side: k = q (queries + PE), v (queries), both [B, T, C]."""
+        a = self.attn
+        b, t, c = q.shape
+        nh, d = a.num_heads, a.internal_dim // a.num_heads
+        self.kh = a.k_proj(q).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # [B, T, I] -> [B, h, T, D]
+        self.vo = a.from_image_values(v)  # -> [B, h*T, C]
+
+    def __call__(self, p: int, lo: int, hi: int, k_rows: np.ndarray) -> np.ndarray:
+        attn = self.kh[p] @ self.q4_t[:, :, lo:hi]  # [h, T, D] @ [h, D, R] -> [h, T, R]
+        attn = ops.softmax_axis1_(attn)  # over T within each head
+        return attn.reshape(-1, hi - lo).T @ self.vo[p]  # [R, h*T] @ [h*T, C] -> [R, C]

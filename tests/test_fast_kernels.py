@@ -195,3 +195,73 @@ def test_dense_pe_is_computed_once_per_weights(decoder):
     finally:
         pe.load_state_dict(sd, dtype=decoder["dtype"], prefix="prompt_encoder")
     assert_close(pe.get_dense_pe(), decoder["ref_pe"].get_dense_pe().numpy(), decoder["tol"], "dense pe")
+
+
+def test_layer0_cache_follows_a_weight_reload(decoder):
+    """Layer 0's per-image projections are recomputed when the transformer's
+    weights are reloaded (same image array, same dense embedding)."""
+    m = decoder
+    md = m["md"]
+    sparse, dense = m["pe"](points=(np.array([[[500.0, 375.0]]]), np.array([[1]])), boxes=None, masks=None)
+    pe = m["pe"].get_dense_pe()
+    before = md.predict_masks(m["emb"], pe, sparse, dense)
+    key = "mask_decoder.transformer.layers.0.cross_attn_token_to_image.k_proj.weight"
+    sd = md.state_dict(prefix="mask_decoder")
+    md.load_state_dict({**sd, key: sd[key] * 1.5}, dtype=m["dtype"], prefix="mask_decoder")
+    try:
+        after = md.predict_masks(m["emb"], pe, sparse, dense)
+        fresh_pe, fresh_md = ours_from(m["ref_pe"], m["ref_md"], m["dtype"])
+        fresh_md.load_state_dict({**sd, key: sd[key] * 1.5}, dtype=m["dtype"], prefix="mask_decoder")
+        expected = fresh_md.predict_masks(m["emb"], pe, sparse, dense)
+    finally:
+        md.load_state_dict(sd, dtype=m["dtype"], prefix="mask_decoder")
+    assert not np.allclose(after[0], before[0])
+    np.testing.assert_array_equal(after[0], expected[0])
+    np.testing.assert_array_equal(after[1], expected[1])
+
+
+@pytest.mark.parametrize("rows", [64, 512, 4096])
+def test_fused_decoder_threads_and_blocks_change_nothing_but_rounding(decoder, rows):
+    """The fused passes give the same masks on 1 or 2 threads (bit for bit: blocks
+    are fixed by ROWS, not by threads) and, within the bar, for any block size."""
+    m = decoder
+    md = m["md"]
+    sparse, dense = m["pe"](points=(np.array([[[500.0, 375.0]], [[10.0, 900.0]]]), np.array([[1], [0]])),
+                            boxes=None, masks=None)
+    pe = m["pe"].get_dense_pe()
+    reference = md.predict_masks(m["emb"], pe, sparse, dense)
+    saved_rows, saved_threads = md.transformer.ROWS, ops.NUM_THREADS
+    try:
+        md.transformer.ROWS = rows
+        results = []
+        for threads in (1, 2):
+            ops.set_num_threads(threads)
+            with ops.single_threaded_blas():  # the same BLAS setting for both thread counts
+                results.append(md.predict_masks(m["emb"], pe, sparse, dense))
+    finally:
+        md.transformer.ROWS = saved_rows
+        ops.set_num_threads(saved_threads)
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    assert_close(results[0][0], reference[0], m["tol"], "masks")
+    assert_close(results[0][1], reference[1], m["tol"], "iou")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_mlp_block_equals_the_plain_one(dtype):
+    """MLPBlock's fused row pass (lin1 -> GELU -> lin2 per block of rows, over
+    threads) against the plain module path."""
+    from npsam.common import MLPBlock
+
+    rng = np.random.default_rng(5)
+    mlp = MLPBlock(64, 256)
+    mlp.load_state_dict({"lin1.weight": rng.standard_normal((256, 64)) * 0.1, "lin1.bias": rng.standard_normal(256),
+                         "lin2.weight": rng.standard_normal((64, 256)) * 0.1, "lin2.bias": rng.standard_normal(64)},
+                        dtype=dtype)
+    x = rng.standard_normal((3, 333, 64)).astype(dtype)  # 999 rows: blocks of ROWS and a ragged last one
+    plain = mlp(x)
+    with ops.single_threaded_blas():
+        assert ops.blas_is_single() == (ops.row_threads() > 1)  # where Block.forward takes the fused pass
+        fused = mlp._forward_rows(x)
+    assert fused.shape == plain.shape == (3, 333, 64)
+    assert_close(fused, plain, DECODER_F32 if dtype == np.float32 else DECODER_F64, "fused MLPBlock")
