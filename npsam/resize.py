@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import ops
+
 # NOTE(reference): Resample.c keeps 8 bits for the result and 2 for overflow
 # and sign out of a 32-bit int: PRECISION_BITS = 32 - 8 - 2.
 PRECISION_BITS = 32 - 8 - 2
@@ -249,8 +251,16 @@ def _interpolate_axis(x: np.ndarray, axis: int, out: np.ndarray) -> np.ndarray:
     index0, index1, lambda0, lambda1 = source_index_and_lambda(x.shape[axis], out.shape[axis], x.dtype)
     rows = out.shape[-2]
     block = max(1, _BLOCK_VALUES // max(1, out.shape[0] * out.shape[1] * out.shape[-1]))
-    for r in range(0, rows, block):
-        rs = slice(r, min(r + block, rows))
+    ops.parallel_rows(lambda start, stop: _interpolate_rows(x, axis, out, index0, index1, lambda0, lambda1,
+                                                            start * block, min(rows, stop * block), block),
+                      -(-rows // block))
+    return out
+
+
+def _interpolate_rows(x, axis, out, index0, index1, lambda0, lambda1, start, stop, block) -> None:
+    """_interpolate_axis for output rows [start, stop), ``block`` rows at a time."""
+    for r in range(start, stop, block):
+        rs = slice(r, min(r + block, stop))
         dst = out[..., rs, :]  # [B, C, R, o]
         # (np.take is several times faster than fancy indexing along the last axis)
         if axis == -1:
@@ -263,7 +273,6 @@ def _interpolate_axis(x: np.ndarray, axis: int, out: np.ndarray) -> np.ndarray:
             right = np.take(x, index1[rs], axis=-2, mode="clip")  # [B, C, H, w] -> [B, C, R, w]
             right *= lambda1[rs, None]
         dst += right
-    return out
 
 
 def interpolate_bilinear(x: np.ndarray, size, out: np.ndarray | None = None) -> np.ndarray:
