@@ -159,12 +159,13 @@ class MaskDecoder(Module):
                 and (not image_pe.flags.writeable or np.array_equal(cached[4], image_pe)) \
                 and (not image_embeddings.flags.writeable or np.array_equal(cached[3], image_embeddings)):
             return cached[5], cached[6], cached[7]
-        src = image_embeddings + dense[:, None, None]  # [1, C, H, W] + [C, 1, 1] -> [1, C, H, W]
-        src = np.ascontiguousarray(src.reshape(1, c, h * w).transpose(0, 2, 1))  # -> [1, HW, C]
-        pos_src = np.ascontiguousarray(image_pe.reshape(1, c, h * w).transpose(0, 2, 1))  # -> [1, HW, C]
-        src.flags.writeable = pos_src.flags.writeable = False
+        src_t = (image_embeddings + dense[:, None, None]).reshape(c, h * w)  # [1, C, H, W] + [C, 1, 1] -> [C, HW]
+        pe_t = np.array(image_pe.reshape(c, h * w))  # -> [C, HW]
+        src, pos_src = ops.transpose(src_t)[None], ops.transpose(pe_t)[None]  # -> [1, HW, C]
+        for x in (src, pos_src, src_t, pe_t):
+            x.flags.writeable = False
         copies = tuple(x.copy() if x.flags.writeable else None for x in (image_embeddings, image_pe))
-        per_image = {}
+        per_image = {"src_t": src_t, "pe_t": pe_t}  # the [C, HW] layout, for the transformer's per-image work
         object.__setattr__(self, "_rows_cache", (image_embeddings, image_pe, dense) + copies + (src, pos_src, per_image))
         return src, pos_src, per_image
 

