@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import oracle
 from npsam import ops
-from tolerances import DECODER_F32, DECODER_F64, ERF_F32_ULPS, ERF_F64_REL, assert_close
+from tolerances import DECODER_F32, DECODER_F64, ERF_F32_ULPS, ERF_F64_REL, assert_close, scaled_error
 
 DTYPES = [(np.float32, DECODER_F32), (np.float64, DECODER_F64)]
 dtype_param = pytest.mark.parametrize("dtype,tol", DTYPES, ids=["f32", "f64"])
@@ -100,6 +100,13 @@ def test_layer_norm(dtype, tol, seed, lead, c, eps, offset):
     x = rand(rng, lead + [c], dtype, 3.0) + dtype(offset)
     w, b = 1 + rand(rng, (c,), dtype, 0.2), rand(rng, (c,), dtype)
     ref = F.layer_norm(T(x), (c,), T(w), T(b), eps).numpy()
+    # A row whose spread is tiny next to its offset (a few channels, a large
+    # offset) is ill-conditioned: torch's own float32 result is then 1e-4 from
+    # the exact one, and two float32 summation orders cannot agree to the bar.
+    # Only rows where the reference itself is good to a quarter of the bar can
+    # check the bar (as tests/test_decoder.py does for the decoder).
+    exact = F.layer_norm(T(x).double(), (c,), T(w).double(), T(b).double(), eps).numpy()
+    assume(scaled_error(ref, exact) <= tol / 4)
     assert_close(ops.layer_norm(x, w, b, eps), ref, tol, "layer_norm")
 
 
