@@ -162,21 +162,22 @@ def _find_openblas():
 
 
 class _SingleThreadedBlas:
-    """Context manager: OpenBLAS on one thread inside, its setting restored after;
-    nothing when row_threads() is 1 (no OpenBLAS found, or NUM_THREADS 1). Nests."""
+    """Context manager: OpenBLAS on one thread inside, its setting restored when
+    the last open one (in any thread) exits; nothing when row_threads() is 1 (no
+    OpenBLAS found, or NUM_THREADS 1). Nests."""
 
     def __init__(self):
         self.active = row_threads() > 1
-        self._saved = None
 
     def __enter__(self):
-        global _single_depth
+        global _single_depth, _saved_threads
         if self.active:
             with _blas_lock:
+                if _single_depth == 0:
+                    _saved_threads = _blas[1]()
+                    if _saved_threads != 1:
+                        _blas[0](1)
                 _single_depth += 1
-                self._saved = _blas[1]()
-                if self._saved != 1:
-                    _blas[0](1)
         return self
 
     def __exit__(self, *exc):
@@ -184,11 +185,12 @@ class _SingleThreadedBlas:
         if self.active:
             with _blas_lock:
                 _single_depth -= 1
-                if self._saved not in (None, 1):
-                    _blas[0](self._saved)
+                if _single_depth == 0 and _saved_threads != 1:
+                    _blas[0](_saved_threads)
 
 
-_single_depth = 0  # open single_threaded_blas contexts
+_single_depth = 0  # open single_threaded_blas contexts, in all threads
+_saved_threads = 1  # BLAS threads before the first of them
 
 
 def blas_is_single() -> bool:

@@ -285,3 +285,18 @@ def test_parallel_rows_raises_what_a_range_raised_after_all_finished():
         assert sorted(finished[1:]) == [(0, 5), (5, 10)]
     finally:
         ops.set_num_threads(saved)
+
+
+def test_single_threaded_blas_nests_and_restores_blas_threads():
+    get = ops._blas[1] if ops.row_threads() > 1 else None
+    before = get() if get else None
+    with ops.single_threaded_blas() as outer:
+        assert outer.active == (get is not None) and ops.blas_is_single() == outer.active
+        with ops.single_threaded_blas():
+            if get:
+                assert get() == 1
+        if get:
+            assert get() == 1  # the outer context is still open
+    assert not ops.blas_is_single()
+    if get:
+        assert get() == before
