@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from . import ops
 from .checks import check_array, check_same
 from .common import LayerNorm2d
 from .nn import GELU, Conv2d, Embedding, Module, ModuleList, Sequential
@@ -51,7 +52,7 @@ class PositionEmbeddingRandom(Module):
         grid[..., 0] = x_embed[None, :]
         grid[..., 1] = y_embed[:, None]
         pe = self._pe_encoding(grid)  # [h, w, 2] -> [h, w, 2P]
-        return pe.transpose(2, 0, 1)  # -> [2P, h, w]
+        return ops.transpose(pe.reshape(h * w, -1)).reshape(-1, h, w)  # -> [2P, hw] -> [2P, h, w] (a copy)
 
     def forward_with_coords(self, coords_input: np.ndarray, image_size: Tuple[int, int]) -> np.ndarray:
         """Encode points in pixels of ``image_size`` (H, W): [B, N, 2] -> [B, N, 2P]."""
