@@ -307,7 +307,9 @@ class TwoWayTransformer(Module):
         image-side projections, which do not depend on the prompt, are computed
         once per image and kept there (official association: k_proj, v_proj of
         step (2) and q_proj of step (4) on the image rows), and pass 0 becomes
-        a small computation on them: see _layer0_cached.
+        a small computation on them: see _layer0_cached. They are keyed on the
+        identity of the weight arrays they come from, so load_state_dict (which
+        stores new arrays) renews them; editing a weight array in place does not.
         """
         bk, hw, c = image_embedding.shape
         b, t, _ = point_embedding.shape
