@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import nn, ops
-from .nn import GELU, Linear, Module, ReLU
+from .nn import GELU, Linear, Module
 
 
 class MLPBlock(Module):
@@ -25,7 +25,7 @@ class MLPBlock(Module):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         rows = int(np.prod(x.shape[:-1]))
-        if rows >= 2 * self.ROWS and ops.blas_is_single() and nn._hook is None and type(self.act) in _ACTS:
+        if rows >= 2 * self.ROWS and ops.blas_is_single() and nn._hook is None:
             return self._forward_rows(x)
         return self.lin2(self.act(self.lin1(x)))  # [..., C] -> [..., mlp_dim] -> [..., C]
 
@@ -36,23 +36,14 @@ class MLPBlock(Module):
         hidden activations are in cache, blocks spread over threads (BLAS
         single-threaded inside, see ops.single_threaded_blas)."""
         x2 = x.reshape(-1, x.shape[-1])  # [..., C] -> [R, C]
-        out = np.empty((x2.shape[0], self.lin2.weight.shape[0]), dtype=x.dtype)
-        act = _ACTS[type(self.act)]
+        out = np.empty((x2.shape[0], self.lin2.out_features), dtype=x.dtype)
 
         def work(start, stop):
             for lo, hi in ops.blocks(start, stop, self.ROWS):
-                hidden = x2[lo:hi] @ self.lin1.weight.T  # [r, C] @ [C, M] -> [r, M]
-                hidden += self.lin1.bias
-                act(hidden, hidden)
-                np.matmul(hidden, self.lin2.weight.T, out=out[lo:hi])  # [r, M] @ [M, C] -> [r, C]
-                out[lo:hi] += self.lin2.bias
+                out[lo:hi] = self.lin2(self.act(self.lin1(x2[lo:hi])))  # [r, C] -> [r, M] -> [r, C]
 
         ops.parallel_rows(work, x2.shape[0], min_rows=self.ROWS)
         return out.reshape(x.shape[:-1] + (out.shape[1],))  # -> [..., C]
-
-
-# activations the fused MLP pass applies in place on a block: (x, out) -> out
-_ACTS = {GELU: ops.gelu_block, ReLU: lambda x, out: np.maximum(x, 0, out=out)}
 
 
 class LayerNorm2d(Module):

@@ -207,21 +207,17 @@ class Linear(Module):
             self.register_parameter("bias", (out_features,))
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        bias = self.bias if self.has_bias else None
+        weight_t = None
         if x.size <= self.FEW_ROWS * x.shape[-1]:
             # A few rows (the decoder's tokens) read the whole weight for little work;
             # BLAS reads a C-contiguous (in, out) copy a third faster than the
             # transposed view of (out, in). Kept while the weight array is the same.
-            w = self.weight
             cached = self.__dict__.get("_weight_t")
-            if cached is None or cached[0] is not w:
-                cached = (w, np.ascontiguousarray(w.T))
+            if cached is None or cached[0] is not self.weight:
+                cached = (self.weight, np.ascontiguousarray(self.weight.T))
                 object.__setattr__(self, "_weight_t", cached)
-            y = x.reshape(-1, x.shape[-1]) @ cached[1]  # [R, in] @ [in, out] -> [R, out]
-            if bias is not None:
-                y += bias
-            return y.reshape(x.shape[:-1] + (w.shape[0],))  # -> [..., out]
-        return ops.linear(x, self.weight, bias)  # [..., in] -> [..., out]
+            weight_t = cached[1]
+        return ops.linear(x, self.weight, self.bias if self.has_bias else None, weight_t)  # [..., in] -> [..., out]
 
     FEW_ROWS = 64
 

@@ -386,15 +386,10 @@ def gelu(x: np.ndarray, out: Optional[np.ndarray] = None, precise: bool = False)
     in float64, then rounded: slower, for small arrays whose errors matter most).
     """
     x = np.asarray(x)
-    if precise and x.dtype == np.float32:
-        y = gelu(x.astype(np.float64)).astype(np.float32)
-        if out is None:
-            return y
-        out[...] = y
-        return out
-    if x.dtype != np.float32:
-        half = x.dtype.type(0.5)
-        y = x * half * (1 + erf(x * x.dtype.type(math.sqrt(0.5))))
+    if x.dtype != np.float32 or precise:
+        xe = x.astype(np.float64) if x.dtype == np.float32 else x  # the erf form, in float64 when precise
+        half = xe.dtype.type(0.5)
+        y = (xe * half * (1 + erf(xe * xe.dtype.type(math.sqrt(0.5))))).astype(x.dtype, copy=False)
         if out is None:
             return y
         out[...] = y
@@ -408,11 +403,7 @@ def gelu(x: np.ndarray, out: Optional[np.ndarray] = None, precise: bool = False)
         out[...] = y
         return out
 
-    def work(start, stop):
-        for lo, hi in blocks(start, stop, CHUNK):
-            _gelu_f32_block(xf[lo:hi], of[lo:hi])
-
-    parallel_rows(work, xf.size, min_rows=CHUNK)
+    parallel_rows(lambda start, stop: gelu_block(xf[start:stop], of[start:stop]), xf.size, min_rows=CHUNK)
     return out
 
 
@@ -461,38 +452,23 @@ def exp_below_max_(x: np.ndarray, m: np.ndarray) -> np.ndarray:
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """Mirror of torch.softmax: subtract the max for stability."""
-    if axis in (-1, x.ndim - 1) and 1 < x.shape[-1] <= 16 and x.size >= 4096:
-        return _softmax_short(x)
     e = exp_below_max_(np.array(x, copy=True), np.max(x, axis=axis, keepdims=True))
     e /= np.sum(e, axis=axis, keepdims=True)
-    return e
-
-
-def _softmax_short(x: np.ndarray) -> np.ndarray:
-    """softmax over a short last axis (the image-to-token attention's T tokens):
-    NumPy reduces a short axis row by row, slowly; a few whole-array passes over
-    the T slices compute the same max and sum."""
-    m = x[..., 0].copy()  # [..., T] -> [...]
-    for i in range(1, x.shape[-1]):
-        np.maximum(m, x[..., i], out=m)
-    e = exp_below_max_(np.array(x, copy=True), m[..., None])
-    s = e[..., 0].copy()  # [..., T] -> [...]
-    for i in range(1, x.shape[-1]):
-        s += e[..., i]
-    e /= s[..., None]
     return e
 
 
 # ---------------------------------------------------------------------------
 # Linear and normalisation
 # ---------------------------------------------------------------------------
-def linear(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None) -> np.ndarray:
-    """Mirror of F.linear: x @ weight.T + bias, weight in PyTorch's (out, in) layout.
+def linear(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None,
+           weight_t: Optional[np.ndarray] = None) -> np.ndarray:
+    """Mirror of F.linear: x @ weight.T + bias, weight in PyTorch's (out, in) layout;
+    ``weight_t``, if given, is weight.T as a C-contiguous array (see nn.Linear).
 
     The leading dimensions are flattened into one matrix product (a 3-D @ 2-D
     matmul would make one small BLAS call per leading index)."""
     lead = x.shape[:-1]
-    y = x.reshape(-1, x.shape[-1]) @ weight.T  # [..., C] -> [R, C] @ [C, O] -> [R, O]
+    y = x.reshape(-1, x.shape[-1]) @ (weight.T if weight_t is None else weight_t)  # [R, C] @ [C, O] -> [R, O]
     y = y.reshape(lead + (weight.shape[0],))  # -> [..., O]
     if bias is not None:
         y += bias

@@ -44,7 +44,7 @@ import numpy as np
 
 from . import ops
 from .common import LayerNorm2d
-from .nn import Conv2d, LayerNorm, Linear, Module, ModuleList, Sequential, WeightsMissingError
+from .nn import GELU, Conv2d, LayerNorm, Linear, Module, ModuleList, Sequential, WeightsMissingError
 
 BN_EPS = 1e-5  # NOTE(reference): nn.BatchNorm2d's default eps, used by Conv2d_BN.fuse()
 
@@ -153,17 +153,6 @@ class Conv2d_BN(Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, ks={self.ks}, stride={self.stride}, "
                 f"pad={self.pad}, groups={self.groups}, folded_bn={self.folded_bn}")
-
-
-class GELU(Module):
-    """Mirror of nn.GELU() (exact erf form), TinyViT's ``activation``.
-
-    ops.gelu works through the array in cache-sized blocks spread over threads,
-    so its temporaries never cost copies of a whole [1, 256, 256, 256]
-    activation (stage 0's MBConvs)."""
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        return ops.gelu(np.ascontiguousarray(x))
 
 
 class PatchEmbed(Module):

@@ -126,11 +126,17 @@ class Attention(Module):
     def from_image_rows(self, q: np.ndarray, kq: np.ndarray, kb: np.ndarray, vo: np.ndarray) -> np.ndarray:
         """The image attending to the tokens, image side, for one prompt: image rows
         q [R, C] and that prompt's kq, kb, vo ([h*T, C], [h*T, 1], [h*T, C]) -> [R, C]."""
-        nh = self.num_heads
         attn = kq @ q.T  # [h*T, C] @ [C, R] -> [h*T, R]: image rows along the long axis
         attn += kb
-        attn = ops.softmax_axis1_(attn.reshape(nh, -1, q.shape[0]))  # over T within each head
-        return attn.reshape(kq.shape[0], -1).T @ vo  # [R, h*T] @ [h*T, C] -> [R, C]
+        return self.from_image_logits(attn, vo)
+
+    def from_image_logits(self, attn: np.ndarray, vo: np.ndarray) -> np.ndarray:
+        """The rest of from_image_rows, from one prompt's logits [h*T, R] (or
+        [h, T, R]), in place: softmax over T within each head, then the sum of
+        vo's rows [h*T, C] they weight -> [R, C]."""
+        r = attn.shape[-1]
+        attn = ops.softmax_axis1_(attn.reshape(self.num_heads, -1, r))  # over T within each head
+        return attn.reshape(-1, r).T @ vo  # [R, h*T] @ [h*T, C] -> [R, C]
 
     def attend_to_image(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         """forward(q, k, v) for tokens attending to the image: q [B, T, C]; k, v
@@ -211,13 +217,8 @@ class TwoWayAttentionBlock(Module):
         q = queries + query_pe
         # NOTE(reference): q and k swap roles: the image locations are the queries.
         attn_out = self.cross_attn_image_to_token.attend_from_image(q=k, k=q, v=queries)  # -> [B, HW, C]
-        if keys.shape[0] == attn_out.shape[0] and nn._hook is None:
-            # fused norm4(keys + attn_out), in place; a trace takes the module path below
-            keys = ops.layer_norm(attn_out, self.norm4.weight, self.norm4.bias, self.norm4.eps,
-                                  out=attn_out, add=keys)
-        else:  # (layer 0: one image for every prompt, [1, HW, C] -> [B, HW, C])
-            attn_out += keys
-            keys = self.norm4(attn_out)
+        attn_out += keys  # (layer 0: one image for every prompt, [1, HW, C] -> [B, HW, C])
+        keys = self.norm4(attn_out)
         return queries, keys
 
     def extra_repr(self) -> str:
@@ -319,7 +320,7 @@ class TwoWayTransformer(Module):
         pe = image_pe[0]  # [HW, C]
         keys = image_embedding  # [1 or B, HW, C]: not written; the first step (4) makes [B, HW, C]
         queries = point_embedding
-        step4 = None  # (rows function, norm) of the layer whose step (4) the next pass runs
+        step4 = None  # (_Step4 or _Layer0Step4, norm4) of the layer whose step (4) the next pass runs
         cached = per_image is not None and bk == 1 and len(self.layers) > 0
         for i in range(len(self.layers) + 1):
             if i < len(self.layers):
@@ -353,9 +354,7 @@ class TwoWayTransformer(Module):
                 if i == 0 and cached:  # step (4) on the image rows' q_proj kept per image
                     step4[0].set_tokens(queries + point_embedding, queries)
                 else:
-                    kq, kb, vo = from_image.from_image_token_side(queries + point_embedding, queries)
-                    step4 = (lambda p, lo, hi, k_rows, f=from_image, kq=kq, kb=kb, vo=vo:
-                             f.from_image_rows(k_rows, kq[p], kb[p], vo[p]), layer.norm4)
+                    step4 = (_Step4(from_image, queries + point_embedding, queries), layer.norm4)
             else:
                 queries = self.norm_final_attn(queries + attn_out)
         if keys is image_embedding:  # no step (4) ran (depth 0): the keys are the image embedding itself
@@ -397,24 +396,27 @@ class TwoWayTransformer(Module):
         b = qk.shape[0]
         pe_blk = pe[lo:hi]  # [R, C]
         shared = keys.shape[0] == 1  # one image for every prompt
-        k_shared = None
+        k_shared = None  # keys + PE of these rows, computed once for every prompt when the image is shared
+
+        def key_rows(residual):
+            nonlocal k_shared
+            if not shared:
+                return residual + pe_blk
+            if k_shared is None:
+                k_shared = residual + pe_blk
+            return k_shared
+
         for p in range(b):
             residual = keys[0 if shared else p, lo:hi]  # [R, C]
-            if shared:
-                if k_shared is None:
-                    k_shared = residual + pe_blk  # [R, C]: keys + PE, once for every prompt
-                k_rows = k_shared
-            else:
-                k_rows = residual + pe_blk
             if step4 is not None:
                 # (4) of the previous layer: the image rows attend to the tokens, then norm4
-                rows_fn, norm = step4
-                attn_out = rows_fn(p, lo, hi, k_rows)  # -> [R, C]
+                step, norm = step4
+                attn_out = step(p, lo, hi, key_rows(residual) if step.needs_key_rows else None)  # -> [R, C]
                 v_rows = ops.layer_norm_rows(attn_out, norm.weight, norm.bias, norm.eps, out=new_keys[p, lo:hi],
                                              add=residual)
                 k_rows = v_rows + pe_blk
             else:
-                v_rows = residual
+                v_rows, k_rows = residual, key_rows(residual)
             # (2) the tokens attend to these rows: this block's part of the softmax over HW
             logits = qk[p] @ k_rows.T  # [h*T, C] @ [C, R] -> [h*T, R]
             m = logits.max(axis=1)  # [h*T]
@@ -493,9 +495,27 @@ class TwoWayTransformer(Module):
         return tuple(out)
 
 
+class _Step4:
+    """A layer's step (4), the image attending to the tokens, for the next fused
+    pass: the token side computed once, then called per (prompt, block of rows)
+    with the rows' keys + PE."""
+
+    needs_key_rows = True
+
+    def __init__(self, attn: Attention, q: np.ndarray, v: np.ndarray) -> None:
+        self.attn = attn
+        self.kq, self.kb, self.vo = attn.from_image_token_side(q, v)  # k = q (queries + PE), v (queries)
+
+    def __call__(self, p: int, lo: int, hi: int, k_rows: np.ndarray) -> np.ndarray:
+        return self.attn.from_image_rows(k_rows, self.kq[p], self.kb[p], self.vo[p])  # -> [R, C]
+
+
 class _Layer0Step4:
     """Layer 0's step (4) with the image rows' q_proj kept per image (see
-    TwoWayTransformer._layer0_cached): called per (prompt, block of rows)."""
+    TwoWayTransformer._layer0_cached): called per (prompt, block of rows); the
+    rows' keys are not needed."""
+
+    needs_key_rows = False
 
     def __init__(self, layer: TwoWayAttentionBlock, q4_t: np.ndarray) -> None:
         self.attn = layer.cross_attn_image_to_token
@@ -510,7 +530,6 @@ class _Layer0Step4:
         self.kh = a.k_proj(q).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # [B, T, I] -> [B, h, T, D]
         self.vo = a.from_image_values(v)  # -> [B, h*T, C]
 
-    def __call__(self, p: int, lo: int, hi: int, k_rows: np.ndarray) -> np.ndarray:
+    def __call__(self, p: int, lo: int, hi: int, k_rows: None) -> np.ndarray:
         attn = self.kh[p] @ self.q4_t[:, :, lo:hi]  # [h, T, D] @ [h, D, R] -> [h, T, R]
-        attn = ops.softmax_axis1_(attn)  # over T within each head
-        return attn.reshape(-1, hi - lo).T @ self.vo[p]  # [R, h*T] @ [h*T, C] -> [R, C]
+        return self.attn.from_image_logits(attn, self.vo[p])  # -> [R, C]
