@@ -13,7 +13,7 @@ from typing import Tuple
 import numpy as np
 
 from . import nn, ops
-from .checks import check_array, check_bool, check_same
+from .checks import check_array, check_bool, check_finite, check_same
 from .common import LayerNorm2d
 from .nn import GELU, ConvTranspose2d, Embedding, Linear, Module, ModuleList, Sequential
 
@@ -74,9 +74,11 @@ class MaskDecoder(Module):
     def _check(self, image_embeddings, image_pe, sparse, dense):
         c = self.transformer_dim
         dtype = self.iou_token.weight.dtype
-        emb = check_array("image_embeddings", image_embeddings, (1, c, "H", "W"))
+        # image_embeddings and image_pe are checked for NaN and inf by _image_rows,
+        # once per image (a pass over a million values costs as much as a step)
+        emb = check_array("image_embeddings", image_embeddings, (1, c, "H", "W"), finite=False)
         h, w = emb.shape[2:]
-        pe = check_array("image_pe", image_pe, (1, c, h, w))
+        pe = check_array("image_pe", image_pe, (1, c, h, w), finite=False)
         sparse = check_array("sparse_prompt_embeddings", sparse, ("B", "N", c))
         b = sparse.shape[0]
         dense = check_array("dense_prompt_embeddings", dense, ("B", c, h, w))
@@ -149,6 +151,8 @@ class MaskDecoder(Module):
         constant = dense_prompt_embeddings.strides[0] == 0 or b == 1
         constant = constant and dense_prompt_embeddings.strides[2:] == (0, 0)  # the no-mask embedding, broadcast
         if not constant:
+            check_finite("image_embeddings", image_embeddings)
+            check_finite("image_pe", image_pe)
             src = image_embeddings + dense_prompt_embeddings  # [1, C, H, W] + [B, C, H, W] -> [B, C, H, W]
             src = src.reshape(b, c, h * w).transpose(0, 2, 1)  # -> [B, HW, C]
             return src, image_pe.reshape(1, c, h * w).transpose(0, 2, 1), None  # -> [1, HW, C]
@@ -159,6 +163,8 @@ class MaskDecoder(Module):
                 and (not image_pe.flags.writeable or np.array_equal(cached[4], image_pe)) \
                 and (not image_embeddings.flags.writeable or np.array_equal(cached[3], image_embeddings)):
             return cached[5], cached[6], cached[7]
+        check_finite("image_embeddings", image_embeddings)  # a hit above was checked when it was kept
+        check_finite("image_pe", image_pe)
         src_t = (image_embeddings + dense[:, None, None]).reshape(c, h * w)  # [1, C, H, W] + [C, 1, 1] -> [C, HW]
         pe_t = np.array(image_pe.reshape(c, h * w))  # -> [C, HW]
         src, pos_src = ops.transpose(src_t)[None], ops.transpose(pe_t)[None]  # -> [1, HW, C]

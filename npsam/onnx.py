@@ -106,7 +106,9 @@ class SamOnnxModel:
     def _check(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input, orig_im_size):
         pe = self.model.prompt_encoder
         dtype = pe.dtype
-        emb = check_array("image_embeddings", image_embeddings, (1, pe.embed_dim) + pe.image_embedding_size)
+        # NaN and inf in the embedding: checked by the decoder, once per image
+        emb = check_array("image_embeddings", image_embeddings, (1, pe.embed_dim) + pe.image_embedding_size,
+                          finite=False)
         coords = check_array("point_coords", point_coords, (1, "N", 2))
         labels = check_array("point_labels", point_labels, (1, coords.shape[1]))
         if not np.all(np.isin(labels, (-1, 0, 1, 2, 3))):

@@ -138,3 +138,39 @@ def decoder_args(sam, emb, **kw):
 def test_mask_decoder_bad_input(sam, emb, field, value, match):
     with pytest.raises(ValueError, match=match):
         sam.mask_decoder(**decoder_args(sam, emb, **{field: value}))
+
+
+def test_decoder_finds_nan_once_per_image_and_after_an_in_place_edit(sam, emb):
+    # image_embeddings and image_pe are checked for NaN/inf when the decoder
+    # keeps an image, not on every call: the check must still see every image.
+    md = sam.mask_decoder
+    x = emb.copy()
+    md(**decoder_args(sam, x))  # kept
+    x[0, 7, 3, 5] = np.inf  # the same array, edited in place
+    with pytest.raises(ValueError, match=r"image_embeddings: expected finite"):
+        md(**decoder_args(sam, x))
+    pe = np.array(sam.prompt_encoder.get_dense_pe())
+    pe[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"image_pe: expected finite"):
+        md(**decoder_args(sam, emb, image_pe=pe))
+    # a mask input makes src per prompt (no per-image cache): still checked
+    _, dense = sam.prompt_encoder(points=None, boxes=None, masks=np.zeros((1, 1, 256, 256)))
+    y = emb.copy()
+    y[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"image_embeddings: expected finite"):
+        md(**decoder_args(sam, y, dense_prompt_embeddings=dense))
+    # a broadcast (stride-0) dense embedding is checked through its distinct values
+    bad = np.broadcast_to(np.full((1, 256, 1, 1), np.nan, np.float32), (1, 256, 64, 64))
+    with pytest.raises(ValueError, match=r"dense_prompt_embeddings: expected finite"):
+        md(**decoder_args(sam, emb, dense_prompt_embeddings=bad))
+
+
+def test_onnx_model_rejects_a_nan_embedding(sam, emb):
+    from npsam.onnx import SamOnnxModel
+
+    x = emb.copy()
+    x[0, 1, 2, 3] = np.nan
+    model = SamOnnxModel(sam, return_single_mask=True)
+    with pytest.raises(ValueError, match=r"image_embeddings: expected finite"):
+        model(image_embeddings=x, point_coords=np.array([[[10.0, 20.0]]]), point_labels=np.array([[1.0]]),
+              mask_input=np.zeros((1, 1, 256, 256)), has_mask_input=np.zeros(1), orig_im_size=np.array([64.0, 64.0]))
