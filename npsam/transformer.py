@@ -450,10 +450,19 @@ class TwoWayTransformer(Module):
         b, t, c = queries.shape
         nh, d = to_image.num_heads, to_image.internal_dim // to_image.num_heads
         qh = to_image.q_proj(queries + point_embedding).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # -> [B, h, T, D]
-        attn = qh @ k_t  # [B, h, T, D] @ [h, D, HW] -> [B, h, T, HW]
-        attn /= attn.dtype.type(math.sqrt(d))
-        attn = ops.softmax(attn, axis=-1)
-        out = attn @ v_t.transpose(0, 2, 1)  # [B, h, T, HW] @ [h, HW, D] -> [B, h, T, D]
+        out = np.empty((b, nh, t, d), queries.dtype)
+        scale = queries.dtype.type(math.sqrt(d))
+
+        def work(start, stop):  # one (prompt, head) at a time, spread over threads
+            for i in range(start, stop):
+                p, hd = divmod(i, nh)
+                attn = qh[p, hd] @ k_t[hd]  # [T, D] @ [D, HW] -> [T, HW]
+                attn /= scale
+                ops.exp_below_max_(attn, attn.max(axis=1, keepdims=True))  # softmax over HW ...
+                attn /= attn.sum(axis=1, keepdims=True)
+                np.matmul(attn, v_t[hd].T, out=out[p, hd])  # ... then [T, HW] @ [HW, D] -> [T, D]
+
+        ops.parallel_rows(work, b * nh, threads=ops.row_threads())
         attn_out = to_image.out_proj(ops.recombine_heads(out))  # -> [B, T, I] -> [B, T, C]
         return attn_out, (_Layer0Step4(layer, q4_t), layer.norm4)  # its token side after steps (2)-(3)
 

@@ -59,6 +59,12 @@ def test_gelu_float32_extremes():
     assert got[0] == 0 and got[1] == 0 and got[5] == 30 and got[6] == 0 and got[7] == 1e30
     assert got[8] == 0 and np.isnan(got[9])
     assert got[2] == np.float32(0.5e-38) and got[3] == np.float32(-0.5e-38)
+    # beyond the fit (x^2 > 36 is not clamped) and at overflow: exact limits, no NaN
+    # but gelu(-inf) (-inf * 0, as torch); torch's own gives inf at 3e38 and NaN at inf
+    x = np.array([6.5, 9.0, 3e38, np.inf, -6.5, -9.0, -3e38, -np.inf], np.float32)
+    got = ops.gelu(x)
+    assert np.all(got[:3] == x[:3]) and got[3] == np.inf
+    assert np.all(np.abs(got[4:7]) < 1e-9) and np.isnan(got[7])
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
