@@ -212,8 +212,9 @@ class MaskDecoder(Module):
                 y2 = (y1 @ w2).reshape(-1, o2)  # [R*4, O1] @ [O1, 4*O2] -> [R*16, O2]
                 y2 += conv2.bias
                 ops.gelu_block(y2, y2)
-                blk = hyper_in[p] @ y2.T  # [M, C/8] @ [C/8, R*16] -> [M, R*16] in (h, w, i, j, k, l) order
-                blk = blk.reshape(m, r1 - r0, w, 2, 2, 2, 2).transpose(0, 1, 3, 5, 2, 4, 6)  # -> [M, h, i, k, w, j, l]
+                # the pixels as the long side of the product: twice as fast as hyper_in @ y2.T
+                blk = y2 @ hyper_in[p].T  # [R*16, C/8] @ [C/8, M] -> [R*16, M], rows in (h, w, i, j, k, l) order
+                blk = blk.reshape(r1 - r0, w, 2, 2, 2, 2, m).transpose(6, 0, 2, 4, 1, 3, 5)  # -> [M, h, i, k, w, j, l]
                 masks[p, :, 4 * r0:4 * r1].reshape(blk.shape)[...] = blk
 
         ops.parallel_rows(work, b * per_image, threads=ops.row_threads())
