@@ -160,8 +160,8 @@ class MaskDecoder(Module):
         cached = self.__dict__.get("_rows_cache")
         if cached is not None and cached[0] is image_embeddings and cached[1] is image_pe \
                 and np.array_equal(cached[2], dense) \
-                and (not image_pe.flags.writeable or np.array_equal(cached[4], image_pe)) \
-                and (not image_embeddings.flags.writeable or np.array_equal(cached[3], image_embeddings)):
+                and (not image_pe.flags.writeable or ops.same_contents(cached[4], image_pe)) \
+                and (not image_embeddings.flags.writeable or ops.same_contents(cached[3], image_embeddings)):
             return cached[5], cached[6], cached[7]
         check_finite("image_embeddings", image_embeddings)  # a hit above was checked when it was kept
         check_finite("image_pe", image_pe)

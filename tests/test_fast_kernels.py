@@ -306,3 +306,24 @@ def test_single_threaded_blas_nests_and_restores_blas_threads():
     assert not ops.blas_is_single()
     if get:
         assert get() == before
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_same_contents_is_array_equal(threads):
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((1, 256, 64, 64)).astype(np.float32)
+    saved = ops.NUM_THREADS
+    ops.set_num_threads(threads)
+    try:
+        assert ops.same_contents(a, a.copy())
+        for index in [(0, 0, 0, 0), (0, 200, 63, 63), (0, 128, 0, 0)]:  # either thread's half
+            b = a.copy()
+            b[index] = np.nextafter(b[index], np.float32(np.inf))
+            assert not ops.same_contents(a, b)
+            b[index] = np.nan
+            assert not ops.same_contents(b, b.copy())  # NaN is never equal, as np.array_equal
+        assert not ops.same_contents(a, a.astype(np.float64))
+        assert not ops.same_contents(a, a.reshape(1, 256, 4096))
+        assert ops.same_contents(a[:, ::2], np.ascontiguousarray(a[:, ::2]))  # any layout
+    finally:
+        ops.set_num_threads(saved)
