@@ -194,8 +194,7 @@ class MaskDecoder(Module):
         conv1, ln, _, conv2, _ = (self.output_upscaling[i] for i in range(5))
         b, hw, c = src.shape
         o1, o2, m = conv1.out_channels, conv2.out_channels, hyper_in.shape[1]
-        w1 = conv1.weight.transpose(0, 2, 3, 1).reshape(c, 4 * o1)  # (C, O1, 2, 2) -> [C, 2*2*O1]
-        w2 = conv2.weight.transpose(0, 2, 3, 1).reshape(o1, 4 * o2)  # (O1, O2, 2, 2) -> [O1, 2*2*O2]
+        w1c, b1c, w2 = self._upscaling_weights()
         masks = np.empty((b, m, 4 * h, 4 * w), dtype=src.dtype)
         rows = max(1, self.UPSCALE_PIXELS // w)  # image rows per block
         per_image = -(-h // rows)
@@ -205,9 +204,10 @@ class MaskDecoder(Module):
                 p, r0 = divmod(j, per_image)
                 r0 *= rows
                 r1 = min(h, r0 + rows)
-                y1 = (src[p, r0 * w:r1 * w] @ w1).reshape(-1, o1)  # [R, C] @ [C, 4*O1] -> [R*4, O1]
-                y1 += conv1.bias
-                ops.layer_norm_rows(y1, ln.weight, ln.bias, ln.eps, out=y1)  # LayerNorm2d: over O1, per pixel
+                y1 = (src[p, r0 * w:r1 * w] @ w1c).reshape(-1, o1)  # [R, C] @ [C, 4*O1] -> [R*4, O1], centred
+                y1 += b1c
+                # LayerNorm2d: over O1, per pixel (rows centred by the weights)
+                ops.layer_norm_rows(y1, ln.weight, ln.bias, ln.eps, out=y1, centred=True)
                 ops.gelu_block(y1, y1)
                 y2 = (y1 @ w2).reshape(-1, o2)  # [R*4, O1] @ [O1, 4*O2] -> [R*16, O2]
                 y2 += conv2.bias
@@ -219,5 +219,30 @@ class MaskDecoder(Module):
 
         ops.parallel_rows(work, b * per_image, threads=ops.row_threads())
         return masks
+
+    def _upscaling_weights(self):
+        """The transposed convolutions' weights as matrices, kept while the weight
+        arrays are the same: [C, 2*2*O1] (columns (i, j, O1)) and [O1, 2*2*O2].
+
+        The first is centred for LayerNorm2d, which subtracts each output pixel's
+        mean over its O1 channels: that mean is linear in the input, so
+        subtracting each input channel's mean over O1 from its weights (and the
+        bias's mean from the bias) gives x - mean(x) in the product itself,
+        computed in float64 and rounded once. Same mathematics; it saves
+        LayerNorm2d's two passes for the mean.
+        """
+        conv1, conv2 = self.output_upscaling[0], self.output_upscaling[3]
+        key = (conv1.weight, conv1.bias, conv2.weight)
+        kept = self.__dict__.get("_upscaling_kept")
+        if kept is None or any(a is not b for a, b in zip(kept[0], key)):
+            c, o1 = conv1.in_channels, conv1.out_channels
+            w1 = conv1.weight.transpose(0, 2, 3, 1).reshape(c, 4, o1).astype(np.float64)  # (C, O1, 2, 2) -> [C, 2*2, O1]
+            w1 -= w1.mean(axis=2, keepdims=True)
+            b1 = conv1.bias.astype(np.float64)
+            dt = conv1.weight.dtype
+            w2 = conv2.weight.transpose(0, 2, 3, 1).reshape(o1, -1)  # (O1, O2, 2, 2) -> [O1, 2*2*O2]
+            kept = (key, w1.reshape(c, 4 * o1).astype(dt), (b1 - b1.mean()).astype(dt), np.ascontiguousarray(w2))
+            object.__setattr__(self, "_upscaling_kept", kept)
+        return kept[1:]
 
     UPSCALE_PIXELS = 512  # input pixels per block of the upscaling pass (its y2 is 16x as many rows)

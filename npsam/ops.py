@@ -520,16 +520,22 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float,
 
 
 def layer_norm_rows(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray,
-                    add: Optional[np.ndarray] = None) -> np.ndarray:
+                    add: Optional[np.ndarray] = None, centred: bool = False) -> np.ndarray:
     """layer_norm on one block of rows, no threads, no checks: x, out (may be x)
-    and add [r, C] C-contiguous. Row sums are matrix-vector products."""
+    and add [r, C] C-contiguous. Row sums are matrix-vector products.
+    ``centred``: x's rows have mean 0 already (by construction: see
+    MaskDecoder._upscaling_weights), so the mean is not subtracted."""
     c = x.shape[-1]
     dt = x.dtype.type
     if add is not None:
         x = np.add(x, add, out=out)
-    mean = x @ _ones(c, x.dtype)  # [r, C] -> [r]
-    mean *= dt(1.0 / c)
-    np.subtract(x, mean[:, None], out=out)  # xc = x - mean
+    if centred:
+        if out is not x:
+            out[...] = x
+    else:
+        mean = x @ _ones(c, x.dtype)  # [r, C] -> [r]
+        mean *= dt(1.0 / c)
+        np.subtract(x, mean[:, None], out=out)  # xc = x - mean
     var = np.einsum("rc,rc->r", out, out)  # [r, C] -> [r]
     var *= dt(1.0 / c)
     var += dt(eps)
