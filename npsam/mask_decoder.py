@@ -245,4 +245,8 @@ class MaskDecoder(Module):
             object.__setattr__(self, "_upscaling_kept", kept)
         return kept[1:]
 
-    UPSCALE_PIXELS = 512  # input pixels per block of the upscaling pass (its y2 is 16x as many rows)
+    # Input pixels per block of the upscaling pass (its y2 is 16x as many rows):
+    # half of a 64x64 embedding, one block per thread for one prompt. Fewer,
+    # larger blocks mean fewer calls from the threads, which share the GIL: one
+    # prompt decodes 7% faster than with 512 (GELU still runs in 64K pieces).
+    UPSCALE_PIXELS = 2048
