@@ -83,9 +83,10 @@ class SamOnnxModel:
 
     def mask_postprocessing(self, masks: np.ndarray, orig_im_size: np.ndarray) -> np.ndarray:
         """[B, M, 256, 256] -> [B, M, H, W]: upscale to S, crop the padding, resize to H, W."""
-        masks = interpolate_bilinear(masks, (self.img_size, self.img_size))  # -> [B, M, S, S]
         prepadded_size = self.resize_longest_image_size(orig_im_size, self.img_size)
-        masks = np.ascontiguousarray(masks[..., : int(prepadded_size[0]), : int(prepadded_size[1])])
+        # -> [B, M, S, S], of which only the crop [..., :h, :w] (the padding cut away) is computed
+        masks = interpolate_bilinear(masks, (self.img_size, self.img_size),
+                                     crop=(int(prepadded_size[0]), int(prepadded_size[1])))
         h, w = orig_im_size.astype(np.int64)
         return interpolate_bilinear(masks, (int(h), int(w)))  # -> [B, M, H, W]
 

@@ -243,12 +243,14 @@ def source_index_and_lambda(in_size: int, out_size: int, dtype) -> tuple[np.ndar
 _BLOCK_VALUES = 1 << 16
 
 
-def _interpolate_axis(x: np.ndarray, axis: int, out: np.ndarray) -> np.ndarray:
-    """Linear interpolation of x along ``axis`` (-1 width or -2 height) into
-    ``out``: out = x[index0] * lambda0 + x[index1] * lambda1, a product and
-    a sum each rounded in x's dtype (ATen's Interpolate<1>: t0 * w0, then
+def _interpolate_axis(x: np.ndarray, axis: int, out: np.ndarray, size: int | None = None) -> np.ndarray:
+    """Linear interpolation of x along ``axis`` (-1 width or -2 height) to
+    ``size`` (default out.shape[axis]), of which ``out`` takes the first
+    out.shape[axis]: out = x[index0] * lambda0 + x[index1] * lambda1, a product
+    and a sum each rounded in x's dtype (ATen's Interpolate<1>: t0 * w0, then
     += t1 * w1), computed a block of output rows at a time."""
-    index0, index1, lambda0, lambda1 = source_index_and_lambda(x.shape[axis], out.shape[axis], x.dtype)
+    n = out.shape[axis]
+    index0, index1, lambda0, lambda1 = (a[:n] for a in source_index_and_lambda(x.shape[axis], size or n, x.dtype))
     rows = out.shape[-2]
     block = max(1, _BLOCK_VALUES // max(1, out.shape[0] * out.shape[1] * out.shape[-1]))
     ops.parallel_rows(lambda start, stop: _interpolate_rows(x, axis, out, index0, index1, lambda0, lambda1,
@@ -275,13 +277,15 @@ def _interpolate_rows(x, axis, out, index0, index1, lambda0, lambda1, start, sto
         dst += right
 
 
-def interpolate_bilinear(x: np.ndarray, size, out: np.ndarray | None = None) -> np.ndarray:
+def interpolate_bilinear(x: np.ndarray, size, out: np.ndarray | None = None, crop=None) -> np.ndarray:
     """Mirror of ``F.interpolate(x, size, mode="bilinear", align_corners=False)``
     on the CPU (ATen's generic separable kernel: width inside, height outside).
 
     x: [B, C, H, W] float32 or float64 (any strides, e.g. a crop);
     size: (h, w); out: optional preallocated [B, C, h, w] array of x's dtype.
-    Returns [B, C, h, w] in x's dtype.
+    Returns [B, C, h, w] in x's dtype. ``crop`` (h0, w0) returns only the
+    top-left [..., :h0, :w0] of that, as a C-contiguous array (out [B, C, h0, w0]),
+    and the rest is never computed: postprocess_masks crops the padding away.
 
     The indices and weights equal PyTorch's bit for bit; each blend rounds
     its products and sum separately, where PyTorch's compiled kernels fuse
@@ -297,21 +301,24 @@ def interpolate_bilinear(x: np.ndarray, size, out: np.ndarray | None = None) -> 
         raise ValueError(f"x must have a non-empty image, got shape {x.shape}")
     h, w = check_size(size)
     B, C, H, W = x.shape
-    if out is not None and (out.shape != (B, C, h, w) or out.dtype != x.dtype or not out.flags.writeable):
-        raise ValueError(f"out must be a writeable {x.dtype} array of shape {(B, C, h, w)}, "
+    h0, w0 = (h, w) if crop is None else check_size(crop, "crop")
+    if h0 > h or w0 > w:
+        raise ValueError(f"crop must fit in size {(h, w)}, got {(h0, w0)}")
+    if out is not None and (out.shape != (B, C, h0, w0) or out.dtype != x.dtype or not out.flags.writeable):
+        raise ValueError(f"out must be a writeable {x.dtype} array of shape {(B, C, h0, w0)}, "
                          f"got {out.dtype} {out.shape}")
 
     # Width first: ATen's Interpolate<2> interpolates each of the two rows
     # along the width, then blends the two results along the height.
     if out is None:
-        out = np.empty((B, C, h, w), dtype=x.dtype)
+        out = np.empty((B, C, h0, w0), dtype=x.dtype)
     if w != W and h != H:
-        x = _interpolate_axis(x, -1, np.empty((B, C, H, w), dtype=x.dtype))  # [B, C, H, W] -> [B, C, H, w]
-        return _interpolate_axis(x, -2, out)  # [B, C, H, w] -> [B, C, h, w]
+        x = _interpolate_axis(x, -1, np.empty((B, C, H, w0), dtype=x.dtype), w)  # [B, C, H, W] -> [B, C, H, w0]
+        return _interpolate_axis(x, -2, out, h)  # [B, C, H, w0] -> [B, C, h0, w0]
     if w != W:
-        return _interpolate_axis(x, -1, out)  # [B, C, H, W] -> [B, C, H, w]
+        return _interpolate_axis(x[..., :h0, :], -1, out, w)  # [B, C, H, W] -> [B, C, h0, w0]
     if h != H:
-        return _interpolate_axis(x, -2, out)  # [B, C, H, W] -> [B, C, h, W]
+        return _interpolate_axis(x[..., :w0], -2, out, h)  # [B, C, H, W] -> [B, C, h0, w0]
     # NOTE(reference): an unchanged size is a copy (lambda0 = 1, lambda1 = 0).
-    out[...] = x
+    out[...] = x[..., :h0, :w0]
     return out

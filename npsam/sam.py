@@ -76,6 +76,6 @@ class Sam(Module):
         from .resize import interpolate_bilinear
 
         size = self.image_encoder.img_size
-        masks = interpolate_bilinear(masks, (size, size))  # -> [B, C, S, S]
-        masks = masks[..., : input_size[0], : input_size[1]]  # -> [B, C, h, w]
-        return interpolate_bilinear(np.ascontiguousarray(masks), tuple(original_size))  # -> [B, C, H, W]
+        # -> [B, C, S, S], of which only the crop [..., :h, :w] is computed
+        masks = interpolate_bilinear(masks, (size, size), crop=(int(input_size[0]), int(input_size[1])))
+        return interpolate_bilinear(masks, tuple(original_size))  # -> [B, C, H, W]

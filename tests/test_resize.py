@@ -162,6 +162,29 @@ def test_interpolate_bilinear_matches_torch(dtype, tol, b, c, in_h, in_w, out_h,
 
 
 @dtype_param
+@given(
+    in_h=st.integers(1, 40), in_w=st.integers(1, 40),
+    out_h=st.integers(1, 90), out_w=st.integers(1, 90),
+    data=st.data(),
+)
+def test_interpolate_bilinear_crop_is_the_slice_bit_for_bit(dtype, tol, in_h, in_w, out_h, out_w, data):
+    # crop=(h0, w0) computes only out[..., :h0, :w0] (postprocess_masks cuts the padding away)
+    h0, w0 = data.draw(st.integers(1, out_h)), data.draw(st.integers(1, out_w))
+    x = (np.random.default_rng(in_h * 100 + in_w).standard_normal((1, 2, in_h, in_w)) * 20).astype(dtype)
+    got = interpolate_bilinear(x, (out_h, out_w), crop=(h0, w0))
+    assert got.shape == (1, 2, h0, w0) and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, interpolate_bilinear(x, (out_h, out_w))[..., :h0, :w0])
+
+
+def test_interpolate_bilinear_rejects_a_crop_larger_than_the_size():
+    x = np.zeros((1, 1, 4, 4), np.float32)
+    with pytest.raises(ValueError, match=r"crop must fit in size \(8, 8\), got \(9, 8\)"):
+        interpolate_bilinear(x, (8, 8), crop=(9, 8))
+    with pytest.raises(ValueError, match=r"crop must be two positive integers"):
+        interpolate_bilinear(x, (8, 8), crop=(0, 8))
+
+
+@dtype_param
 def test_interpolate_bilinear_sam_postprocess_shapes(dtype, tol):
     # Sam.postprocess_masks: low-res masks to 1024x1024, crop the padding, then to the photo size.
     rng = np.random.default_rng(0)
