@@ -29,7 +29,12 @@ import numpy as np
 # below). NPSAM_NUM_THREADS (or set_num_threads) sets how many; 1 turns our
 # threading off and leaves every core to BLAS.
 NUM_THREADS = max(1, min(int(os.environ.get("NPSAM_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1), 8))
-CHUNK = 1 << 16  # elements per block: a block's temporaries stay in the L2 cache; fewer calls, less GIL traffic
+# Elements per block of element-wise work: a block and its temporaries stay
+# near the L2 cache (1.25 MB per core here), and each NumPy call is long enough
+# that two threads seldom wait for each other's GIL hand-over. Measured on the
+# decoder (A/B in one process): 128K is 4-6% faster than 64K, 32K 10% slower,
+# 256K 9% slower for 16 prompts.
+CHUNK = 1 << 17
 _pool = None  # (task queue, workers): NUM_THREADS - 1 daemon threads, started on first use
 _pool_lock = threading.Lock()
 _in_worker = threading.local()  # set in pool threads: nested parallel_rows runs inline
@@ -412,7 +417,7 @@ def gelu(x: np.ndarray, out: Optional[np.ndarray] = None, precise: bool = False)
 
 def gelu_block(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """gelu on one block, no threads, no checks (out may be x; both C-contiguous),
-    CHUNK elements at a time (temporaries beyond the L2 cache run at half speed)."""
+    CHUNK elements at a time (temporaries far beyond the L2 cache run at half speed)."""
     if x.dtype != np.float32:
         out[...] = gelu(x)
         return out
