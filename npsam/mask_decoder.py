@@ -166,12 +166,16 @@ class MaskDecoder(Module):
         check_finite("image_embeddings", image_embeddings)  # a hit above was checked when it was kept
         check_finite("image_pe", image_pe)
         src_t = (image_embeddings + dense[:, None, None]).reshape(c, h * w)  # [1, C, H, W] + [C, 1, 1] -> [C, HW]
-        pe_t = np.array(image_pe.reshape(c, h * w))  # -> [C, HW]
-        src, pos_src = ops.transpose(src_t)[None], ops.transpose(pe_t)[None]  # -> [1, HW, C]
-        for x in (src, pos_src, src_t, pe_t):
+        src = ops.transpose(src_t)[None]  # -> [1, HW, C]
+        # The PE as rows: get_dense_pe's is a [C, H, W] view of an [H, W, C] array
+        # (as official, a permute), so this is a view of it; any other is copied.
+        pos_src = image_pe[0].transpose(1, 2, 0).reshape(1, h * w, c)  # [1, C, H, W] -> [1, HW, C]
+        if image_pe.flags.writeable or not pos_src.flags.c_contiguous:
+            pos_src = np.array(pos_src)
+        for x in (src, pos_src):
             x.flags.writeable = False
         copies = tuple(x.copy() if x.flags.writeable else None for x in (image_embeddings, image_pe))
-        per_image = {"src_t": src_t, "pe_t": pe_t}  # the [C, HW] layout, for the transformer's per-image work
+        per_image = {}  # for the transformer's per-image work
         object.__setattr__(self, "_rows_cache", (image_embeddings, image_pe, dense) + copies + (src, pos_src, per_image))
         return src, pos_src, per_image
 

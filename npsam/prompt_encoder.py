@@ -7,12 +7,10 @@ Dimension letters:
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import numpy as np
 
-from . import ops
 from .checks import check_array, check_same
 from .common import LayerNorm2d
 from .nn import GELU, Conv2d, Embedding, Module, ModuleList, Sequential
@@ -52,7 +50,7 @@ class PositionEmbeddingRandom(Module):
         grid[..., 0] = x_embed[None, :]
         grid[..., 1] = y_embed[:, None]
         pe = self._pe_encoding(grid)  # [h, w, 2] -> [h, w, 2P]
-        return ops.transpose(pe.reshape(h * w, -1)).reshape(-1, h, w)  # -> [2P, hw] -> [2P, h, w] (a copy)
+        return pe.transpose(2, 0, 1)  # -> [2P, h, w], a view, as official pe.permute(2, 0, 1)
 
     def forward_with_coords(self, coords_input: np.ndarray, image_size: Tuple[int, int]) -> np.ndarray:
         """Encode points in pixels of ``image_size`` (H, W): [B, N, 2] -> [B, N, 2P]."""
@@ -113,12 +111,14 @@ class PromptEncoder(Module):
 
         It depends on the weights only, so it is computed once per loaded
         ``positional_encoding_gaussian_matrix`` and the same read-only array is
-        returned each time (which also lets the mask decoder recognise it).
+        returned each time (which also lets the mask decoder recognise it). As
+        official, it is a permuted view of an [H, W, C] array, not C-contiguous:
+        the decoder wants it as [HW, C] rows, which are then a view too.
         """
         gauss = self.pe_layer.positional_encoding_gaussian_matrix
         cached = self.__dict__.get("_dense_pe")
         if cached is None or cached[0] is not gauss:
-            pe = np.ascontiguousarray(self.pe_layer(self.image_embedding_size)[None])  # [C, H, W] -> [1, C, H, W]
+            pe = self.pe_layer(self.image_embedding_size)[None]  # [C, H, W] -> [1, C, H, W]
             pe.flags.writeable = False
             cached = (gauss, pe)
             object.__setattr__(self, "_dense_pe", cached)

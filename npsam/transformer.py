@@ -470,15 +470,10 @@ class TwoWayTransformer(Module):
     def _layer0_projections(layer: "TwoWayAttentionBlock", src: np.ndarray, pe: np.ndarray, per_image: dict):
         """The image side's projections of layer 0, per head, image locations along
         the last axis: K = k_proj(src + pe), V = v_proj(src), Q = q_proj(src + pe) /
-        sqrt(D) of step (4), each [h, D, HW]. Computed as W @ x^T on the [C, HW]
-        layout of the image (per_image's "src_t", "pe_t" when the caller has
-        them, else transposed here), a block of locations per thread."""
+        sqrt(D) of step (4), each [h, D, HW]. Computed as W @ x^T from blocks of
+        image rows x [R, C], a block of locations per thread."""
         to_image, from_image = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-        src_t = per_image.get("src_t")
-        pe_t = per_image.get("pe_t")
-        if src_t is None or pe_t is None:
-            src_t, pe_t = src.T, pe.T  # [HW, C] -> [C, HW]
-        hw = src_t.shape[1]
+        hw = src.shape[0]
         k_t = np.empty((to_image.internal_dim, hw), src.dtype)
         v_t = np.empty((to_image.internal_dim, hw), src.dtype)
         q4_t = np.empty((from_image.internal_dim, hw), src.dtype)
@@ -486,12 +481,12 @@ class TwoWayTransformer(Module):
 
         def work(start, stop):
             for lo, hi in ops.blocks(start, stop, 512):
-                k = src_t[:, lo:hi] + pe_t[:, lo:hi]  # [C, R]
-                np.matmul(to_image.k_proj.weight, k, out=k_t[:, lo:hi])  # [I, C] @ [C, R] -> [I, R]
+                k = src[lo:hi] + pe[lo:hi]  # [R, C]
+                np.matmul(to_image.k_proj.weight, k.T, out=k_t[:, lo:hi])  # [I, C] @ [C, R] -> [I, R]
                 k_t[:, lo:hi] += to_image.k_proj.bias[:, None]
-                np.matmul(to_image.v_proj.weight, src_t[:, lo:hi], out=v_t[:, lo:hi])
+                np.matmul(to_image.v_proj.weight, src[lo:hi].T, out=v_t[:, lo:hi])
                 v_t[:, lo:hi] += to_image.v_proj.bias[:, None]
-                np.matmul(from_image.q_proj.weight, k, out=q4_t[:, lo:hi])
+                np.matmul(from_image.q_proj.weight, k.T, out=q4_t[:, lo:hi])
                 q4_t[:, lo:hi] += from_image.q_proj.bias[:, None]
                 q4_t[:, lo:hi] /= scale  # NOTE(reference): logits / sqrt(D): exact for D = 16
 

@@ -203,6 +203,25 @@ def test_dense_pe_is_computed_once_per_weights(decoder):
     assert_close(pe.get_dense_pe(), decoder["ref_pe"].get_dense_pe().numpy(), decoder["tol"], "dense pe")
 
 
+def test_dense_pe_as_a_view_or_a_copy_gives_the_same_masks(decoder):
+    """get_dense_pe() is, as official, a permuted read-only view, which the decoder
+    takes as rows without a copy; a writeable C-contiguous copy of it (or an
+    edit of that copy) takes the copying path."""
+    m = decoder
+    sparse, dense = m["pe"](points=(np.array([[[500.0, 375.0]]]), np.array([[1]])), boxes=None, masks=None)
+    view = m["pe"].get_dense_pe()
+    assert not view.flags.c_contiguous and not view.flags.writeable
+    copy = np.ascontiguousarray(view)
+    copy.flags.writeable = True
+    a = m["md"](m["emb"], view, sparse, dense, True)
+    b = m["md"](m["emb"], copy, sparse, dense, True)
+    np.testing.assert_array_equal(a[0], b[0])
+    copy[0, 5, 10, 20] += 1  # the same array, edited in place: the kept rows must not answer
+    c = m["md"](m["emb"], copy, sparse, dense, True)
+    assert not np.array_equal(c[0], b[0])
+    np.testing.assert_array_equal(m["md"](m["emb"], np.array(copy), sparse, dense, True)[0], c[0])
+
+
 def test_layer0_cache_follows_a_weight_reload(decoder):
     """Layer 0's per-image projections are recomputed when the transformer's
     weights are reloaded (same image array, same dense embedding)."""
