@@ -15,14 +15,12 @@ Dimension letters: none; shapes appear only as (official key -> shape) tables.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from functools import partial
-from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Dict, Iterable, Sequence, Tuple, Union
 
 import numpy as np
 
 from .mask_decoder import MaskDecoder
-from .nn import Module
 from .prompt_encoder import PromptEncoder
 from .sam import Sam
 from .transformer import TwoWayTransformer

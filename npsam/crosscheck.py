@@ -288,7 +288,7 @@ def _culprit(name: str, mine: Captured, theirs: Captured, ours: Capture, tol: fl
 # ---------------------------------------------------------------------------
 def load_npsam(checkpoint: Sequence[str], dtype) -> Any:
     """npsam Sam for these weights: official keys, or HF SamModel keys (mapped by npsam.hf)."""
-    from .build_sam import CONFIGS, read_state_dict, sam_model_registry
+    from .build_sam import read_state_dict, sam_model_registry
     from .hf import hf_to_official, is_hf_state_dict
 
     try:

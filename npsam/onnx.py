@@ -12,7 +12,6 @@ from typing import Tuple
 
 import numpy as np
 
-from . import ops
 from .amg import calculate_stability_score
 from .checks import check_array
 from .resize import interpolate_bilinear

@@ -38,7 +38,7 @@ At inference BatchNorm is an affine map, so folding is exact up to rounding.
 from __future__ import annotations
 
 import itertools
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
