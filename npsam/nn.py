@@ -208,21 +208,15 @@ class Linear(Module):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         weight_t = None
-        if x.size <= self.FEW_ROWS * x.shape[-1]:
-            # A few rows (the decoder's tokens) read the whole weight for little work:
-            # ops.linear takes a C-contiguous (in, out) copy of a small weight, kept
-            # while the weight array is the same, and a large weight as it is.
-            if self.weight.size >= ops.LARGE_WEIGHT:
-                weight_t = self.weight
-            else:
-                cached = self.__dict__.get("_weight_t")
-                if cached is None or cached[0] is not self.weight:
-                    cached = (self.weight, np.ascontiguousarray(self.weight.T))
-                    object.__setattr__(self, "_weight_t", cached)
-                weight_t = cached[1]
+        if x.size <= ops.FEW_ROWS * x.shape[-1] and self.weight.size < ops.LARGE_WEIGHT:
+            # a few rows and a small weight: ops.linear reads a C-contiguous
+            # (in, out) copy, kept while the weight array is the same
+            cached = self.__dict__.get("_weight_t")
+            if cached is None or cached[0] is not self.weight:
+                cached = (self.weight, np.ascontiguousarray(self.weight.T))
+                object.__setattr__(self, "_weight_t", cached)
+            weight_t = cached[1]
         return ops.linear(x, self.weight, self.bias if self.has_bias else None, weight_t)  # [..., in] -> [..., out]
-
-    FEW_ROWS = 64
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"

@@ -477,32 +477,42 @@ _FLOOR_ROWS = {}  # (length, dtype) -> a row of EXP_FLOOR
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """Mirror of torch.softmax: subtract the max for stability."""
-    e = exp_below_max_(np.array(x, copy=True), np.max(x, axis=axis, keepdims=True))
-    e /= np.sum(e, axis=axis, keepdims=True)
-    return e
+    return softmax_(np.array(x, copy=True), axis)
+
+
+def softmax_(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """softmax in place. Reducing a short axis that is not the last (axis 1 of
+    [A, N, R] with R long and contiguous) costs N whole-row vector operations
+    instead of one slow loop per element."""
+    exp_below_max_(x, x.max(axis=axis, keepdims=True))
+    x /= x.sum(axis=axis, keepdims=True)
+    return x
 
 
 # ---------------------------------------------------------------------------
 # Linear and normalisation
 # ---------------------------------------------------------------------------
-LARGE_WEIGHT = 1 << 18  # elements (1 MB in float32): see linear()
+# A few rows (the decoder's tokens) read the whole weight for little work;
+# how BLAS is best asked depends on the weight's size: see linear().
+FEW_ROWS = 64
+LARGE_WEIGHT = 1 << 18  # elements (1 MB in float32)
 
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None,
            weight_t: Optional[np.ndarray] = None) -> np.ndarray:
     """Mirror of F.linear: x @ weight.T + bias, weight in PyTorch's (out, in) layout.
 
-    ``weight_t`` is for a few rows of x (nn.Linear passes it): weight.T as a
-    C-contiguous array, or ``weight`` itself when it has LARGE_WEIGHT elements or
-    more. BLAS reads a C-contiguous (in, out) copy a third faster than the
-    transposed view, and a large weight fastest as the left operand of
-    weight @ x.T (the transformer MLP's 256x2048: 185 against 285 us for 8 rows).
+    For FEW_ROWS rows of x or fewer: a weight of LARGE_WEIGHT elements or more is
+    the left operand of weight @ x.T, which BLAS runs fastest (the transformer
+    MLP's 256x2048: 185 against 285 us for 8 rows); a smaller one is read from
+    ``weight_t``, weight.T as a C-contiguous array if the caller keeps one
+    (nn.Linear does), which BLAS reads a third faster than the transposed view.
 
     The leading dimensions are flattened into one matrix product (a 3-D @ 2-D
     matmul would make one small BLAS call per leading index)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [..., C] -> [R, C]
-    if weight_t is weight:  # a few rows, a large weight
+    if x2.shape[0] <= FEW_ROWS and weight.size >= LARGE_WEIGHT:
         y = (weight @ x2.T).T  # ([O, C] @ [C, R]).T -> [R, O] (Fortran order)
     else:
         y = x2 @ (weight.T if weight_t is None else weight_t)  # [R, C] @ [C, O] -> [R, O]
@@ -691,15 +701,6 @@ def scaled_dot_product_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, bi
         attn += bias
     attn = softmax(attn, axis=-1)
     return attn @ v  # [..., Nq, Nk] @ [..., Nk, Dv] -> [..., Nq, Dv]
-
-
-def softmax_axis1_(x: np.ndarray) -> np.ndarray:
-    """In-place softmax over axis 1 of [A, N, R] with R the long, contiguous axis:
-    the max and sum run over N whole rows of R values (a short axis reduced this
-    way costs N vector operations instead of one slow loop per element)."""
-    exp_below_max_(x, x.max(axis=1, keepdims=True))
-    x /= x.sum(axis=1, keepdims=True)
-    return x
 
 
 def same_contents(a: np.ndarray, b: np.ndarray) -> bool:

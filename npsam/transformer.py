@@ -135,7 +135,7 @@ class Attention(Module):
         [h, T, R]), in place: softmax over T within each head, then the sum of
         vo's rows [h*T, C] they weight -> [R, C]."""
         r = attn.shape[-1]
-        attn = ops.softmax_axis1_(attn.reshape(self.num_heads, -1, r))  # over T within each head
+        attn = ops.softmax_(attn.reshape(self.num_heads, -1, r), axis=1)  # over T within each head
         return attn.reshape(-1, r).T @ vo  # [R, h*T] @ [h*T, C] -> [R, C]
 
     def attend_to_image(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -458,9 +458,8 @@ class TwoWayTransformer(Module):
                 p, hd = divmod(i, nh)
                 attn = qh[p, hd] @ k_t[hd]  # [T, D] @ [D, HW] -> [T, HW]
                 attn /= scale
-                ops.exp_below_max_(attn, attn.max(axis=1, keepdims=True))  # softmax over HW ...
-                attn /= attn.sum(axis=1, keepdims=True)
-                np.matmul(attn, v_t[hd].T, out=out[p, hd])  # ... then [T, HW] @ [HW, D] -> [T, D]
+                ops.softmax_(attn, axis=1)  # over HW
+                np.matmul(attn, v_t[hd].T, out=out[p, hd])  # [T, HW] @ [HW, D] -> [T, D]
 
         ops.parallel_rows(work, b * nh, threads=ops.row_threads())
         attn_out = to_image.out_proj(ops.recombine_heads(out))  # -> [B, T, I] -> [B, T, C]
