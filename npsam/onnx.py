@@ -14,7 +14,7 @@ import numpy as np
 
 from .amg import calculate_stability_score
 from .checks import check_array
-from .resize import interpolate_bilinear
+from .resize import upscale_crop_resize
 from .sam import Sam
 
 
@@ -81,13 +81,13 @@ class SamOnnxModel:
         return mask_embedding + (1 - has_mask_input) * no_mask
 
     def mask_postprocessing(self, masks: np.ndarray, orig_im_size: np.ndarray) -> np.ndarray:
-        """[B, M, 256, 256] -> [B, M, H, W]: upscale to S, crop the padding, resize to H, W."""
+        """[B, M, 256, 256] -> [B, M, H, W]: upscale to S, crop the padding, resize to H, W
+        (two bilinear resizes, run as one separable map: see resize.upscale_crop_resize)."""
         prepadded_size = self.resize_longest_image_size(orig_im_size, self.img_size)
-        # -> [B, M, S, S], of which only the crop [..., :h, :w] (the padding cut away) is computed
-        masks = interpolate_bilinear(masks, (self.img_size, self.img_size),
-                                     crop=(int(prepadded_size[0]), int(prepadded_size[1])))
         h, w = orig_im_size.astype(np.int64)
-        return interpolate_bilinear(masks, (int(h), int(w)))  # -> [B, M, H, W]
+        # [B, M, 256, 256] -> [B, M, S, S] -> crop [..., :h', :w'] -> [B, M, H, W]
+        return upscale_crop_resize(masks, (self.img_size, self.img_size),
+                                   (int(prepadded_size[0]), int(prepadded_size[1])), (int(h), int(w)))
 
     def select_masks(self, masks: np.ndarray, iou_preds: np.ndarray, num_points: int
                      ) -> Tuple[np.ndarray, np.ndarray]:

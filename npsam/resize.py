@@ -322,3 +322,117 @@ def interpolate_bilinear(x: np.ndarray, size, out: np.ndarray | None = None, cro
     # NOTE(reference): an unchanged size is a copy (lambda0 = 1, lambda1 = 0).
     out[...] = x[..., :h0, :w0]
     return out
+
+
+# --------------------------------------------------------------------------
+# SAM's mask postprocessing: two bilinear resizes as one separable map
+# --------------------------------------------------------------------------
+# Sam.postprocess_masks and SamOnnxModel upscale the 256x256 low-res logits to
+# the square encoder input (1024), cut the padding away and resize the rest to
+# the photo. Along each axis that is linear, out = A2 (A1 x)[:crop], so the two
+# resizes are one matrix per axis, A = A2 A1[:crop] (a band: every output pixel
+# blends at most four neighbouring input pixels), and
+#     out = A_h @ x @ A_w^T
+# never builds the 1024-sized intermediate. Each band runs as a few matrix
+# products on blocks of output rows or columns, against only the input pixels
+# the block reads.
+#
+# NOTE(numerics): the same mathematics as the two resizes, rounded differently:
+# a blend of up to 16 input values, each weight the exact product of ATen's
+# weights rounded once, instead of two rounded blends of two. Differences are a
+# few ulps of the neighbouring values (tests/test_resize.py bounds them against
+# F.interpolate). A product also multiplies the band's zero weights, so an inf
+# or NaN would spread over a whole block where ATen spreads it to the
+# neighbours that blend it: such inputs (and values near the overflow
+# threshold) take the two resizes instead.
+
+# Output rows (height pass) or columns (width pass) per matrix product: the
+# band of a block reads about block * in / out + 2 input pixels.
+_BAND_BLOCK = 64
+_PLANS = {}  # (in, size, crop, out, dtype) -> _axis_plan(...), a few per photo size
+_PLANS_MAX = 16
+
+
+def _axis_plan(in_size: int, size: int, crop: int, out_size: int, dtype):
+    """The two resizes along one axis as one matrix: in_size -> size, keep the
+    first ``crop``, -> out_size. Returns A [out_size, in_size] (``dtype``, band
+    rows) and the blocks [(o0, o1, i0, i1)]: output pixels o0:o1 read only input
+    pixels i0:i1."""
+    key = (in_size, size, crop, out_size, np.dtype(dtype))
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    # The first resize, its first ``crop`` outputs: A1 [crop, in_size] (ATen's weights)
+    j0, j1, m0, m1 = (a[:crop] for a in source_index_and_lambda(in_size, size, dtype))
+    a1 = np.zeros((crop, in_size))  # float64: the products below are exact
+    rows = np.arange(crop)
+    a1[rows, j0] = m0
+    a1[rows, j1] += m1  # j0 == j1 at the last pixel: ATen blends it with itself
+    # The second resize blends two rows of A1: A = A2 A1 [out_size, in_size]
+    k0, k1, n0, n1 = source_index_and_lambda(crop, out_size, dtype)
+    a = a1[k0] * n0.astype(np.float64)[:, None] + a1[k1] * n1.astype(np.float64)[:, None]
+    nonzero = a != 0
+    first = np.argmax(nonzero, axis=1)  # [out_size]: first input pixel each output reads
+    last = in_size - np.argmax(nonzero[:, ::-1], axis=1)  # one past the last
+    blocks = [(o0, min(o0 + _BAND_BLOCK, out_size), int(first[o0:o0 + _BAND_BLOCK].min()),
+               int(last[o0:o0 + _BAND_BLOCK].max())) for o0 in range(0, out_size, _BAND_BLOCK)]
+    a = a.astype(dtype)
+    a.flags.writeable = False
+    plan = (a, blocks)
+    if len(_PLANS) >= _PLANS_MAX:
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[key] = plan
+    return plan
+
+
+def upscale_crop_resize(x: np.ndarray, size, crop, out_size) -> np.ndarray:
+    """``interpolate_bilinear(interpolate_bilinear(x, size, crop=crop), out_size)``,
+    the mask postprocessing of Sam.postprocess_masks and SamOnnxModel, as one
+    separable map (see above): x [B, C, H, W] float32 or float64 -> [B, C, h, w]
+    with (h, w) = out_size.
+
+    Values differ from the two resizes by a few ulps of the neighbouring
+    values; non-finite inputs (and |x| near the overflow threshold) give
+    exactly the two resizes.
+    """
+    x = np.asarray(x)
+    if x.ndim != 4:
+        raise ValueError(f"x must be [B, C, H, W], got shape {x.shape}")
+    if x.dtype not in (np.float32, np.float64):
+        raise ValueError(f"x must be float32 or float64, got {x.dtype}")
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"x must have a non-empty image, got shape {x.shape}")
+    size, out_size = check_size(size), check_size(out_size, "out_size")
+    crop = check_size(crop, "crop")
+    if crop[0] > size[0] or crop[1] > size[1]:
+        raise ValueError(f"crop must fit in size {size}, got {crop}")
+    limit = np.finfo(x.dtype).max / 4
+    if x.size == 0 or not (-limit < x.min() and x.max() < limit):  # NaN fails both
+        return interpolate_bilinear(interpolate_bilinear(x, size, crop=crop), out_size)
+
+    B, C, H, W = x.shape
+    (h, w), dtype = out_size, x.dtype
+    a_h, blocks_h = _axis_plan(H, size[0], crop[0], h, dtype)  # [h, H]
+    a_w, blocks_w = _axis_plan(W, size[1], crop[1], w, dtype)  # [w, W]
+    r0, r1 = min(b[2] for b in blocks_h), max(b[3] for b in blocks_h)  # the input rows any output reads
+    xs = x.reshape(B * C, H, W)[:, r0:r1]  # [P, Hr, W]
+    # Width first, as ATen: zt[p] = A_w @ xs[p]^T, kept transposed so that both
+    # passes write whole contiguous rows
+    zt = np.empty((B * C, w, r1 - r0), dtype)  # [P, w, Hr]
+    out = np.empty((B, C, h, w), dtype)
+    out_p = out.reshape(B * C, h, w)
+
+    def width(start, stop):
+        for o0, o1, i0, i1 in blocks_w[start:stop]:
+            # [o, K] @ [P, K, Hr] -> [P, o, Hr]
+            np.matmul(a_w[o0:o1, i0:i1], xs[:, :, i0:i1].transpose(0, 2, 1), out=zt[:, o0:o1])
+
+    def height(start, stop):
+        for o0, o1, i0, i1 in blocks_h[start:stop]:
+            # [o, K] @ [P, K, w] -> [P, o, w]
+            np.matmul(a_h[o0:o1, i0:i1], zt[:, :, i0 - r0:i1 - r0].transpose(0, 2, 1), out=out_p[:, o0:o1])
+
+    with ops.single_threaded_blas():
+        ops.parallel_rows(width, len(blocks_w), threads=ops.row_threads())
+        ops.parallel_rows(height, len(blocks_h), threads=ops.row_threads())
+    return out

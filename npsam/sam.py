@@ -71,11 +71,12 @@ class Sam(Module):
 
         NOTE(reference): two bilinear resizes (align_corners=False): first to the
         square encoder input (1024), then, after cropping the padding, to the
-        original size.
+        original size. They run as one separable map (resize.upscale_crop_resize):
+        the same mathematics, never building the [B, C, S, S] intermediate.
         """
-        from .resize import interpolate_bilinear
+        from .resize import upscale_crop_resize
 
         size = self.image_encoder.img_size
-        # -> [B, C, S, S], of which only the crop [..., :h, :w] is computed
-        masks = interpolate_bilinear(masks, (size, size), crop=(int(input_size[0]), int(input_size[1])))
-        return interpolate_bilinear(masks, tuple(original_size))  # -> [B, C, H, W]
+        # [B, C, 256, 256] -> [B, C, S, S] -> crop [..., :h, :w] -> [B, C, H, W]
+        return upscale_crop_resize(masks, (size, size), (int(input_size[0]), int(input_size[1])),
+                                   tuple(original_size))

@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from npsam.resize import interpolate_bilinear, pil_resize_bilinear, precompute_coeffs, source_index_and_lambda
+from npsam.resize import (interpolate_bilinear, pil_resize_bilinear, precompute_coeffs, source_index_and_lambda,
+                          upscale_crop_resize)
 from npsam.transforms import ResizeLongestSide
 from tolerances import DECODER_F32, DECODER_F64, assert_close
 
@@ -240,3 +241,75 @@ def test_interpolate_bilinear_out_argument_and_same_size():
 def test_interpolate_bilinear_rejects_bad_input(x, size, kwargs, match):
     with pytest.raises(ValueError, match=match):
         interpolate_bilinear(x, size, **kwargs)
+
+
+# --- upscale_crop_resize (Sam.postprocess_masks, SamOnnxModel.mask_postprocessing) ---
+
+
+def torch_postprocess(x, size, crop, out_size):
+    """The official mask postprocessing: resize, slice the crop, resize."""
+    t = F.interpolate(torch.from_numpy(np.ascontiguousarray(x)), size, mode="bilinear", align_corners=False)
+    t = t[..., : crop[0], : crop[1]]
+    return F.interpolate(t, out_size, mode="bilinear", align_corners=False).numpy()
+
+
+@dtype_param
+@given(
+    in_h=st.integers(1, 40), in_w=st.integers(1, 40),
+    size_h=st.integers(1, 160), size_w=st.integers(1, 160),
+    out_h=st.integers(1, 200), out_w=st.integers(1, 200),
+    data=st.data(),
+)
+def test_upscale_crop_resize_matches_torch(dtype, tol, in_h, in_w, size_h, size_w, out_h, out_w, data):
+    crop = data.draw(st.integers(1, size_h)), data.draw(st.integers(1, size_w))
+    x = (np.random.default_rng(in_h * 1000 + in_w).standard_normal((2, 3, in_h, in_w)) * 20).astype(dtype)
+    ours = upscale_crop_resize(x, (size_h, size_w), crop, (out_h, out_w))
+    assert ours.dtype == dtype and ours.shape == (2, 3, out_h, out_w) and ours.flags.c_contiguous
+    what = f"{x.shape} -> {(size_h, size_w)} crop {crop} -> {(out_h, out_w)}"
+    assert_close(ours, torch_postprocess(x, (size_h, size_w), crop, (out_h, out_w)), tol, what)
+
+
+@dtype_param
+@pytest.mark.parametrize("photo", [(1200, 1800), (534, 800), (1800, 1200), (1024, 1024), (300, 4000)])
+def test_upscale_crop_resize_sam_postprocess_shapes(dtype, tol, photo):
+    # 256x256 low-res logits -> 1024 -> crop the padding -> the photo (a strided view in, as official)
+    low_res = (np.random.default_rng(1).standard_normal((1, 4, 256, 256)) * 20).astype(dtype)[:, 1:]
+    crop = ResizeLongestSide.get_preprocess_shape(*photo, 1024)
+    ours = upscale_crop_resize(low_res, (1024, 1024), crop, photo)
+    assert_close(ours, torch_postprocess(low_res, (1024, 1024), crop, photo), tol, f"{crop} -> {photo}")
+    # and the two resizes it replaces, within the same bound
+    two = interpolate_bilinear(interpolate_bilinear(low_res, (1024, 1024), crop=crop), photo)
+    assert_close(ours, two, tol, f"{crop} -> {photo}, against npsam's two resizes")
+
+
+@dtype_param
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, "huge"])
+def test_upscale_crop_resize_non_finite_input_is_the_two_resizes(dtype, tol, bad):
+    # A matrix product would spread inf or NaN over a whole band block: such
+    # inputs (and values near overflow) take the two resizes, bit for bit, and
+    # mark the same pixels non-finite as torch.
+    x = (np.random.default_rng(2).standard_normal((1, 2, 64, 64)) * 20).astype(dtype)
+    x[0, 1, 30, 7] = np.finfo(dtype).max / 2 if bad == "huge" else bad
+    ours = upscale_crop_resize(x, (256, 256), (171, 256), (300, 450))
+    two = interpolate_bilinear(interpolate_bilinear(x, (256, 256), crop=(171, 256)), (300, 450))
+    np.testing.assert_array_equal(ours, two)
+    theirs = torch_postprocess(x, (256, 256), (171, 256), (300, 450))
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(theirs))
+    np.testing.assert_array_equal(np.isinf(ours), np.isinf(theirs))
+    assert np.all(np.isfinite(ours[0, 0]))  # the other mask is untouched
+
+
+@pytest.mark.parametrize(
+    "x,args,match",
+    [
+        (np.zeros((3, 4, 4), np.float32), ((8, 8), (8, 8), (5, 5)), "x must be \\[B, C, H, W\\]"),
+        (np.zeros((1, 1, 4, 4), np.float16), ((8, 8), (8, 8), (5, 5)), "float32 or float64"),
+        (np.zeros((1, 1, 0, 4), np.float32), ((8, 8), (8, 8), (5, 5)), "non-empty"),
+        (np.zeros((1, 1, 4, 4), np.float32), ((8, 8), (9, 8), (5, 5)), r"crop must fit in size \(8, 8\), got \(9, 8\)"),
+        (np.zeros((1, 1, 4, 4), np.float32), ((8, 8), (0, 8), (5, 5)), "crop must be two positive integers"),
+        (np.zeros((1, 1, 4, 4), np.float32), ((8, 8), (8, 8), (5, -1)), "out_size must be two positive integers"),
+    ],
+)
+def test_upscale_crop_resize_rejects_bad_input(x, args, match):
+    with pytest.raises(ValueError, match=match):
+        upscale_crop_resize(x, *args)
