@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import nn, ops
+from . import ops
 from .common import LayerNorm2d, MLPBlock
 from .nn import GELU, Conv2d, LayerNorm, Linear, Module, ModuleList, Sequential
 
@@ -168,18 +168,13 @@ class Block(Module):
     def forward(self, x: np.ndarray) -> np.ndarray:
         shortcut = x  # [B, H, W, C]
         x = self.norm1(x)
-        if self.window_size > 0 and nn._hook is None:
-            # window_partition -> attn -> window_unpartition, the projections on the
-            # unpadded tokens only (while a trace is open, the official steps below run)
-            x = self.attn.forward_windows(x, self.window_size)  # -> [B, H, W, C]
-        else:
-            if self.window_size > 0:
-                H, W = x.shape[1], x.shape[2]
-                x, pad_hw = window_partition(x, self.window_size)  # -> [B*nW, ws, ws, C]
+        if self.window_size > 0:
+            H, W = x.shape[1], x.shape[2]
+            x, pad_hw = window_partition(x, self.window_size)  # -> [B*nW, ws, ws, C]
 
-            x = self.attn(x)
-            if self.window_size > 0:
-                x = window_unpartition(x, self.window_size, pad_hw, (H, W))  # -> [B, H, W, C]
+        x = self.attn(x)
+        if self.window_size > 0:
+            x = window_unpartition(x, self.window_size, pad_hw, (H, W))  # -> [B, H, W, C]
 
         x += shortcut  # official: x = shortcut + x
         # Tokens as one [B*H*W, C] matrix: np.matmul runs one GEMM per leading
@@ -226,41 +221,8 @@ class Attention(Module):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         B, H, W, _ = x.shape
-        qkv = self.qkv(x.reshape(B * H * W, -1))  # [B*N, C] -> [B*N, 3C] (one GEMM, see Block.forward)
-        x = self._attend(qkv.reshape(B, H, W, -1))  # -> [B, H, W, C]
-        return self.proj(x.reshape(B * H * W, -1)).reshape(B, H, W, -1)  # [B*N, C] -> [B, H, W, C]
-
-    def forward_windows(self, x: np.ndarray, window_size: int) -> np.ndarray:
-        """Block.forward's window_partition(x) -> forward -> window_unpartition for
-        x [B, H, W, C] -> [B, H, W, C], with qkv and proj on the H*W real tokens
-        only (the padding makes 70x70 of ViT-B's 64x64 grid: a fifth more rows).
-
-        NOTE(reference): window_partition pads norm1's output with zeros, and the
-        padded tokens take part in their windows' attention as keys and values;
-        qkv of a zero token is exactly qkv's bias, so the padding is filled with
-        it. Their outputs are cropped away before proj, as window_unpartition does.
-        """
-        B, H, W, C = x.shape
-        qkv = self.qkv(x.reshape(B * H * W, C)).reshape(B, H, W, -1)  # [B*N, C] -> [B, H, W, 3C]
-        pad_h, pad_w = (window_size - H % window_size) % window_size, (window_size - W % window_size) % window_size
-        if pad_h > 0 or pad_w > 0:
-            padded = np.empty((B, H + pad_h, W + pad_w, qkv.shape[-1]), qkv.dtype)  # [B, Hp, Wp, 3C]
-            bias = self.qkv.bias if self.qkv.has_bias else 0
-            padded[:, :H, :W] = qkv
-            padded[:, H:] = bias
-            padded[:, :H, W:] = bias
-            qkv = padded
-            del padded
-        windows, pad_hw = window_partition(qkv, window_size)  # -> [B*nW, ws, ws, 3C] (no padding left to add)
-        del qkv  # not needed while attending: windows is a copy (a view only if one window covers the grid)
-        x = self._attend(windows)  # -> [B*nW, ws, ws, C]
-        x = window_unpartition(x, window_size, pad_hw, (H, W))  # -> [B, H, W, C]
-        return self.proj(x.reshape(B * H * W, -1)).reshape(B, H, W, -1)  # [B*N, C] -> [B, H, W, C]
-
-    def _attend(self, qkv: np.ndarray) -> np.ndarray:
-        """The attention between the projections: qkv [B, H, W, 3C] -> [B, H, W, C]."""
-        B, H, W, _ = qkv.shape
         h = self.num_heads
+        qkv = self.qkv(x.reshape(B * H * W, -1))  # [B*N, C] -> [B*N, 3C] (one GEMM, see Block.forward)
         qkv = qkv.reshape(B, H * W, 3, h, -1).transpose(2, 0, 3, 1, 4)  # -> [3, B, h, N, D]
         q, k, v = qkv.reshape(3, B * h, H * W, -1)  # -> 3 x [G, N, D]
 
@@ -272,7 +234,8 @@ class Attention(Module):
             rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
         with ops.single_threaded_blas():  # its steps bring their own threads; the projections keep BLAS's
             x = attention(q_scaled, k, v, rel_h, rel_w)  # -> [G, N, D]
-        return x.reshape(B, h, H, W, -1).transpose(0, 2, 3, 1, 4).reshape(B, H, W, -1)  # -> [B, H, W, C]
+        x = x.reshape(B, h, H, W, -1).transpose(0, 2, 3, 1, 4).reshape(B * H * W, -1)  # -> [B*N, C]
+        return self.proj(x).reshape(B, H, W, -1)  # [B*N, C] -> [B, H, W, C]
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, rel_h: Optional[np.ndarray] = None,

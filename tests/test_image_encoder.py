@@ -150,24 +150,6 @@ def test_window_partition_roundtrip(H, W, ws, B):
     assert back.flags.c_contiguous
 
 
-@given(H=st.integers(1, 12), W=st.integers(1, 12), ws=st.integers(1, 6), B=st.integers(1, 2),
-       qkv_bias=st.booleans(), use_rel_pos=st.booleans())
-def test_windowed_attention_projects_only_the_real_tokens(H, W, ws, B, qkv_bias, use_rel_pos):
-    """Attention.forward_windows (qkv and proj on the unpadded tokens, the padding
-    filled with qkv's bias) against the official steps: window_partition, the
-    attention on the zero-padded windows, window_unpartition."""
-    attn = ours.Attention(8, num_heads=2, qkv_bias=qkv_bias, use_rel_pos=use_rel_pos, input_size=(ws, ws))
-    rng = np.random.default_rng(H * 1000 + W * 10 + ws)
-    attn.load_state_dict({k: rng.standard_normal(shape) for k, shape in attn.state_dict_shapes().items()},
-                         dtype=np.float64)
-    x = rng.standard_normal((B, H, W, 8))
-    windows, pad_hw = ours.window_partition(x, ws)
-    expected = ours.window_unpartition(attn(windows), ws, pad_hw, (H, W))
-    got = attn.forward_windows(x, ws)
-    assert got.shape == (B, H, W, 8)
-    assert_close(got, expected, DECODER_F64, f"windows of {ws} on {H}x{W}")
-
-
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 22])
 def test_attention_chunks_agree(chunk):
     """Any chunk budget (query rows one at a time, several maps at once, whole) gives the same result."""
