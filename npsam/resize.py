@@ -277,6 +277,18 @@ def _interpolate_rows(x, axis, out, index0, index1, lambda0, lambda1, start, sto
         dst += right
 
 
+def _check_images(x) -> np.ndarray:
+    """x as a float32 or float64 [B, C, H, W] array with a non-empty image."""
+    x = np.asarray(x)
+    if x.ndim != 4:
+        raise ValueError(f"x must be [B, C, H, W], got shape {x.shape}")
+    if x.dtype not in (np.float32, np.float64):
+        raise ValueError(f"x must be float32 or float64, got {x.dtype}")
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"x must have a non-empty image, got shape {x.shape}")
+    return x
+
+
 def interpolate_bilinear(x: np.ndarray, size, out: np.ndarray | None = None, crop=None) -> np.ndarray:
     """Mirror of ``F.interpolate(x, size, mode="bilinear", align_corners=False)``
     on the CPU (ATen's generic separable kernel: width inside, height outside).
@@ -292,13 +304,7 @@ def interpolate_bilinear(x: np.ndarray, size, out: np.ndarray | None = None, cro
     some of them, so values may differ in the last bit (about 1e-7 relative
     in float32, 1e-16 in float64).
     """
-    x = np.asarray(x)
-    if x.ndim != 4:
-        raise ValueError(f"x must be [B, C, H, W], got shape {x.shape}")
-    if x.dtype not in (np.float32, np.float64):
-        raise ValueError(f"x must be float32 or float64, got {x.dtype}")
-    if x.shape[2] < 1 or x.shape[3] < 1:
-        raise ValueError(f"x must have a non-empty image, got shape {x.shape}")
+    x = _check_images(x)
     h, w = check_size(size)
     B, C, H, W = x.shape
     h0, w0 = (h, w) if crop is None else check_size(crop, "crop")
@@ -395,13 +401,7 @@ def upscale_crop_resize(x: np.ndarray, size, crop, out_size) -> np.ndarray:
     values; non-finite inputs (and |x| near the overflow threshold) give
     exactly the two resizes.
     """
-    x = np.asarray(x)
-    if x.ndim != 4:
-        raise ValueError(f"x must be [B, C, H, W], got shape {x.shape}")
-    if x.dtype not in (np.float32, np.float64):
-        raise ValueError(f"x must be float32 or float64, got {x.dtype}")
-    if x.shape[2] < 1 or x.shape[3] < 1:
-        raise ValueError(f"x must have a non-empty image, got shape {x.shape}")
+    x = _check_images(x)
     size, out_size = check_size(size), check_size(out_size, "out_size")
     crop = check_size(crop, "crop")
     if crop[0] > size[0] or crop[1] > size[1]:
