@@ -289,6 +289,14 @@ def _check_images(x) -> np.ndarray:
     return x
 
 
+def _check_crop(crop, size: tuple[int, int]) -> tuple[int, int]:
+    """crop (h0, w0) as two positive ints that fit in ``size`` (h, w)."""
+    h0, w0 = check_size(crop, "crop")
+    if h0 > size[0] or w0 > size[1]:
+        raise ValueError(f"crop must fit in size {tuple(size)}, got {(h0, w0)}")
+    return h0, w0
+
+
 def interpolate_bilinear(x: np.ndarray, size, out: np.ndarray | None = None, crop=None) -> np.ndarray:
     """Mirror of ``F.interpolate(x, size, mode="bilinear", align_corners=False)``
     on the CPU (ATen's generic separable kernel: width inside, height outside).
@@ -307,9 +315,7 @@ def interpolate_bilinear(x: np.ndarray, size, out: np.ndarray | None = None, cro
     x = _check_images(x)
     h, w = check_size(size)
     B, C, H, W = x.shape
-    h0, w0 = (h, w) if crop is None else check_size(crop, "crop")
-    if h0 > h or w0 > w:
-        raise ValueError(f"crop must fit in size {(h, w)}, got {(h0, w0)}")
+    h0, w0 = (h, w) if crop is None else _check_crop(crop, (h, w))
     if out is not None and (out.shape != (B, C, h0, w0) or out.dtype != x.dtype or not out.flags.writeable):
         raise ValueError(f"out must be a writeable {x.dtype} array of shape {(B, C, h0, w0)}, "
                          f"got {out.dtype} {out.shape}")
@@ -403,9 +409,7 @@ def upscale_crop_resize(x: np.ndarray, size, crop, out_size) -> np.ndarray:
     """
     x = _check_images(x)
     size, out_size = check_size(size), check_size(out_size, "out_size")
-    crop = check_size(crop, "crop")
-    if crop[0] > size[0] or crop[1] > size[1]:
-        raise ValueError(f"crop must fit in size {size}, got {crop}")
+    crop = _check_crop(crop, size)
     limit = np.finfo(x.dtype).max / 4
     if x.size == 0 or not (-limit < x.min() and x.max() < limit):  # NaN fails both
         return interpolate_bilinear(interpolate_bilinear(x, size, crop=crop), out_size)
