@@ -278,10 +278,12 @@ def test_fused_decoder_threads_and_blocks_change_nothing_but_rounding(decoder, r
     assert_close(results[0][1], reference[1], m["tol"], "iou")
 
 
+@pytest.mark.parametrize("rows", [None, 128])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_fused_mlp_block_equals_the_plain_one(dtype):
+def test_fused_mlp_block_equals_the_plain_one(dtype, rows, monkeypatch):
     """MLPBlock's fused row pass (lin1 -> GELU -> lin2 per block of rows, over
-    threads) against the plain module path."""
+    threads) against the plain module path, with the default block size (one
+    block per thread here) and with small blocks (several, the last ragged)."""
     from npsam.common import MLPBlock
 
     rng = np.random.default_rng(5)
@@ -289,7 +291,10 @@ def test_fused_mlp_block_equals_the_plain_one(dtype):
     mlp.load_state_dict({"lin1.weight": rng.standard_normal((256, 64)) * 0.1, "lin1.bias": rng.standard_normal(256),
                          "lin2.weight": rng.standard_normal((64, 256)) * 0.1, "lin2.bias": rng.standard_normal(64)},
                         dtype=dtype)
-    x = rng.standard_normal((3, 333, 64)).astype(dtype)  # 999 rows: blocks of ROWS and a ragged last one
+    if rows is not None:
+        monkeypatch.setattr(MLPBlock, "ROWS", rows)
+    x = rng.standard_normal((3, 333, 64)).astype(dtype)  # 999 rows: with ROWS 128, 3 full blocks and a ragged one per thread
+    assert x.shape[0] * x.shape[1] >= 2 * MLPBlock.MIN_ROWS  # enough rows for Block.forward to take the fused pass
     plain = mlp(x)
     with ops.single_threaded_blas():
         assert ops.blas_is_single() == (ops.row_threads() > 1)  # where Block.forward takes the fused pass
