@@ -152,13 +152,24 @@ def test_conv2d_patchify(dtype, tol, seed, b, cin, cout, k, hk, wk, bias):
 @dtype_param
 @given(seed=st.integers(0, 2**31), b=st.integers(1, 2), c=st.integers(1, 12), o=st.integers(1, 12),
        k=st.sampled_from([1, 2, 3, 5]), stride=st.sampled_from([1, 2]), padding=st.integers(0, 2),
-       h=st.integers(5, 14), w=st.integers(5, 14), depthwise=st.booleans())
-def test_conv2d_general_and_depthwise(dtype, tol, seed, b, c, o, k, stride, padding, h, w, depthwise):
+       h=st.integers(5, 14), w=st.integers(5, 14), depthwise=st.booleans(), small_blocks=st.booleans())
+def test_conv2d_general_and_depthwise(dtype, tol, seed, b, c, o, k, stride, padding, h, w, depthwise,
+                                      small_blocks):
+    """``small_blocks``: blocks of a few output rows (im2col) or channels
+    (depthwise), so that an image takes several, over both threads, the last
+    one ragged; otherwise these sizes fit one block."""
     rng = np.random.default_rng(seed)
     groups, o = (c, c) if depthwise else (1, o)
     x, wt, bias = rand(rng, (b, c, h, w), dtype), rand(rng, (o, c // groups, k, k), dtype), rand(rng, (o,), dtype)
     ref = F.conv2d(T(x), T(wt), T(bias), stride=stride, padding=padding, groups=groups).numpy()
-    assert_close(ops.conv2d(x, wt, bias, stride, padding, groups), ref, tol, "conv2d")
+    saved = ops.CONV_COLS_ELEMENTS, ops.DEPTHWISE_ELEMENTS
+    if small_blocks:
+        ops.CONV_COLS_ELEMENTS, ops.DEPTHWISE_ELEMENTS = 3 * c * k * k * w, 2 * h * (w + 2 * padding)
+    try:
+        got = ops.conv2d(x, wt, bias, stride, padding, groups)
+    finally:
+        ops.CONV_COLS_ELEMENTS, ops.DEPTHWISE_ELEMENTS = saved
+    assert_close(got, ref, tol, "conv2d")
 
 
 # --- attention -----------------------------------------------------------------------
