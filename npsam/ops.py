@@ -403,7 +403,7 @@ def gelu(x: np.ndarray, out: Optional[np.ndarray] = None, precise: bool = False)
         out[...] = y
         return out
     if out is None:
-        out = np.empty_like(x)
+        out = np.empty(x.shape, np.float32)  # C order whatever x's layout (empty_like would keep a transpose's)
     xf, of = x.reshape(-1), out.reshape(-1)  # views when contiguous
     if not (np.shares_memory(xf, x) and np.shares_memory(of, out)) or not out.flags.c_contiguous:
         y = np.empty(x.shape, np.float32)
@@ -532,7 +532,7 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float,
     """
     x = np.asarray(x)
     if out is None:
-        out = np.empty_like(x)
+        out = np.empty(x.shape, x.dtype)  # C order whatever x's layout (empty_like would keep a transpose's)
     c = x.shape[-1]
     xr = np.ascontiguousarray(x).reshape(-1, c)  # [..., C] -> [R, C]
     orow = out.reshape(-1, c)

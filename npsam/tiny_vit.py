@@ -367,7 +367,9 @@ class TinyViTBlock(Module):
         x = res_x + x  # NOTE(reference): drop_path is the identity at inference
         x = x.transpose(0, 2, 1).reshape(b, c, h, w)  # [B, N, C] -> [B, C, H, W]
         x = self.local_conv(x)  # depthwise 3x3: same shape, no residual
-        x = x.reshape(b, c, n).transpose(0, 2, 1)  # [B, C, H, W] -> [B, N, C]
+        # [B, C, H, W] -> [B, N, C], copied once into token order (the MLP's
+        # LayerNorm and the residual would each copy or stride through the transpose)
+        x = np.ascontiguousarray(x.reshape(b, c, n).transpose(0, 2, 1))
         return x + self.mlp(x)
 
     def extra_repr(self) -> str:
