@@ -205,9 +205,7 @@ class MaskDecoder(Module):
 
         def work(start, stop):
             for j in range(start, stop):
-                p, r0 = divmod(j, per_image)
-                r0 *= rows
-                r1 = min(h, r0 + rows)
+                p, r0, r1 = ops.image_rows(j, per_image, rows, h)
                 y1 = (src[p, r0 * w:r1 * w] @ w1c).reshape(-1, o1)  # [R, C] @ [C, 4*O1] -> [R*4, O1], centred
                 y1 += b1c
                 # LayerNorm2d: over O1, per pixel (rows centred by the weights)

@@ -220,6 +220,14 @@ def row_threads() -> int:
     return NUM_THREADS if _blas else 1
 
 
+def image_rows(job: int, per_image: int, rows: int, n: int) -> Tuple[int, int, int]:
+    """Job ``job`` of a pass over blocks of ``rows`` rows of every image of ``n``
+    rows (``per_image`` = ceil(n / rows) jobs each): (image, lo, hi)."""
+    image, lo = divmod(job, per_image)
+    lo *= rows
+    return image, lo, min(n, lo + rows)
+
+
 def blocks(start: int, stop: int, size: int):
     """(lo, hi) blocks of at most ``size`` rows covering [start, stop)."""
     for lo in range(start, stop, size):
@@ -684,9 +692,7 @@ def conv2d(
 
     def work(start, stop):
         for j in range(start, stop):
-            bi, r0 = divmod(j, per_image)
-            r0 *= rows
-            r1 = min(ho, r0 + rows)
+            bi, r0, r1 = image_rows(j, per_image, rows, ho)
             cols = np.empty((c, k, k, r1 - r0, wo), dtype=x.dtype)
             for ki in range(k):
                 for kj in range(k):
