@@ -412,12 +412,10 @@ def gelu(x: np.ndarray, out: Optional[np.ndarray] = None, precise: bool = False)
         return out
     if out is None:
         out = np.empty(x.shape, np.float32)  # C order whatever x's layout (empty_like would keep a transpose's)
-    xf, of = x.reshape(-1), out.reshape(-1)  # views when contiguous
-    if not (np.shares_memory(xf, x) and np.shares_memory(of, out)) or not out.flags.c_contiguous:
-        y = np.empty(x.shape, np.float32)
-        gelu(np.ascontiguousarray(x), y)
-        out[...] = y
+    if not out.flags.c_contiguous:  # (a strided out, or x itself strided): via a C-order result
+        out[...] = gelu(x)
         return out
+    xf, of = np.ascontiguousarray(x).reshape(-1), out.reshape(-1)  # x copied only if it is strided
 
     parallel_rows(lambda start, stop: gelu_block(xf[start:stop], of[start:stop]), xf.size, min_rows=CHUNK)
     return out
@@ -748,9 +746,7 @@ def depthwise_conv2d(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarra
         shape = (per, ho * wp) if flat else (per, ho, wo)
         acc, tmp = np.empty(shape, dtype=x.dtype), np.empty(shape, dtype=x.dtype)
         for j in range(start, stop):
-            bi, c0 = divmod(j, per_image)
-            c0 *= per
-            c1 = min(c, c0 + per)
+            bi, c0, c1 = image_rows(j, per_image, per, c)  # image bi, channels c0:c1
             a, t = acc[: c1 - c0], tmp[: c1 - c0]
             tail = (None,) * (a.ndim - 1)  # the per-channel weight broadcasts over the pixels
             for ki, kj, src in taps(bi, c0, c1):

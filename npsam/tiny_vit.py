@@ -42,7 +42,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import nn, ops
+from . import ops
 from .common import LayerNorm2d
 from .nn import GELU, Conv2d, LayerNorm, Linear, Module, ModuleList, Sequential, WeightsMissingError
 
@@ -59,16 +59,6 @@ def _conv1x1(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     y = weight.reshape(o, c) @ x.reshape(b, c, h * w)  # [O, C] @ [B, C, HW] -> [B, O, HW]
     y += bias[:, None]
     return y.reshape(b, o, h, w)  # -> [B, O, H, W]
-
-
-def _gelu_(act: GELU, x: np.ndarray) -> np.ndarray:
-    """``act(x)`` for an x that nothing else holds (a conv's or a Linear's fresh
-    output), computed in place: one pass over memory instead of two, and no new
-    array (layer 0's GELUs, on 256 channels of 256x256, take 29 against 51 ms
-    each). While a trace is open the module is called as usual: the trace keeps x."""
-    if nn._hook is not None:
-        return act(x)
-    return ops.gelu(x, out=x, precise=act.precise)
 
 
 def _mark_optional(module: Module) -> Module:
@@ -156,7 +146,7 @@ class PatchEmbed(Module):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         # the official self.seq(x), with the GELU in place
-        x = _gelu_(self.seq[1], self.seq[0](x))  # [B, 3, S, S] -> [B, C0/2, S/2, S/2]
+        x = self.seq[1].forward_(self.seq[0](x))  # [B, 3, S, S] -> [B, C0/2, S/2, S/2]
         return self.seq[2](x)  # -> [B, C0, S/4, S/4]
 
 
@@ -178,11 +168,11 @@ class MBConv(Module):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         shortcut = x
-        x = _gelu_(self.act1, self.conv1(x))  # [B, C, H, W] -> [B, E, H, W]
-        x = _gelu_(self.act2, self.conv2(x))  # depthwise 3x3: same shape
+        x = self.act1.forward_(self.conv1(x))  # [B, C, H, W] -> [B, E, H, W]
+        x = self.act2.forward_(self.conv2(x))  # depthwise 3x3: same shape
         x = self.conv3(x)  # [B, E, H, W] -> [B, C, H, W]
         x += shortcut  # NOTE(reference): drop_path is the identity at inference
-        return _gelu_(self.act3, x)  # NOTE(reference): GELU after the residual sum
+        return self.act3.forward_(x)  # NOTE(reference): GELU after the residual sum
 
 
 class PatchMerging(Module):
@@ -205,8 +195,8 @@ class PatchMerging(Module):
             h, w = self.input_resolution
             b = len(x)
             x = x.reshape(b, h, w, -1).transpose(0, 3, 1, 2)  # [B, N, C] -> [B, C, H, W]
-        x = _gelu_(self.act, self.conv1(x))  # [B, C, H, W] -> [B, O, H, W]
-        x = _gelu_(self.act, self.conv2(x))  # -> [B, O, H/stride, W/stride]
+        x = self.act.forward_(self.conv1(x))  # [B, C, H, W] -> [B, O, H, W]
+        x = self.act.forward_(self.conv2(x))  # -> [B, O, H/stride, W/stride]
         x = self.conv3(x)  # same shape
         b, o = x.shape[:2]
         return x.reshape(b, o, -1).transpose(0, 2, 1)  # [B, O, H', W'] -> [B, N', O]
@@ -249,7 +239,7 @@ class Mlp(Module):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = self.norm(x)
-        x = _gelu_(self.act, self.fc1(x))  # [..., C] -> [..., E]
+        x = self.act.forward_(self.fc1(x))  # [..., C] -> [..., E]
         return self.fc2(x)  # [..., E] -> [..., C]
 
 

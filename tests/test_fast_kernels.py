@@ -85,6 +85,16 @@ def test_gelu_threads_blocks_and_in_place_change_nothing(threads):
         y = x.copy()
         assert ops.gelu(y, out=y) is y
         np.testing.assert_array_equal(y, ref)
+        t = ops.gelu(x.T)  # a transposed input gives a C-order result
+        assert t.flags.c_contiguous
+        np.testing.assert_array_equal(t, ref.T)
+        wide = np.zeros((3, 2 * x.shape[1]), np.float32)
+        assert ops.gelu(x, out=wide[:, ::2]).base is wide  # a strided out
+        np.testing.assert_array_equal(wide[:, ::2], ref)
+        ops.gelu(wide[:, 1::2], out=wide[:, 1::2])  # in place on a strided view: gelu(0) = 0
+        np.testing.assert_array_equal(wide[:, 1::2], 0)
+        ops.gelu(wide[:, ::2], out=wide[:, ::2])  # ... and on the strided results themselves
+        np.testing.assert_array_equal(wide[:, ::2], ops.gelu(ref))
     finally:
         ops.set_num_threads(ops.NUM_THREADS if threads == 1 else 2)
 
