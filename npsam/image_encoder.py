@@ -223,64 +223,81 @@ class Attention(Module):
         B, H, W, _ = x.shape
         h = self.num_heads
         qkv = self.qkv(x.reshape(B * H * W, -1))  # [B*N, C] -> [B*N, 3C] (one GEMM, see Block.forward)
-        qkv = qkv.reshape(B, H * W, 3, h, -1).transpose(2, 0, 3, 1, 4)  # -> [3, B, h, N, D]
-        q, k, v = qkv.reshape(3, B * h, H * W, -1)  # -> 3 x [G, N, D]
+        # Official reshapes to [3, B*h, N, D], a copy; here q, k, v stay views of
+        # the projection (the attention's products take strided operands as fast)
+        q, k, v = qkv.reshape(B, H * W, 3, h, -1).transpose(2, 0, 3, 1, 4)  # -> 3 x [B, h, N, D]
 
         # NOTE(reference): q is scaled before the product, (q * scale) @ k^T, and the
         # relative position terms use the unscaled q.
-        q_scaled = q * q.dtype.type(self.scale)  # [G, N, D]
+        q_scaled = q * q.dtype.type(self.scale)  # [B, h, N, D]
         rel_h = rel_w = None
         if self.use_rel_pos:
             rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
+        # The output written straight in the layout proj reads: [B, N, h, D] = [B*N, C]
+        out = np.empty((B, H * W, h, q.shape[-1]), dtype=q.dtype)
         with ops.single_threaded_blas():  # its steps bring their own threads; the projections keep BLAS's
-            x = attention(q_scaled, k, v, rel_h, rel_w)  # -> [G, N, D]
-        x = x.reshape(B, h, H, W, -1).transpose(0, 2, 3, 1, 4).reshape(B * H * W, -1)  # -> [B*N, C]
-        return self.proj(x).reshape(B, H, W, -1)  # [B*N, C] -> [B, H, W, C]
+            attention(q_scaled, k, v, rel_h, rel_w, out=out.transpose(0, 2, 1, 3))  # -> [B, h, N, D] view
+        return self.proj(out.reshape(B * H * W, -1)).reshape(B, H, W, -1)  # [B*N, C] -> [B, H, W, C]
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, rel_h: Optional[np.ndarray] = None,
-              rel_w: Optional[np.ndarray] = None, chunk_elements: int = ATTENTION_CHUNK_ELEMENTS) -> np.ndarray:
+              rel_w: Optional[np.ndarray] = None, chunk_elements: int = ATTENTION_CHUNK_ELEMENTS,
+              out: Optional[np.ndarray] = None) -> np.ndarray:
     """softmax(q @ k^T + rel_h + rel_w) @ v, a block of query rows at a time.
 
     The rest of Attention.forward: ``attn = q @ k^T``, ``add_decomposed_rel_pos``,
-    ``attn.softmax(dim=-1)``, ``attn @ v``. q [G, N, D] (already scaled), k, v
-    [G, N, D]; rel_h [G, q_h, q_w, k_h] and rel_w [G, q_h, q_w, k_w] from
-    :func:`decomposed_rel_pos` (N = q_h * q_w), or None. Returns [G, N, D].
+    ``attn.softmax(dim=-1)``, ``attn @ v``. q [G, N, D] or [B, h, N, D] (already
+    scaled), k, v the same with Nk rows; rel_h [..., q_h, q_w, k_h] and rel_w
+    [..., q_h, q_w, k_w] from :func:`decomposed_rel_pos` (N = q_h * q_w), or
+    None. Any of them may be strided views (the matrix products take them as
+    they are). Returns [..., N, D], written into ``out`` when given.
 
-    Windowed blocks take many small maps per step; global ones take whole rows
-    of the token grid of one map, so at most ``chunk_elements`` logits exist.
+    Windowed blocks take several windows' maps per step; global ones take whole
+    rows of the token grid of one map, so at most ``chunk_elements`` logits exist.
     """
-    G, N, D = q.shape
-    Nk = k.shape[1]
-    q_w = rel_h.shape[2] if rel_h is not None else 1
-    kT = k.transpose(0, 2, 1)  # [G, N, D] -> [G, D, N]
-    out = np.empty((G, N, v.shape[2]), dtype=q.dtype)
-    if N * Nk <= chunk_elements:
-        maps_per_step, rows_per_step = max(1, chunk_elements // (N * Nk)), N
+    squeeze = q.ndim == 3  # [G, N, D]: one batch of G maps
+    if squeeze:
+        q, k, v = q[None], k[None], v[None]
+        rel_h, rel_w = (None, None) if rel_h is None else (rel_h[None], rel_w[None])
+    A, M, N, D = q.shape  # A batches (images or windows) of M maps (heads)
+    Nk = k.shape[2]
+    q_w = rel_h.shape[3] if rel_h is not None else 1
+    kT = k.transpose(0, 1, 3, 2)  # [A, M, Nk, D] -> [A, M, D, Nk]
+    if out is None:
+        out = np.empty((A, M, N, v.shape[3]), dtype=q.dtype)
+    elif squeeze:
+        out = out[None]
+    # A step: ta batches x tm maps x tn query rows, at most chunk_elements logits
+    if N * Nk > chunk_elements:  # whole grid rows (q_w queries each) of one map, so the rel-pos terms slice cleanly
+        ta, tm, tn = 1, 1, max(1, chunk_elements // (Nk * q_w)) * q_w
+    elif M * N * Nk > chunk_elements:
+        ta, tm, tn = 1, chunk_elements // (N * Nk), N
     else:
-        # whole grid rows (q_w queries each), so the rel-pos terms slice cleanly
-        maps_per_step, rows_per_step = 1, max(1, chunk_elements // (Nk * q_w)) * q_w
-    map_steps, row_steps = -(-G // maps_per_step), -(-N // rows_per_step)
+        ta, tm, tn = chunk_elements // (M * N * Nk), M, N
+    steps_m, steps_n = -(-M // tm), -(-N // tn)
 
     def work(start, stop):
         for step in range(start, stop):
-            g0, n0 = divmod(step, row_steps)
-            g0, n0 = g0 * maps_per_step, n0 * rows_per_step
-            g1, n1 = min(G, g0 + maps_per_step), min(N, n0 + rows_per_step)
-            attn = q[g0:g1, n0:n1] @ kT[g0:g1]  # [g, n, D] @ [g, D, Nk] -> [g, n, Nk]
+            a0, rest = divmod(step, steps_m * steps_n)
+            m0, n0 = divmod(rest, steps_n)
+            a0, m0, n0 = a0 * ta, m0 * tm, n0 * tn
+            a, m, n = slice(a0, a0 + ta), slice(m0, m0 + tm), slice(n0, min(N, n0 + tn))
+            attn = q[a, m, n] @ kT[a, m]  # [a, m, n, D] @ [a, m, D, Nk] -> [a, m, n, Nk]
             if rel_h is not None:
-                add_decomposed_rel_pos(attn, rel_h[g0:g1, n0 // q_w:n1 // q_w], rel_w[g0:g1, n0 // q_w:n1 // q_w])
+                rows = slice(n.start // q_w, n.stop // q_w)
+                add_decomposed_rel_pos(attn, rel_h[a, m, rows], rel_w[a, m, rows])
             # softmax(dim=-1), in place
-            ops.exp_below_max_(attn, attn.max(axis=-1, keepdims=True))  # [g, n, Nk] - [g, n, 1], no subnormals
-            denom = attn.sum(axis=-1, keepdims=True)  # [g, n, Nk] -> [g, n, 1]
-            # Dividing the [g, n, D] product rather than the [g, n, Nk] probabilities:
+            ops.exp_below_max_(attn, attn.max(axis=-1, keepdims=True))  # minus the row max, no subnormals
+            denom = attn.sum(axis=-1, keepdims=True)  # [a, m, n, Nk] -> [a, m, n, 1]
+            # Dividing the [n, D] product rather than the [n, Nk] probabilities:
             # the same mathematics, D/Nk as many divisions (rounding differs by an ulp or so).
-            o = np.matmul(attn, v[g0:g1], out=out[g0:g1, n0:n1])  # [g, n, Nk] @ [g, Nk, D] -> [g, n, D]
+            o = np.matmul(attn, v[a, m], out=out[a, m, n])  # [a, m, n, Nk] @ [a, m, Nk, D] -> [a, m, n, D]
             o /= denom
 
     # steps over threads (BLAS single-threaded inside, see ops.single_threaded_blas)
-    ops.parallel_rows(work, map_steps * row_steps, threads=ops.row_threads() if ops.blas_is_single() else 1)
-    return out
+    ops.parallel_rows(work, -(-A // ta) * steps_m * steps_n,
+                      threads=ops.row_threads() if ops.blas_is_single() else 1)
+    return out[0] if squeeze else out
 
 
 def window_partition(x: np.ndarray, window_size: int) -> Tuple[np.ndarray, Tuple[int, int]]:
@@ -373,33 +390,33 @@ def decomposed_rel_pos(q: np.ndarray, rel_pos_h: np.ndarray, rel_pos_w: np.ndarr
                        q_size: Tuple[int, int], k_size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
     """Mirror of the first half of image_encoder.py: add_decomposed_rel_pos (from MViTv2).
 
-    q [G, q_h*q_w, D] -> rel_h [G, q_h, q_w, k_h], rel_w [G, q_h, q_w, k_w]: the
-    official einsums "bhwc,hkc->bhwk" and "bhwc,wkc->bhwk", as batched matmuls.
+    q [..., q_h*q_w, D] (any leading axes: [G, N, D] or [B, h, N, D]) ->
+    rel_h [..., q_h, q_w, k_h], rel_w [..., q_h, q_w, k_w]: the official einsums
+    "bhwc,hkc->bhwk" and "bhwc,wkc->bhwk", as batched matmuls.
     """
     q_h, q_w = q_size
     k_h, k_w = k_size
     Rh = get_rel_pos(q_h, k_h, rel_pos_h)  # -> [q_h, k_h, D]
     Rw = get_rel_pos(q_w, k_w, rel_pos_w)  # -> [q_w, k_w, D]
 
-    G, _, dim = q.shape
-    r_q = q.reshape(G, q_h, q_w, dim)  # [G, N, D] -> [G, q_h, q_w, D]
-    rel_h = r_q @ Rh.transpose(0, 2, 1)  # [G, q_h, q_w, D] @ [q_h, D, k_h] -> [G, q_h, q_w, k_h]
-    rel_w = r_q.transpose(0, 2, 1, 3) @ Rw.transpose(0, 2, 1)  # [G, q_w, q_h, D] @ [q_w, D, k_w] -> [G, q_w, q_h, k_w]
-    return rel_h, rel_w.transpose(0, 2, 1, 3)  # -> [G, q_h, q_w, k_w]
+    r_q = q.reshape(q.shape[:-2] + (q_h, q_w, q.shape[-1]))  # [..., N, D] -> [..., q_h, q_w, D]
+    rel_h = r_q @ Rh.transpose(0, 2, 1)  # [..., q_h, q_w, D] @ [q_h, D, k_h] -> [..., q_h, q_w, k_h]
+    rel_w = r_q.swapaxes(-3, -2) @ Rw.transpose(0, 2, 1)  # [..., q_w, q_h, D] @ [q_w, D, k_w] -> [..., q_w, q_h, k_w]
+    return rel_h, rel_w.swapaxes(-3, -2)  # -> [..., q_h, q_w, k_w]
 
 
 def add_decomposed_rel_pos(attn: np.ndarray, rel_h: np.ndarray, rel_w: np.ndarray) -> np.ndarray:
     """Mirror of the second half of image_encoder.py: add_decomposed_rel_pos, in place.
 
-    attn [G, n_h*q_w, k_h*k_w] for a block of n_h query rows of the grid, with
-    their rel_h [G, n_h, q_w, k_h] and rel_w [G, n_h, q_w, k_w]:
-    attn[g, (i, j), (y, x)] += rel_h[g, i, j, y] + rel_w[g, i, j, x].
+    attn [..., n_h*q_w, k_h*k_w] for a block of n_h query rows of the grid, with
+    their rel_h [..., n_h, q_w, k_h] and rel_w [..., n_h, q_w, k_w]:
+    attn[..., (i, j), (y, x)] += rel_h[..., i, j, y] + rel_w[..., i, j, x].
     """
-    G, n_h, q_w, k_h = rel_h.shape
-    k_w = rel_w.shape[3]
-    view = attn.reshape(G, n_h, q_w, k_h, k_w)  # [G, n, Nk] -> [G, n_h, q_w, k_h, k_w] (a view)
-    view += rel_h[:, :, :, :, None]
-    view += rel_w[:, :, :, None, :]
+    n_h, q_w, k_h = rel_h.shape[-3:]
+    k_w = rel_w.shape[-1]
+    view = attn.reshape(attn.shape[:-2] + (n_h, q_w, k_h, k_w))  # [..., n, Nk] -> [..., n_h, q_w, k_h, k_w] (a view)
+    view += rel_h[..., None]
+    view += rel_w[..., None, :]
     return attn
 
 

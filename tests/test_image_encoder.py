@@ -165,6 +165,26 @@ def test_attention_chunks_agree(chunk):
     assert_close(ours.attention(q, k, v, chunk_elements=chunk), expected, DECODER_F64, f"attention, no rel-pos (chunk {chunk})")
 
 
+@pytest.mark.parametrize("chunk", [1, 300, 1800, 7200, 1 << 22])
+def test_attention_strided_batches(chunk):
+    """As Attention.forward calls it: q, k, v [B, h, N, D] views of one qkv
+    projection [B, N, 3, h, D], the output written into a [B, N, h, D] array
+    through its [B, h, N, D] view; steps of several batches, several maps or
+    rows of one map."""
+    rng = np.random.default_rng(2)
+    B, h, q_h, q_w, D = 3, 4, 5, 6, 8
+    N = q_h * q_w
+    qkv = rng.standard_normal((B, N, 3, h, D))
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # 3 x [B, h, N, D], strided
+    rel_h, rel_w = rng.standard_normal((B, h, q_h, q_w, q_h)), rng.standard_normal((B, h, q_h, q_w, q_w))
+    out = np.full((B, N, h, D), np.nan)
+    got = ours.attention(q, k, v, rel_h, rel_w, chunk_elements=chunk, out=out.transpose(0, 2, 1, 3))
+    assert np.shares_memory(got, out)
+    logits = q @ k.swapaxes(-1, -2) + (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, h, N, -1)
+    expected = torch.from_numpy(logits).softmax(-1).numpy() @ v  # [B, h, N, D]
+    assert_close(out, expected.transpose(0, 2, 1, 3), DECODER_F64, f"strided attention (chunk {chunk})")
+
+
 def test_bad_input_raises():
     _, mine = _pair(np.float32, 0, img_size=32, patch_size=16, embed_dim=16, depth=1, num_heads=2, out_chans=8)
     for bad, what in [(np.zeros((3, 32, 32)), "shape"), (np.zeros((1, 4, 32, 32)), "shape"),
