@@ -427,6 +427,24 @@ def test_safetensors_bfloat16_becomes_float32(tmp_path):
     assert_bitwise_equal(load_safetensors(path)[0]["x"], values, "bf16")
 
 
+def test_safetensors_unaligned_tensors_are_read_aligned(tmp_path):
+    """A writer that packs tensors without aligning them (3 bytes, then float32
+    and float64 at odd offsets): the values are right and every array is
+    aligned (aligned tensors are views of one buffer, these are copies)."""
+    f32, f64 = np.arange(5, dtype="<f4") / 3, np.arange(3, dtype="<f8") / 7
+    raw = b"abc" + f32.tobytes() + f64.tobytes()
+    header = {"u": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+              "f": {"dtype": "F32", "shape": [5], "data_offsets": [3, 23]},
+              "d": {"dtype": "F64", "shape": [3], "data_offsets": [23, 47]}}
+    path = tmp_path / "packed.safetensors"
+    path.write_bytes(safetensors_bytes(header, raw))
+    got, _ = load_safetensors(path)
+    assert got["u"].tobytes() == b"abc"
+    np.testing.assert_array_equal(got["f"], f32)
+    np.testing.assert_array_equal(got["d"], f64)
+    assert all(a.flags.aligned and a.flags.writeable for a in got.values())
+
+
 @pytest.mark.parametrize(
     "header, data, match",
     [
