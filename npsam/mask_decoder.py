@@ -165,8 +165,8 @@ class MaskDecoder(Module):
             return cached[5], cached[6], cached[7]
         check_finite("image_embeddings", image_embeddings)  # a hit above was checked when it was kept
         check_finite("image_pe", image_pe)
-        src_t = (image_embeddings + dense[:, None, None]).reshape(c, h * w)  # [1, C, H, W] + [C, 1, 1] -> [C, HW]
-        src = ops.transpose(src_t)[None]  # -> [1, HW, C]
+        # [1, C, H, W] + [C, 1, 1] -> [C, HW] -> [1, HW, C], added while transposed
+        src = ops.transpose(image_embeddings.reshape(c, h * w), add=dense)[None]
         # The PE as rows: get_dense_pe's is a [C, H, W] view of an [H, W, C] array
         # (as official, a permute), so this is a view of it; any other is copied.
         pos_src = image_pe[0].transpose(1, 2, 0).reshape(1, h * w, c)  # [1, C, H, W] -> [1, HW, C]

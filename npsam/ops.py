@@ -804,14 +804,18 @@ def same_contents(a: np.ndarray, b: np.ndarray) -> bool:
     return not unequal
 
 
-def transpose(x: np.ndarray, block: int = 256) -> np.ndarray:
+def transpose(x: np.ndarray, block: int = 256, add: Optional[np.ndarray] = None) -> np.ndarray:
     """x.T as a new C-contiguous array, [M, N] -> [N, M], copied in blocks of
-    ``block`` output rows (each block's source columns stay in cache) over threads."""
+    ``block`` output rows (each block's source columns stay in cache) over threads.
+    With ``add`` [M]: x.T + add in the same pass (x + add[:, None], transposed)."""
     out = np.empty((x.shape[1], x.shape[0]), x.dtype)
 
     def work(start, stop):
         for lo, hi in blocks(start, stop, block):
-            out[lo:hi] = x[:, lo:hi].T
+            if add is None:
+                out[lo:hi] = x[:, lo:hi].T
+            else:
+                np.add(x[:, lo:hi].T, add, out=out[lo:hi])
 
     parallel_rows(work, out.shape[0], min_rows=block)
     return out

@@ -174,3 +174,25 @@ def test_onnx_model_rejects_a_nan_embedding(sam, emb):
     with pytest.raises(ValueError, match=r"image_embeddings: expected finite"):
         model(image_embeddings=x, point_coords=np.array([[[10.0, 20.0]]]), point_labels=np.array([[1.0]]),
               mask_input=np.zeros((1, 1, 256, 256)), has_mask_input=np.zeros(1), orig_im_size=np.array([64.0, 64.0]))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_check_finite_finds_any_nan_or_inf(dtype):
+    """check_finite reduces with min and max (no boolean array): a NaN, +inf or
+    -inf anywhere, alone or together, is found; finite, empty and broadcast
+    arrays pass."""
+    from npsam.checks import check_finite
+
+    finite = np.linspace(-3e3, 3e3, 24, dtype=dtype).reshape(2, 3, 4)
+    for bad in ([np.nan], [np.inf], [-np.inf], [np.nan, np.inf], [-np.inf, np.inf]):
+        for index in [(0, 0, 0), (1, 2, 3), (1, 0, 2)]:
+            x = finite.copy()
+            for i, value in enumerate(bad):  # several bad values: the first at index, the rest after it
+                x.reshape(-1)[(np.ravel_multi_index(index, x.shape) + i) % x.size] = value
+            with pytest.raises(ValueError, match=r"x: expected finite values, got NaN or inf \(shape \[2, 3, 4\]\)"):
+                check_finite("x", x)
+    check_finite("x", finite)
+    check_finite("x", np.zeros((0, 3), dtype))
+    check_finite("x", np.broadcast_to(np.asarray(1, dtype), (5, 6)))
+    with pytest.raises(ValueError, match="x: expected finite"):
+        check_finite("x", np.broadcast_to(np.asarray(np.nan, dtype), (5, 6)))

@@ -367,3 +367,17 @@ def test_same_contents_is_array_equal(threads):
         assert ops.same_contents(a[:, ::2], np.ascontiguousarray(a[:, ::2]))  # any layout
     finally:
         ops.set_num_threads(saved)
+
+
+@given(m=st.integers(1, 40), n=st.integers(1, 70), block=st.integers(1, 16), with_add=st.booleans(),
+       seed=st.integers(0, 99))
+def test_transpose_in_blocks_is_exact(m, n, block, with_add, seed):
+    """ops.transpose (blocks of output rows over threads, the last ragged), with
+    and without the fused per-row add, equals x.T and (x + add[:, None]).T bit
+    for bit: the add is the same float32 sum in either layout."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, n)).astype(np.float32)
+    add = rng.standard_normal(m).astype(np.float32) if with_add else None
+    got = ops.transpose(x, block=block, add=add)
+    assert got.flags.c_contiguous and got.shape == (n, m)
+    np.testing.assert_array_equal(got, (x if add is None else x + add[:, None]).T)
