@@ -45,9 +45,15 @@ class MLPBlock(Module):
         x2 = x.reshape(-1, x.shape[-1])  # [..., C] -> [R, C]
         out = np.empty((x2.shape[0], self.lin2.out_features), dtype=x.dtype)
 
+        act = getattr(self.act, "forward_", self.act)  # in place where the activation can be
+
         def work(start, stop):
             for lo, hi in ops.blocks(start, stop, self.ROWS):
-                out[lo:hi] = self.lin2(self.act(self.lin1(x2[lo:hi])))  # [r, C] -> [r, M] -> [r, C]
+                hidden = act(self.lin1(x2[lo:hi]))  # [r, C] -> [r, M], activated in place: a fresh array
+                # lin2 straight into the result (as nn.Linear on many rows: x @ weight.T + bias)
+                np.matmul(hidden, self.lin2.weight.T, out=out[lo:hi])  # [r, M] -> [r, C]
+                if self.lin2.has_bias:
+                    out[lo:hi] += self.lin2.bias
 
         ops.parallel_rows(work, x2.shape[0], min_rows=self.MIN_ROWS)
         return out.reshape(x.shape[:-1] + (out.shape[1],))  # -> [..., C]

@@ -316,3 +316,9 @@ class ReLU(Module):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         return ops.relu(x)
+
+    def forward_(self, x: np.ndarray) -> np.ndarray:
+        """``self(x)`` in place, for an x that nothing else holds (see GELU.forward_)."""
+        if _hook is not None:
+            return self(x)
+        return np.maximum(x, 0, out=x)

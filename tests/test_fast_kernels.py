@@ -288,16 +288,25 @@ def test_fused_decoder_threads_and_blocks_change_nothing_but_rounding(decoder, r
     assert_close(results[0][1], reference[1], m["tol"], "iou")
 
 
+class _Tanh(nn.Module):
+    """An activation with no in-place form (no forward_)."""
+
+    def forward(self, x):
+        return np.tanh(x)
+
+
+@pytest.mark.parametrize("act", [nn.GELU, nn.ReLU, _Tanh])
 @pytest.mark.parametrize("rows", [None, 128])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_fused_mlp_block_equals_the_plain_one(dtype, rows, monkeypatch):
-    """MLPBlock's fused row pass (lin1 -> GELU -> lin2 per block of rows, over
-    threads) against the plain module path, with the default block size (one
-    block per thread here) and with small blocks (several, the last ragged)."""
+def test_fused_mlp_block_equals_the_plain_one(dtype, rows, act, monkeypatch):
+    """MLPBlock's fused row pass (lin1 -> activation, in place where it can be ->
+    lin2 into the result, per block of rows, over threads) against the plain
+    module path, with the default block size (one block per thread here) and
+    with small blocks (several, the last ragged); the input is left alone."""
     from npsam.common import MLPBlock
 
     rng = np.random.default_rng(5)
-    mlp = MLPBlock(64, 256)
+    mlp = MLPBlock(64, 256, act)
     mlp.load_state_dict({"lin1.weight": rng.standard_normal((256, 64)) * 0.1, "lin1.bias": rng.standard_normal(256),
                          "lin2.weight": rng.standard_normal((64, 256)) * 0.1, "lin2.bias": rng.standard_normal(64)},
                         dtype=dtype)
@@ -306,9 +315,11 @@ def test_fused_mlp_block_equals_the_plain_one(dtype, rows, monkeypatch):
     x = rng.standard_normal((3, 333, 64)).astype(dtype)  # 999 rows: with ROWS 128, 3 full blocks and a ragged one per thread
     assert x.shape[0] * x.shape[1] >= 2 * MLPBlock.MIN_ROWS  # enough rows for Block.forward to take the fused pass
     plain = mlp(x)
+    x_before = x.copy()
     with ops.single_threaded_blas():
         assert ops.blas_is_single() == (ops.row_threads() > 1)  # where Block.forward takes the fused pass
         fused = mlp._forward_rows(x)
+    np.testing.assert_array_equal(x, x_before)
     assert fused.shape == plain.shape == (3, 333, 64)
     assert_close(fused, plain, DECODER_F32 if dtype == np.float32 else DECODER_F64, "fused MLPBlock")
 
