@@ -50,10 +50,8 @@ class MLPBlock(Module):
         def work(start, stop):
             for lo, hi in ops.blocks(start, stop, self.ROWS):
                 hidden = act(self.lin1(x2[lo:hi]))  # [r, C] -> [r, M], activated in place: a fresh array
-                # lin2 straight into the result (as nn.Linear on many rows: x @ weight.T + bias)
-                np.matmul(hidden, self.lin2.weight.T, out=out[lo:hi])  # [r, M] -> [r, C]
-                if self.lin2.has_bias:
-                    out[lo:hi] += self.lin2.bias
+                lin2 = self.lin2  # straight into the result
+                ops.linear(hidden, lin2.weight, lin2.bias if lin2.has_bias else None, out=out[lo:hi])  # -> [r, C]
 
         ops.parallel_rows(work, x2.shape[0], min_rows=self.MIN_ROWS)
         return out.reshape(x.shape[:-1] + (out.shape[1],))  # -> [..., C]

@@ -246,27 +246,21 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, rel_h: Optional[np.nd
     """softmax(q @ k^T + rel_h + rel_w) @ v, a block of query rows at a time.
 
     The rest of Attention.forward: ``attn = q @ k^T``, ``add_decomposed_rel_pos``,
-    ``attn.softmax(dim=-1)``, ``attn @ v``. q [G, N, D] or [B, h, N, D] (already
-    scaled), k, v the same with Nk rows; rel_h [..., q_h, q_w, k_h] and rel_w
-    [..., q_h, q_w, k_w] from :func:`decomposed_rel_pos` (N = q_h * q_w), or
-    None. Any of them may be strided views (the matrix products take them as
-    they are). Returns [..., N, D], written into ``out`` when given.
+    ``attn.softmax(dim=-1)``, ``attn @ v``. q [B, h, N, D] (already scaled), k, v
+    [B, h, Nk, D]; rel_h [B, h, q_h, q_w, k_h] and rel_w [B, h, q_h, q_w, k_w]
+    from :func:`decomposed_rel_pos` (N = q_h * q_w), or None. Any of them may be
+    strided views (the matrix products take them as they are). Returns
+    [B, h, N, D], written into ``out`` when given.
 
     Windowed blocks take several windows' maps per step; global ones take whole
     rows of the token grid of one map, so at most ``chunk_elements`` logits exist.
     """
-    squeeze = q.ndim == 3  # [G, N, D]: one batch of G maps
-    if squeeze:
-        q, k, v = q[None], k[None], v[None]
-        rel_h, rel_w = (None, None) if rel_h is None else (rel_h[None], rel_w[None])
     A, M, N, D = q.shape  # A batches (images or windows) of M maps (heads)
     Nk = k.shape[2]
     q_w = rel_h.shape[3] if rel_h is not None else 1
     kT = k.transpose(0, 1, 3, 2)  # [A, M, Nk, D] -> [A, M, D, Nk]
     if out is None:
         out = np.empty((A, M, N, v.shape[3]), dtype=q.dtype)
-    elif squeeze:
-        out = out[None]
     # A step: ta batches x tm maps x tn query rows, at most chunk_elements logits
     if N * Nk > chunk_elements:  # whole grid rows (q_w queries each) of one map, so the rel-pos terms slice cleanly
         ta, tm, tn = 1, 1, max(1, chunk_elements // (Nk * q_w)) * q_w
@@ -297,7 +291,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, rel_h: Optional[np.nd
     # steps over threads (BLAS single-threaded inside, see ops.single_threaded_blas)
     ops.parallel_rows(work, -(-A // ta) * steps_m * steps_n,
                       threads=ops.row_threads() if ops.blas_is_single() else 1)
-    return out[0] if squeeze else out
+    return out
 
 
 def window_partition(x: np.ndarray, window_size: int) -> Tuple[np.ndarray, Tuple[int, int]]:

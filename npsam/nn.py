@@ -293,13 +293,8 @@ class ConvTranspose2d(Module):
         return f"{self.in_channels}, {self.out_channels}, kernel_size=(2, 2), stride=(2, 2)"
 
 
-class GELU(Module):
-    """Mirror of nn.GELU() (exact erf form). ``precise``: see ops.gelu."""
-
-    precise = False
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        return ops.gelu(x, precise=self.precise)
+class InPlaceActivation(Module):
+    """An element-wise activation that can also run in place: ``forward_(x)``."""
 
     def forward_(self, x: np.ndarray) -> np.ndarray:
         """``self(x)`` for an x that nothing else holds (a layer's fresh output),
@@ -308,17 +303,29 @@ class GELU(Module):
         While a trace is open the module is called as usual: the trace keeps x."""
         if _hook is not None:
             return self(x)
+        return self._apply_(x)
+
+    def _apply_(self, x: np.ndarray) -> np.ndarray:  # the activation, written into x
+        raise NotImplementedError
+
+
+class GELU(InPlaceActivation):
+    """Mirror of nn.GELU() (exact erf form). ``precise``: see ops.gelu."""
+
+    precise = False
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return ops.gelu(x, precise=self.precise)
+
+    def _apply_(self, x: np.ndarray) -> np.ndarray:
         return ops.gelu(x, out=x, precise=self.precise)
 
 
-class ReLU(Module):
+class ReLU(InPlaceActivation):
     """Mirror of nn.ReLU."""
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         return ops.relu(x)
 
-    def forward_(self, x: np.ndarray) -> np.ndarray:
-        """``self(x)`` in place, for an x that nothing else holds (see GELU.forward_)."""
-        if _hook is not None:
-            return self(x)
-        return np.maximum(x, 0, out=x)
+    def _apply_(self, x: np.ndarray) -> np.ndarray:
+        return ops.relu(x, out=x)

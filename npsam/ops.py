@@ -433,9 +433,9 @@ def gelu_block(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def relu(x: np.ndarray) -> np.ndarray:
-    """Mirror of F.relu."""
-    return np.maximum(x, 0)
+def relu(x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Mirror of F.relu; ``out`` may be ``x``."""
+    return np.maximum(x, 0, out=out)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -505,7 +505,7 @@ LARGE_WEIGHT = 1 << 18  # elements (1 MB in float32)
 
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None,
-           weight_t: Optional[np.ndarray] = None) -> np.ndarray:
+           weight_t: Optional[np.ndarray] = None, out: Optional[np.ndarray] = None) -> np.ndarray:
     """Mirror of F.linear: x @ weight.T + bias, weight in PyTorch's (out, in) layout.
 
     For FEW_ROWS rows of x or fewer: a weight of LARGE_WEIGHT elements or more is
@@ -515,13 +515,16 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None,
     (nn.Linear does), which BLAS reads a third faster than the transposed view.
 
     The leading dimensions are flattened into one matrix product (a 3-D @ 2-D
-    matmul would make one small BLAS call per leading index)."""
+    matmul would make one small BLAS call per leading index). ``out``, a
+    C-contiguous [..., O] array, receives the result (no copy of it)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [..., C] -> [R, C]
+    assert out is None or out.flags.c_contiguous, "linear: out must be C-contiguous (reshaped as a view)"
+    o2 = None if out is None else out.reshape(-1, weight.shape[0])  # [..., O] -> [R, O], a view
     if x2.shape[0] <= FEW_ROWS and weight.size >= LARGE_WEIGHT:
-        y = (weight @ x2.T).T  # ([O, C] @ [C, R]).T -> [R, O] (Fortran order)
+        y = np.matmul(weight, x2.T, out=None if o2 is None else o2.T).T  # ([O, C] @ [C, R]).T -> [R, O]
     else:
-        y = x2 @ (weight.T if weight_t is None else weight_t)  # [R, C] @ [C, O] -> [R, O]
+        y = np.matmul(x2, weight.T if weight_t is None else weight_t, out=o2)  # [R, C] @ [C, O] -> [R, O]
     y = y.reshape(lead + (weight.shape[0],))  # -> [..., O]
     if bias is not None:
         y += bias

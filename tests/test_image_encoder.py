@@ -154,14 +154,14 @@ def test_window_partition_roundtrip(H, W, ws, B):
 def test_attention_chunks_agree(chunk):
     """Any chunk budget (query rows one at a time, several maps at once, whole) gives the same result."""
     rng = np.random.default_rng(1)
-    G, q_h, q_w, D = 5, 6, 7, 8
-    q, k, v = (rng.standard_normal((G, q_h * q_w, D)) for _ in range(3))
-    rel_h, rel_w = rng.standard_normal((G, q_h, q_w, q_h)), rng.standard_normal((G, q_h, q_w, q_w))
-    logits = q @ k.transpose(0, 2, 1) + (rel_h[..., :, None] + rel_w[..., None, :]).reshape(G, q_h * q_w, -1)
+    G, q_h, q_w, D = 5, 6, 7, 8  # one image of G heads: [1, G, N, D]
+    q, k, v = (rng.standard_normal((1, G, q_h * q_w, D)) for _ in range(3))
+    rel_h, rel_w = rng.standard_normal((1, G, q_h, q_w, q_h)), rng.standard_normal((1, G, q_h, q_w, q_w))
+    logits = q @ k.swapaxes(-1, -2) + (rel_h[..., :, None] + rel_w[..., None, :]).reshape(1, G, q_h * q_w, -1)
     expected = torch.from_numpy(logits).softmax(-1).numpy() @ v
     assert_close(ours.attention(q, k, v, rel_h, rel_w, chunk_elements=chunk), expected, DECODER_F64,
                  f"attention (chunk {chunk})")
-    expected = torch.from_numpy(q @ k.transpose(0, 2, 1)).softmax(-1).numpy() @ v
+    expected = torch.from_numpy(q @ k.swapaxes(-1, -2)).softmax(-1).numpy() @ v
     assert_close(ours.attention(q, k, v, chunk_elements=chunk), expected, DECODER_F64, f"attention, no rel-pos (chunk {chunk})")
 
 

@@ -77,6 +77,8 @@ def test_gelu_is_not_the_tanh_approximation():
 def test_relu_sigmoid_softmax(dtype, tol, seed, shape):
     x = rand(np.random.default_rng(seed), shape, dtype, 20.0)
     assert_close(ops.relu(x), F.relu(T(x)).numpy(), tol, "relu")
+    y = x.copy()
+    assert ops.relu(y, out=y) is y and np.array_equal(y, ops.relu(x))  # in place
     assert_close(ops.sigmoid(x), torch.sigmoid(T(x)).numpy(), tol, "sigmoid")
     assert_close(ops.softmax(x.copy(), -1), torch.softmax(T(x), -1).numpy(), tol, "softmax")
 
@@ -90,6 +92,27 @@ def test_linear(dtype, tol, seed, lead, cin, cout, bias):
     b = rand(rng, (cout,), dtype) if bias else None
     ref = F.linear(T(x), T(w), None if b is None else T(b)).numpy()
     assert_close(ops.linear(x, w, b), ref, tol, "linear")
+
+
+@given(seed=st.integers(0, 2**31), rows=st.integers(1, 80), bias=st.booleans(), few_rows_orientation=st.booleans())
+def test_linear_into_out(seed, rows, bias, few_rows_orientation):
+    """ops.linear(..., out=) writes the result into out, bit for bit what it
+    returns without out, in both orientations (weight @ x.T for a few rows and a
+    large weight, forced here by lowering LARGE_WEIGHT; x @ weight.T otherwise)."""
+    rng = np.random.default_rng(seed)
+    x, w = rand(rng, (rows, 24), np.float32), rand(rng, (40, 24), np.float32)
+    b = rand(rng, (40,), np.float32) if bias else None
+    saved = ops.LARGE_WEIGHT
+    ops.LARGE_WEIGHT = 1 if few_rows_orientation else saved
+    try:
+        expected = ops.linear(x, w, b)
+        out = np.full((rows + 3, 40), np.nan, np.float32)  # a block of rows of a larger array
+        got = ops.linear(x, w, b, out=out[2:2 + rows])
+    finally:
+        ops.LARGE_WEIGHT = saved
+    assert np.shares_memory(got, out)
+    np.testing.assert_array_equal(out[2:2 + rows], expected)
+    assert np.isnan(out[:2]).all() and np.isnan(out[2 + rows:]).all()  # nothing written outside
 
 
 @dtype_param
