@@ -261,7 +261,7 @@ def test_layer0_cache_follows_a_weight_reload(decoder):
     np.testing.assert_array_equal(after[1], expected[1])
 
 
-@pytest.mark.parametrize("rows", [64, 512, 4096])
+@pytest.mark.parametrize("rows", [64, 512, 2048, 4096])
 def test_fused_decoder_threads_and_blocks_change_nothing_but_rounding(decoder, rows):
     """The fused passes give the same masks on 1 or 2 threads (bit for bit: blocks
     are fixed by ROWS, not by threads) and, within the bar, for any block size."""
