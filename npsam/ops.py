@@ -220,6 +220,34 @@ def row_threads() -> int:
     return NUM_THREADS if _blas else 1
 
 
+# ---------------------------------------------------------------------------
+# Work arrays
+# ---------------------------------------------------------------------------
+# A fresh multi-megabyte temporary costs a page fault per 4 KB page whenever
+# the allocator has handed that memory back to the system, as glibc does with
+# the free top of its heap once a call's temporaries are gone: a one-prompt
+# decode faulted 2021 pages per call, about 1.5 us each here, and more when
+# the host is busy. Hot loops that make the same large temporaries call after
+# call (the decoder's passes over image rows and its upscaling, GELU) take
+# them from here instead: one set per thread, kept for the thread's life
+# (14 MB per thread for the float32 decoder). The decode now faults 4.
+_scratch = threading.local()
+
+
+def scratch(key: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
+    """A C-contiguous work array of ``shape`` and ``dtype`` for this thread,
+    contents undefined. The next call with the same ``key`` on this thread
+    returns the same memory (grown if need be), so the caller must be done
+    with it by then, and must not hand it out."""
+    dtype = np.dtype(dtype)
+    size = math.prod(shape)
+    bufs = _scratch.__dict__
+    buf = bufs.get(key)
+    if buf is None or buf.size < size or buf.dtype != dtype:
+        buf = bufs[key] = np.empty(max(size, 1), dtype)
+    return buf[:size].reshape(shape)
+
+
 def image_rows(job: int, per_image: int, rows: int, n: int) -> Tuple[int, int, int]:
     """Job ``job`` of a pass over blocks of ``rows`` rows of every image of ``n``
     rows (``per_image`` = ceil(n / rows) jobs each): (image, lo, hi)."""
@@ -366,15 +394,10 @@ _GELU_P = (3.5123425082250996e-09, -2.645267134887992e-07, 7.929489234396613e-06
 _GELU_NEG_P32 = tuple(np.float32(-c) for c in _GELU_P)  # -P, so that the last product gives -z
 
 
-_scratch = threading.local()  # per thread: reusable temporaries of the float32 GELU
-
-
 def _gelu_f32_block(x: np.ndarray, out: np.ndarray) -> None:
     """out[:] = gelu(x) for one cache-sized block of float32 (out may be x)."""
     c = _GELU_NEG_P32
-    buf = getattr(_scratch, "gelu", None)
-    if buf is None or buf.size < 2 * x.size:
-        buf = _scratch.gelu = np.empty(max(2 * x.size, 2 * CHUNK), np.float32)
+    buf = scratch("gelu", (max(2 * x.size, 2 * CHUNK),), np.float32)
     u = buf[: x.size].reshape(x.shape)
     p = buf[x.size: 2 * x.size].reshape(x.shape)
     # x^2 and exp(-z) overflow to inf on purpose for huge |x|; x = -inf gives

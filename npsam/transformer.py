@@ -123,20 +123,22 @@ class Attention(Module):
         vo += self.out_proj.bias / v.dtype.type(nh)
         return vo.reshape(b, nh * t, -1)
 
-    def from_image_rows(self, q: np.ndarray, kq: np.ndarray, kb: np.ndarray, vo: np.ndarray) -> np.ndarray:
+    def from_image_rows(self, q: np.ndarray, kq: np.ndarray, kb: np.ndarray, vo: np.ndarray,
+                        out: Optional[np.ndarray] = None) -> np.ndarray:
         """The image attending to the tokens, image side, for one prompt: image rows
-        q [R, C] and that prompt's kq, kb, vo ([h*T, C], [h*T, 1], [h*T, C]) -> [R, C]."""
+        q [R, C] and that prompt's kq, kb, vo ([h*T, C], [h*T, 1], [h*T, C]) -> [R, C]
+        (written into ``out`` when given)."""
         attn = kq @ q.T  # [h*T, C] @ [C, R] -> [h*T, R]: image rows along the long axis
         attn += kb
-        return self.from_image_logits(attn, vo)
+        return self.from_image_logits(attn, vo, out)
 
-    def from_image_logits(self, attn: np.ndarray, vo: np.ndarray) -> np.ndarray:
+    def from_image_logits(self, attn: np.ndarray, vo: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
         """The rest of from_image_rows, from one prompt's logits [h*T, R] (or
         [h, T, R]), in place: softmax over T within each head, then the sum of
-        vo's rows [h*T, C] they weight -> [R, C]."""
+        vo's rows [h*T, C] they weight -> [R, C] (written into ``out`` when given)."""
         r = attn.shape[-1]
         attn = ops.softmax_(attn.reshape(self.num_heads, -1, r), axis=1)  # over T within each head
-        return attn.reshape(-1, r).T @ vo  # [R, h*T] @ [h*T, C] -> [R, C]
+        return np.matmul(attn.reshape(-1, r).T, vo, out=out)  # [R, h*T] @ [h*T, C] -> [R, C]
 
     def attend_to_image(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         """forward(q, k, v) for tokens attending to the image: q [B, T, C]; k, v
@@ -399,18 +401,21 @@ class TwoWayTransformer(Module):
     @staticmethod
     def _block(lo, hi, j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts) -> None:
         """Image rows [lo, hi), block j, of a fused pass (see forward_fused): keys
-        [1 or B, HW, C] in, new_keys [B, HW, C] out when the pass runs a step (4)."""
-        b = qk.shape[0]
+        [1 or B, HW, C] in, new_keys [B, HW, C] out when the pass runs a step (4).
+        Its [R, C] and [h*T, R] temporaries are this thread's work arrays
+        (ops.scratch): the same every call, so no fresh pages to fault in."""
+        b, ht = qk.shape[:2]
         pe_blk = pe[lo:hi]  # [R, C]
+        shape, dtype = pe_blk.shape, pe.dtype
         shared = keys.shape[0] == 1  # one image for every prompt
         k_shared = None  # keys + PE of these rows, computed once for every prompt when the image is shared
 
         def key_rows(residual):
             nonlocal k_shared
             if not shared:
-                return residual + pe_blk
+                return np.add(residual, pe_blk, out=ops.scratch("decoder.key_rows", shape, dtype))
             if k_shared is None:
-                k_shared = residual + pe_blk
+                k_shared = np.add(residual, pe_blk, out=ops.scratch("decoder.key_rows", shape, dtype))
             return k_shared
 
         for p in range(b):
@@ -418,14 +423,16 @@ class TwoWayTransformer(Module):
             if step4 is not None:
                 # (4) of the previous layer: the image rows attend to the tokens, then norm4
                 step, norm = step4
-                attn_out = step(p, lo, hi, key_rows(residual) if step.needs_key_rows else None)  # -> [R, C]
+                attn_out = step(p, lo, hi, key_rows(residual) if step.needs_key_rows else None,
+                                out=ops.scratch("decoder.step4", shape, dtype))  # -> [R, C]
                 v_rows = ops.layer_norm_rows(attn_out, norm.weight, norm.bias, norm.eps, out=new_keys[p, lo:hi],
                                              add=residual)
-                k_rows = v_rows + pe_blk
+                k_rows = np.add(v_rows, pe_blk, out=ops.scratch("decoder.k_rows", shape, dtype))
             else:
                 v_rows, k_rows = residual, key_rows(residual)
             # (2) the tokens attend to these rows: this block's part of the softmax over HW
-            logits = qk[p] @ k_rows.T  # [h*T, C] @ [C, R] -> [h*T, R]
+            logits = np.matmul(qk[p], k_rows.T, out=ops.scratch("decoder.logits", (ht, hi - lo), dtype))
+            # [h*T, C] @ [C, R] -> [h*T, R]
             m = logits.max(axis=1)  # [h*T]
             ops.exp_below_max_(logits, m[:, None])
             l_parts[j, p] = logits.sum(axis=1)
@@ -516,8 +523,8 @@ class _Step4:
         self.attn = attn
         self.kq, self.kb, self.vo = attn.from_image_token_side(q, v)  # k = q (queries + PE), v (queries)
 
-    def __call__(self, p: int, lo: int, hi: int, k_rows: np.ndarray) -> np.ndarray:
-        return self.attn.from_image_rows(k_rows, self.kq[p], self.kb[p], self.vo[p])  # -> [R, C]
+    def __call__(self, p: int, lo: int, hi: int, k_rows: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+        return self.attn.from_image_rows(k_rows, self.kq[p], self.kb[p], self.vo[p], out)  # -> [R, C]
 
 
 class _Layer0Step4:
@@ -540,6 +547,6 @@ class _Layer0Step4:
         self.kh = a.k_proj(q).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # [B, T, I] -> [B, h, T, D]
         self.vo = a.from_image_values(v)  # -> [B, h*T, C]
 
-    def __call__(self, p: int, lo: int, hi: int, k_rows: None) -> np.ndarray:
+    def __call__(self, p: int, lo: int, hi: int, k_rows: None, out: Optional[np.ndarray] = None) -> np.ndarray:
         attn = self.kh[p] @ self.q4_t[:, :, lo:hi]  # [h, T, D] @ [h, D, R] -> [h, T, R]
-        return self.attn.from_image_logits(attn, self.vo[p])  # -> [R, C]
+        return self.attn.from_image_logits(attn, self.vo[p], out)  # -> [R, C]

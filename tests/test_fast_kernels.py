@@ -380,6 +380,44 @@ def test_same_contents_is_array_equal(threads):
         ops.set_num_threads(saved)
 
 
+def test_scratch_is_per_key_per_thread_and_grows():
+    a = ops.scratch("test.a", (3, 5), np.float32)
+    assert a.shape == (3, 5) and a.dtype == np.float32 and a.flags.c_contiguous
+    assert np.shares_memory(ops.scratch("test.a", (5, 3), np.float32), a)  # the same memory, reshaped
+    assert not np.shares_memory(ops.scratch("test.b", (3, 5), np.float32), a)  # another key, another array
+    big = ops.scratch("test.a", (100, 7), np.float32)  # grown
+    assert big.shape == (100, 7) and np.shares_memory(ops.scratch("test.a", (2, 2), np.float32), big)
+    f64 = ops.scratch("test.a", (4,), np.float64)
+    assert f64.dtype == np.float64 and f64.shape == (4,)
+    seen = []
+    ops.parallel_rows(lambda lo, hi: seen.append(ops.scratch("test.c", (8,), np.float32)), 2, threads=2)
+    if ops.NUM_THREADS >= 2:
+        assert len(seen) == 2 and not np.shares_memory(seen[0], seen[1])  # one per thread
+
+
+def test_decoder_work_arrays_are_written_before_they_are_read(decoder):
+    """The fused passes take their temporaries from ops.scratch, whose contents
+    are left from the last call: NaN in every one of them changes nothing."""
+    m = decoder
+    md = m["md"]
+    sparse, dense = m["pe"](points=(np.array([[[500.0, 375.0]], [[10.0, 900.0]]]), np.array([[1], [0]])),
+                            boxes=None, masks=None)
+    pe = m["pe"].get_dense_pe()
+    saved = ops.NUM_THREADS
+    try:
+        ops.set_num_threads(1)  # every block on this thread, so all its work arrays are the ones poisoned below
+        reference = md.predict_masks(m["emb"], pe, sparse, dense)
+        poisoned = [k for k in ops._scratch.__dict__ if k.startswith(("decoder.", "upscale."))]
+        assert poisoned, "the fused passes no longer use ops.scratch: this test checks nothing"
+        for key in poisoned:
+            ops._scratch.__dict__[key].fill(np.nan)
+        again = md.predict_masks(m["emb"], pe, sparse, dense)
+    finally:
+        ops.set_num_threads(saved)
+    np.testing.assert_array_equal(again[0], reference[0])
+    np.testing.assert_array_equal(again[1], reference[1])
+
+
 @given(m=st.integers(1, 40), n=st.integers(1, 70), block=st.integers(1, 16), with_add=st.booleans(),
        seed=st.integers(0, 99))
 def test_transpose_in_blocks_is_exact(m, n, block, with_add, seed):
