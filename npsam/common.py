@@ -46,11 +46,12 @@ class MLPBlock(Module):
         out = np.empty((x2.shape[0], self.lin2.out_features), dtype=x.dtype)
 
         act = getattr(self.act, "forward_", self.act)  # in place where the activation can be
+        lin2 = self.lin2
 
         def work(start, stop):
             for lo, hi in ops.blocks(start, stop, self.ROWS):
                 hidden = act(self.lin1(x2[lo:hi]))  # [r, C] -> [r, M], activated in place: a fresh array
-                lin2 = self.lin2  # straight into the result
+                # lin2 straight into the result
                 ops.linear(hidden, lin2.weight, lin2.bias if lin2.has_bias else None, out=out[lo:hi])  # -> [r, C]
 
         ops.parallel_rows(work, x2.shape[0], min_rows=self.MIN_ROWS)

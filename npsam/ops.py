@@ -228,9 +228,10 @@ def row_threads() -> int:
 # the free top of its heap once a call's temporaries are gone: a one-prompt
 # decode faulted 2021 pages per call, about 1.5 us each here, and more when
 # the host is busy. Hot loops that make the same large temporaries call after
-# call (the decoder's passes over image rows and its upscaling, GELU) take
-# them from here instead: one set per thread, kept for the thread's life
-# (14 MB per thread for the float32 decoder). The decode now faults 4.
+# call (the decoder's passes over image rows and its upscaling, GELU, the
+# convolutions' im2col columns and depthwise sums) take them from here
+# instead: one set per thread, kept for the thread's life (14 MB per thread
+# for the float32 decoder). The decode now faults 4.
 _scratch = threading.local()
 
 
@@ -717,7 +718,7 @@ def conv2d(
     def work(start, stop):
         for j in range(start, stop):
             bi, r0, r1 = image_rows(j, per_image, rows, ho)
-            cols = np.empty((c, k, k, r1 - r0, wo), dtype=x.dtype)
+            cols = scratch("conv2d.cols", (c, k, k, r1 - r0, wo), x.dtype)
             for ki in range(k):
                 for kj in range(k):
                     cols[:, ki, kj] = x[bi, :, ki + stride * r0 : ki + stride * r1 : stride, kj : kj + stride * wo : stride]
@@ -770,7 +771,7 @@ def depthwise_conv2d(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarra
 
     def work(start, stop):
         shape = (per, ho * wp) if flat else (per, ho, wo)
-        acc, tmp = np.empty(shape, dtype=x.dtype), np.empty(shape, dtype=x.dtype)
+        acc, tmp = scratch("depthwise.acc", shape, x.dtype), scratch("depthwise.tmp", shape, x.dtype)
         for j in range(start, stop):
             bi, c0, c1 = image_rows(j, per_image, per, c)  # image bi, channels c0:c1
             a, t = acc[: c1 - c0], tmp[: c1 - c0]

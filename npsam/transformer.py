@@ -408,15 +408,13 @@ class TwoWayTransformer(Module):
         pe_blk = pe[lo:hi]  # [R, C]
         shape, dtype = pe_blk.shape, pe.dtype
         shared = keys.shape[0] == 1  # one image for every prompt
-        k_shared = None  # keys + PE of these rows, computed once for every prompt when the image is shared
+        k_rows_in = None  # keys + PE of these rows: computed once for every prompt when the image is shared
 
         def key_rows(residual):
-            nonlocal k_shared
-            if not shared:
-                return np.add(residual, pe_blk, out=ops.scratch("decoder.key_rows", shape, dtype))
-            if k_shared is None:
-                k_shared = np.add(residual, pe_blk, out=ops.scratch("decoder.key_rows", shape, dtype))
-            return k_shared
+            nonlocal k_rows_in
+            if k_rows_in is None or not shared:
+                k_rows_in = np.add(residual, pe_blk, out=ops.scratch("decoder.key_rows", shape, dtype))
+            return k_rows_in
 
         for p in range(b):
             residual = keys[0 if shared else p, lo:hi]  # [R, C]

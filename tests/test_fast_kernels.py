@@ -390,9 +390,13 @@ def test_scratch_is_per_key_per_thread_and_grows():
     f64 = ops.scratch("test.a", (4,), np.float64)
     assert f64.dtype == np.float64 and f64.shape == (4,)
     seen = []
-    ops.parallel_rows(lambda lo, hi: seen.append(ops.scratch("test.c", (8,), np.float32)), 2, threads=2)
-    if ops.NUM_THREADS >= 2:
-        assert len(seen) == 2 and not np.shares_memory(seen[0], seen[1])  # one per thread
+    saved = ops.NUM_THREADS
+    ops.set_num_threads(2)
+    try:
+        ops.parallel_rows(lambda lo, hi: seen.append(ops.scratch("test.c", (8,), np.float32)), 2)
+    finally:
+        ops.set_num_threads(saved)
+    assert len(seen) == 2 and not np.shares_memory(seen[0], seen[1])  # one per thread
 
 
 def test_decoder_work_arrays_are_written_before_they_are_read(decoder):
