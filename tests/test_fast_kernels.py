@@ -344,6 +344,29 @@ def test_parallel_rows_raises_what_a_range_raised_after_all_finished():
         ops.set_num_threads(saved)
 
 
+def test_openblas_is_found_where_numpy_loaded_it_and_in_numpys_wheel(monkeypatch):
+    """NumPy's wheels (what CI installs) bring OpenBLAS: found through the libraries
+    the process loaded (Linux), and through the wheel's folder where those cannot
+    be read; either way, its thread functions answer."""
+    import builtins
+
+    for found in (ops._find_openblas(), None):
+        if found is None:
+            real_open = builtins.open
+
+            def no_maps(path, *args, **kwargs):
+                if path == "/proc/self/maps":
+                    raise OSError("not readable here")
+                return real_open(path, *args, **kwargs)
+
+            monkeypatch.setattr(builtins, "open", no_maps)
+            found = ops._find_openblas()
+            monkeypatch.undo()
+        assert found, "OpenBLAS not found"
+        set_, get = found
+        assert isinstance(get(), int) and get() >= 1
+
+
 def test_single_threaded_blas_nests_and_restores_blas_threads():
     get = ops._blas[1] if ops.row_threads() > 1 else None
     before = get() if get else None
