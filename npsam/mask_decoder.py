@@ -224,8 +224,9 @@ class MaskDecoder(Module):
                 y2 = y2.reshape(-1, o2)  # [R*4, O1] @ [O1, 4*O2] -> [R*16, O2]
                 y2 += conv2.bias
                 ops.gelu_block(y2, y2)
-                # the pixels as the long side of the product: twice as fast as hyper_in @ y2.T
-                blk = np.matmul(y2, hyper_in[p].T, out=ops.scratch("upscale.masks", (16 * n, m), src.dtype))
+                # the pixels as the long side of the product: twice as fast as hyper_in @ y2.T;
+                # into y1's work array, read by now (the masks need a quarter of it)
+                blk = np.matmul(y2, hyper_in[p].T, out=ops.scratch("upscale.y1", (16 * n, m), src.dtype))
                 # [R*16, C/8] @ [C/8, M] -> [R*16, M], rows in (h, w, i, j, k, l) order
                 blk = blk.reshape(r1 - r0, w, 2, 2, 2, 2, m).transpose(6, 0, 2, 4, 1, 3, 5)  # -> [M, h, i, k, w, j, l]
                 masks[p, :, 4 * r0:4 * r1].reshape(blk.shape)[...] = blk

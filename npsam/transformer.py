@@ -425,7 +425,7 @@ class TwoWayTransformer(Module):
                                 out=ops.scratch("decoder.step4", shape, dtype))  # -> [R, C]
                 v_rows = ops.layer_norm_rows(attn_out, norm.weight, norm.bias, norm.eps, out=new_keys[p, lo:hi],
                                              add=residual)
-                k_rows = np.add(v_rows, pe_blk, out=ops.scratch("decoder.k_rows", shape, dtype))
+                k_rows = np.add(v_rows, pe_blk, out=attn_out)  # into step (4)'s work array, read by now
             else:
                 v_rows, k_rows = residual, key_rows(residual)
             # (2) the tokens attend to these rows: this block's part of the softmax over HW
