@@ -350,21 +350,21 @@ def test_openblas_is_found_where_numpy_loaded_it_and_in_numpys_wheel(monkeypatch
     be read; either way, its thread functions answer."""
     import builtins
 
-    for found in (ops._find_openblas(), None):
-        if found is None:
-            real_open = builtins.open
+    real_open = builtins.open
 
-            def no_maps(path, *args, **kwargs):
-                if path == "/proc/self/maps":
-                    raise OSError("not readable here")
-                return real_open(path, *args, **kwargs)
+    def no_maps(path, *args, **kwargs):
+        if path == "/proc/self/maps":
+            raise OSError("not readable here")
+        return real_open(path, *args, **kwargs)
 
-            monkeypatch.setattr(builtins, "open", no_maps)
-            found = ops._find_openblas()
-            monkeypatch.undo()
-        assert found, "OpenBLAS not found"
-        set_, get = found
-        assert isinstance(get(), int) and get() >= 1
+    from_maps = ops._find_openblas()
+    monkeypatch.setattr(builtins, "open", no_maps)
+    from_wheel = ops._find_openblas()
+    monkeypatch.undo()
+    for how, found in (("loaded libraries", from_maps), ("the wheel's folder", from_wheel)):
+        assert found, f"OpenBLAS not found through {how}"
+        _, get = found
+        assert isinstance(get(), int) and get() >= 1, how
 
 
 def test_single_threaded_blas_nests_and_restores_blas_threads():
