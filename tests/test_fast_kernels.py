@@ -73,6 +73,27 @@ def test_gelu_float32_extremes():
     assert np.all(np.abs(got[4:7] - exact) <= np.abs(theirs - exact))
 
 
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_softmax_weights_keep_products_normal_and_match_torch(dtype):
+    """Logits spread far beyond exp's range: every weight is at least sqrt(tiny),
+    so its product with any |v| in [sqrt(tiny), 1] is a normal float (the slow
+    subnormal products the floor exists to avoid), and the softmax still
+    matches torch's, which has no floor, within the decoder's tolerance."""
+    np_dtype, torch_dtype, tol = DTYPES[dtype]
+    rng = np.random.default_rng(0)
+    # one logit 0 and 4095 from -1 down to -1e5, across exp's whole range: the
+    # row's weight is mostly the top one's, so a floor set too high shows
+    spread = np.concatenate([[0.0], -np.geomspace(1, 1e5, 4095)])
+    x = (rng.permuted(np.tile(spread, (8, 1)), axis=1) + rng.normal(0, 5, (8, 1))).astype(np_dtype)
+    tiny = np.finfo(np_dtype).tiny
+    weights = ops.exp_below_max_(x.copy(), x.max(axis=-1, keepdims=True))
+    assert weights.max() == 1 and weights.min() >= np.sqrt(tiny)
+    v = np.geomspace(np.sqrt(tiny), 1, 97).astype(np_dtype)
+    products = weights.reshape(-1)[:, None] * v  # every weight times every scale of v
+    assert np.all(np.abs(products) >= tiny), "a weight times some |v| >= sqrt(tiny) is subnormal"
+    assert_close(ops.softmax(x, -1), torch.softmax(torch.from_numpy(x), -1).numpy(), tol, "softmax")
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_gelu_threads_blocks_and_in_place_change_nothing(threads):
     x = np.random.default_rng(0).standard_normal((3, 70001)).astype(np.float32) * 3
