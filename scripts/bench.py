@@ -14,7 +14,11 @@ Each measurement is a fresh `python scripts/bench_worker.py --engine E --case C`
 figure); engines alternate A B C A B C ... over ``--repeats`` rounds; every
 worker warms up, then times ``--iters`` calls. Reported: median, min, max over
 all timed calls of all rounds, peak RSS (VmHWM), and the ratio npsam / other
-against the issue's targets. Threads: OMP/MKL/OPENBLAS_NUM_THREADS=2,
+against the issue's targets. Beside each ratio, the "paired" ratio: the median
+over rounds of each round's npsam / other (medians of the round's calls). A
+round's engines run back to back, seconds apart, so a drift in the machine's
+speed over the run (this shared VM's swings by a third within a minute) moves it
+less; the targets are judged on the plain ratio, as the issue defines it. Threads: OMP/MKL/OPENBLAS_NUM_THREADS=2,
 torch.set_num_threads(2), onnxruntime intra_op_num_threads=2.
 
 Cases:
@@ -155,6 +159,7 @@ def bench(cases, workdir: str, repeats: int, warmup: int, iters: int, log=print)
     for case in cases:
         engines = CASES[case]
         times = {e: [] for e in engines}
+        round_medians = {e: [] for e in engines}  # one per round: pairs engines run seconds apart
         peaks = {e: 0.0 for e in engines}
         # cold: one process is one sample, so more rounds instead of iterations
         rounds = repeats * (min(iters, 5) if case == "cold" else 1)
@@ -164,11 +169,13 @@ def bench(cases, workdir: str, repeats: int, warmup: int, iters: int, log=print)
                 out = run_worker(e, case, workdir, 0 if case == "cold" else (1 if case == "vitb" else warmup),
                                  n_iter)
                 times[e] += out["times"]
+                round_medians[e].append(statistics.median(out["times"]))
                 peaks[e] = max(peaks[e], out["peak_rss_mb"])
             log(f"  {case} round {r + 1}/{rounds}: " + ", ".join(
                 f"{e} {1000 * statistics.median(times[e]):.1f} ms" for e in engines))
         results[case] = {e: {"median_s": statistics.median(times[e]), "min_s": min(times[e]),
-                             "max_s": max(times[e]), "n": len(times[e]), "peak_rss_mb": peaks[e]}
+                             "max_s": max(times[e]), "n": len(times[e]), "peak_rss_mb": peaks[e],
+                             "round_medians_s": round_medians[e]}
                          for e in engines}
     return results
 
@@ -180,8 +187,11 @@ def ratios(results: dict) -> list:
             if other in res:
                 target = TARGETS.get((case, other))
                 r = res["npsam"]["median_s"] / res[other]["median_s"]
+                pairs = zip(res["npsam"].get("round_medians_s", ()), res[other].get("round_medians_s", ()))
+                paired = [a / b for a, b in pairs]
                 rows.append({"case": case, "vs": other, "ratio": r, "target": target,
-                             "met": None if target is None else r <= target})
+                             "met": None if target is None else r <= target,
+                             "paired": statistics.median(paired) if paired else None})
         if case == "cold":
             t = res["npsam"]["median_s"]
             rows.append({"case": case, "vs": "seconds", "ratio": t, "target": COLD_TARGET_S, "met": t <= COLD_TARGET_S})
@@ -200,11 +210,13 @@ def markdown(results: dict, rows: list, meta: dict) -> str:
         for e, r in res.items():
             lines.append(f"| {case} | {e} | {1000 * r['median_s']:.1f} | {1000 * r['min_s']:.1f} | "
                          f"{1000 * r['max_s']:.1f} | {r['peak_rss_mb']:.0f} |")
-    lines += ["", "| case | npsam vs | ratio | target | met |", "|---|---|---|---|---|"]
+    lines += ["", "Paired: the median over rounds of each round's ratio (engines run seconds apart).",
+              "", "| case | npsam vs | ratio | paired | target | met |", "|---|---|---|---|---|---|"]
     for row in rows:
         tgt = "" if row["target"] is None else f"{row['target']:g}"
         met = "" if row["met"] is None else ("yes" if row["met"] else "no")
-        lines.append(f"| {row['case']} | {row['vs']} | {row['ratio']:.3g} | {tgt} | {met} |")
+        paired = "" if row.get("paired") is None else f"{row['paired']:.3g}"
+        lines.append(f"| {row['case']} | {row['vs']} | {row['ratio']:.3g} | {paired} | {tgt} | {met} |")
     return "\n".join(lines) + "\n"
 
 

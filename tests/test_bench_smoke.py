@@ -6,6 +6,7 @@ every worker runs, and that the JSON and markdown reports are complete.
 """
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -30,6 +31,11 @@ def test_quick_bench_writes_every_case_and_engine(tmp_path):
             assert r["n"] >= 1 and 0 < r["min_s"] <= r["median_s"] <= r["max_s"], (case, engine, r)
             assert r["peak_rss_mb"] > 0, (case, engine)
             assert f"| {case} | {engine} |" in md
+    for row in report["ratios"]:
+        if row["vs"] in bench.CASES[row["case"]]:  # against another engine: paired round by round
+            n, o = (report["results"][row["case"]][e]["round_medians_s"] for e in ("npsam", row["vs"]))
+            assert len(n) == len(o) >= 1, row  # one round, or two cold processes each
+            assert row["paired"] == pytest.approx(statistics.median(a / b for a, b in zip(n, o))), row
     targets = {(row["case"], row["vs"]) for row in report["ratios"]}
     for case, other in bench.TARGETS:
         if case in expected_cases:
@@ -45,3 +51,15 @@ def test_ratio_rows_compare_against_the_issue_targets():
     assert rows[("decoder1", "torch")]["ratio"] == pytest.approx(0.02 / 0.05) and rows[("decoder1", "torch")]["met"] is True
     assert rows[("decoder1", "ort")]["target"] is None and rows[("decoder1", "ort")]["met"] is None
     assert rows[("cold", "seconds")]["met"] is False
+    assert rows[("decoder1", "torch")]["paired"] is None  # no rounds recorded
+
+
+def test_paired_ratio_is_the_median_of_each_rounds_ratio():
+    # the machine slows down in rounds 2 and 3: both engines' times move, the per-round ratios less
+    results = {"onnx1": {"npsam": {"median_s": 0.06, "round_medians_s": [0.04, 0.06, 0.07]},
+                         "torch": {"median_s": 0.1, "round_medians_s": [0.1, 0.1, 0.1]},
+                         "ort": {"median_s": 0.07, "round_medians_s": [0.05, 0.07, 0.09]}}}
+    rows = {(r["case"], r["vs"]): r for r in bench.ratios(results)}
+    assert rows[("onnx1", "ort")]["ratio"] == pytest.approx(0.06 / 0.07)
+    assert rows[("onnx1", "ort")]["paired"] == pytest.approx(0.8)  # median of 0.8, 0.857, 0.778
+    assert rows[("onnx1", "torch")]["paired"] == pytest.approx(0.6)
