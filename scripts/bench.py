@@ -17,9 +17,10 @@ all timed calls of all rounds, peak RSS (VmHWM), and the ratio npsam / other
 against the issue's targets. Beside each ratio, the "paired" ratio: the median
 over rounds of each round's npsam / other (medians of the round's calls). A
 round's engines run back to back, seconds apart, so a drift in the machine's
-speed over the run (this shared VM's swings by a third within a minute) moves it
-less; the targets are judged on the plain ratio, as the issue defines it. Threads: OMP/MKL/OPENBLAS_NUM_THREADS=2,
-torch.set_num_threads(2), onnxruntime intra_op_num_threads=2.
+speed during the run moves it less (this shared VM's speed swung by a third
+within a minute); the targets are judged on the plain ratio, as the issue
+defines it. Threads: OMP/MKL/OPENBLAS_NUM_THREADS=2, torch.set_num_threads(2),
+onnxruntime intra_op_num_threads=2.
 
 Cases:
     decoder1   prompt encoder + mask decoder, 1 point + 1 box, multimask, low-res logits
