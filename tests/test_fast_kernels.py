@@ -79,7 +79,7 @@ def test_softmax_weights_keep_products_normal_and_match_torch(dtype):
     so its product with any |v| in [sqrt(tiny), 1] is a normal float (the slow
     subnormal products the floor exists to avoid), and the softmax still
     matches torch's, which has no floor, within the decoder's tolerance."""
-    np_dtype, torch_dtype, tol = DTYPES[dtype]
+    np_dtype, _, tol = DTYPES[dtype]
     rng = np.random.default_rng(0)
     # one logit 0 and 4095 from -1 down to -1e5, across exp's whole range: the
     # row's weight is mostly the top one's, so a floor set too high shows
