@@ -22,18 +22,24 @@ _LAZY = {
     "build_sam_vit_t": "build_sam",
     "SamPredictor": "predictor",
     "SamAutomaticMaskGenerator": "automatic_mask_generator",
-    "SamOnnxModel": "onnx",
-    "ResizeLongestSide": "transforms",
-    "convert": "convert",
-    "load_image": "image_io",
+    "SamOnnxModel": "utils.onnx",
+    "ResizeLongestSide": "utils.transforms",
+    "convert": "io.convert",
+    "load_image": "io.image_io",
 }
+# Submodules that stay importable as attributes of the package (npsam.trace.trace).
+_MODULES = {"trace": "tools.trace"}
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = sorted(_LAZY) + sorted(_MODULES) + ["__version__"]
 
 
 def __getattr__(name):
     if name in _LAZY:
         value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _MODULES:
+        value = import_module(f".{_MODULES[name]}", __name__)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'npsam' has no attribute {name!r}")

@@ -1,7 +1,7 @@
-"""``python -m npsam ...``: the npsam command line (npsam.cli)."""
+"""``python -m npsam ...``: the npsam command line (npsam.tools.cli)."""
 
 import sys
 
-from npsam.cli import main
+from npsam.tools.cli import main
 
 sys.exit(main())

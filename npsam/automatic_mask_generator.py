@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .amg import (
+from .utils.amg import (
     MaskData,
     area_from_rle,
     batch_iterator,
@@ -94,7 +94,7 @@ class SamAutomaticMaskGenerator:
         if points_per_batch < 1:
             raise ValueError(f"points_per_batch: expected a positive int, got {points_per_batch}")
         # NOTE(reference): the official imports cv2 when min_mask_region_area > 0;
-        # npsam.amg.remove_small_regions labels components itself.
+        # npsam.utils.amg.remove_small_regions labels components itself.
 
         from .predictor import SamPredictor  # imported here: the predictor pulls in the model code
 

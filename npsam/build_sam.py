@@ -19,10 +19,10 @@ from typing import Dict, Iterable, NamedTuple, Sequence, Tuple, Union
 
 import numpy as np
 
-from .mask_decoder import MaskDecoder
-from .prompt_encoder import PromptEncoder
-from .sam import Sam
-from .transformer import TwoWayTransformer
+from .modeling.mask_decoder import MaskDecoder
+from .modeling.prompt_encoder import PromptEncoder
+from .modeling.sam import Sam
+from .modeling.transformer import TwoWayTransformer
 
 PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 PathLike = Union[str, os.PathLike]
@@ -69,7 +69,7 @@ def build_modules(config: SamConfig, *, folded_bn: bool = False) -> Sam:
     prompt_embed_dim = config.prompt_embed_dim
     image_embedding_size = config.image_embedding_size
     if config.encoder == "vit":
-        from .image_encoder import ImageEncoderViT
+        from .modeling.image_encoder import ImageEncoderViT
 
         image_encoder = ImageEncoderViT(
             depth=config.encoder_depth,
@@ -86,7 +86,7 @@ def build_modules(config: SamConfig, *, folded_bn: bool = False) -> Sam:
             out_chans=prompt_embed_dim,
         )
     else:
-        from .tiny_vit import TinyViT
+        from .modeling.tiny_vit_sam import TinyViT
 
         image_encoder = TinyViT(
             img_size=config.image_size, in_chans=3, num_classes=1000,
@@ -160,10 +160,10 @@ def _read_one(path: PathLike) -> Dict[str, np.ndarray]:
     with open(path, "rb") as f:
         head = f.read(8)
     if head[:4] == b"PK\x03\x04" or head[:2] == b"\x80\x02":  # torch.save zip, or legacy pickle
-        from .checkpoint import load_torch_checkpoint
+        from .io.checkpoint import load_torch_checkpoint
 
         return load_torch_checkpoint(path)
-    from .checkpoint import load_safetensors
+    from .io.checkpoint import load_safetensors
 
     tensors, _metadata = load_safetensors(path)
     return tensors

@@ -11,10 +11,10 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .checks import check_array, check_bool
-from .image_io import check_image
-from .sam import Sam
-from .transforms import ResizeLongestSide
+from .kernels.checks import check_array, check_bool
+from .io.image_io import check_image
+from .modeling.sam import Sam
+from .utils.transforms import ResizeLongestSide
 
 
 class SamPredictor:

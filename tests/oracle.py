@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 # The runtime versions of the import trick and the float64 PE live in
-# npsam.crosscheck (which needs them without the tests); the oracle reuses them.
-from npsam.crosscheck import bare_package, float64_pe, stub_timm  # noqa: F401  (float64_pe re-exported)
+# npsam.tools.crosscheck (which needs them without the tests); the oracle reuses them.
+from npsam.tools.crosscheck import bare_package, float64_pe, stub_timm  # noqa: F401  (float64_pe re-exported)
 
 
 def _stub_torchvision() -> None:

@@ -1,4 +1,4 @@
-"""npsam.amg against the official segment_anything/utils/amg.py (torch), OpenCV
+"""npsam.utils.amg against the official segment_anything/utils/amg.py (torch), OpenCV
 (through the official remove_small_regions), pycocotools and torchvision's NMS
 semantics (the oracle stub and a torch-free transcription of its CPU kernel).
 
@@ -18,7 +18,7 @@ from hypothesis.extra import numpy as hnp
 import oracle
 from tolerances import MASK_IOU, mask_iou
 
-from npsam import amg
+from npsam.utils import amg
 
 oracle.segment_anything()
 from segment_anything.utils import amg as ref  # noqa: E402

@@ -186,8 +186,11 @@ def test_generator_rejects_bad_options(official_predictor_in_npsam):
 
 def _npsam_sam(official: Sam):
     """npsam's Sam with the same decoder weights and the same fixed embedding."""
-    from npsam import mask_decoder as md, prompt_encoder as pe, sam as sam_mod, transformer as tr
-    from npsam.nn import Module
+    from npsam.modeling import mask_decoder as md
+    from npsam.modeling import prompt_encoder as pe
+    from npsam.modeling import sam as sam_mod
+    from npsam.modeling import transformer as tr
+    from npsam.kernels.nn import Module
 
     class NpFixedEncoder(Module):
         def __init__(self, embedding: np.ndarray) -> None:

@@ -1,4 +1,4 @@
-"""npsam.checkpoint: torch.save files read without torch, malicious pickles
+"""npsam.io.checkpoint: torch.save files read without torch, malicious pickles
 refused, corrupt files rejected, safetensors headers checked.
 
 torch is used here only to write the files; the reading is checked in a
@@ -22,7 +22,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from npsam.checkpoint import (
+from npsam.io.checkpoint import (
     CheckpointError,
     UnsafeCheckpointError,
     load_safetensors,
@@ -89,7 +89,7 @@ def test_every_dtype_and_view_read_without_torch(tmp_path, legacy):
     src, out = tmp_path / "mixed.pth", tmp_path / "mixed.npz"
     torch.save(tensors, src, _use_new_zipfile_serialization=not legacy)
     result = run_without_torch(
-        "import numpy as np\nfrom npsam.checkpoint import load_torch_checkpoint\n"
+        "import numpy as np\nfrom npsam.io.checkpoint import load_torch_checkpoint\n"
         "np.savez(sys.argv[2], **load_torch_checkpoint(sys.argv[1]))",
         str(src), str(out),
     )
@@ -251,7 +251,7 @@ def test_reduce_objects_saved_by_torch_are_refused(tmp_path, legacy):
         path = tmp_path / f"evil{i}.pth"
         torch.save({"w": torch.ones(3), "evil": evil}, path, _use_new_zipfile_serialization=not legacy)
         result = run_without_torch(
-            "from npsam.checkpoint import load_torch_checkpoint\nload_torch_checkpoint(sys.argv[1])", str(path)
+            "from npsam.io.checkpoint import load_torch_checkpoint\nload_torch_checkpoint(sys.argv[1])", str(path)
         )
         assert result.returncode != 0
         assert "UnsafeCheckpointError" in result.stderr and f"'{name}'" in result.stderr, result.stderr

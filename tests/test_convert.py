@@ -1,4 +1,4 @@
-"""npsam.convert: official checkpoints (written by torch here) converted without
+"""npsam.io.convert: official checkpoints (written by torch here) converted without
 torch, bit for bit; model detection; strict key/shape checks; the command's
 errors and exit status.
 """
@@ -18,8 +18,8 @@ import torch
 from safetensors.numpy import load_file
 
 import oracle
-from npsam.checkpoint import CheckpointError
-from npsam.convert import (
+from npsam.io.checkpoint import CheckpointError
+from npsam.io.convert import (
     StateDictMismatchError,
     check_state_dict,
     convert,
@@ -74,12 +74,12 @@ def official_shapes(tiny_model):
 
 
 def run_convert_without_torch(*argv: str) -> subprocess.CompletedProcess:
-    """`python -m npsam.convert ARGV` in a process where importing torch fails."""
+    """`python -m npsam.io.convert ARGV` in a process where importing torch fails."""
     code = (
         "import sys\n"
         "sys.modules['torch'] = None\n"
         f"sys.path.insert(0, {REPO!r})\n"
-        "from npsam.convert import main\n"
+        "from npsam.io.convert import main\n"
         "status = main(sys.argv[1:])\n"
         "assert sys.modules.get('torch') is None, 'torch was imported'\n"
         "sys.exit(status)\n"
@@ -272,7 +272,7 @@ def test_mismatches_listed_together(official_shapes, vit_b, tmp_path):
     # A decoder-only file checked as vit_b: the image encoder is missing.
     decoder = {k: v for k, v in state.items() if not k.startswith("image_encoder.")}
     decoder.pop("mask_decoder.extra.weight")
-    from npsam.checkpoint import save_safetensors
+    from npsam.io.checkpoint import save_safetensors
 
     save_safetensors(tmp_path / "dec.safetensors", {k: np.ascontiguousarray(v) for k, v in decoder.items()})
     with pytest.raises(StateDictMismatchError, match="expected model vit_b:\n  \\d+ missing: image_encoder"):
@@ -294,7 +294,7 @@ def test_bad_arguments(vit_b, tmp_path):
 
 
 def test_onnx_is_dispatched_to_onnx_import(tmp_path):
-    # protobuf field 1 (ir_version 8), then garbage: routed to npsam.onnx_import, which rejects it.
+    # protobuf field 1 (ir_version 8), then garbage: routed to npsam.io.onnx_import, which rejects it.
     (tmp_path / "bad.onnx").write_bytes(b"\x08\x08\x12\x07pytorch" + b"\xff" * 64)
     with pytest.raises(ValueError, match="neither a SamOnnxModel export"):
         convert(tmp_path / "bad.onnx", tmp_path / "out.safetensors")

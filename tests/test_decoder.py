@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import oracle
-from npsam.mask_decoder import MLP, MaskDecoder
-from npsam.prompt_encoder import PromptEncoder
-from npsam.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
+from npsam.modeling.mask_decoder import MLP, MaskDecoder
+from npsam.modeling.prompt_encoder import PromptEncoder
+from npsam.modeling.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
 from tolerances import DECODER_F32, DECODER_F64, assert_close
 
 oracle.segment_anything()

@@ -19,8 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import oracle
-from npsam import nn, ops
-from npsam.transformer import Attention
+from npsam.kernels import nn
+from npsam.kernels import ops
+from npsam.modeling.transformer import Attention
 from tolerances import DECODER_F32, DECODER_F64, assert_close
 
 oracle.segment_anything()
@@ -324,7 +325,7 @@ def test_fused_mlp_block_equals_the_plain_one(dtype, rows, act, monkeypatch):
     lin2 into the result, per block of rows, over threads) against the plain
     module path, with the default block size (one block per thread here) and
     with small blocks (several, the last ragged); the input is left alone."""
-    from npsam.common import MLPBlock
+    from npsam.modeling.common import MLPBlock
 
     rng = np.random.default_rng(5)
     mlp = MLPBlock(64, 256, act)

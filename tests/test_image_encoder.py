@@ -1,4 +1,4 @@
-"""npsam.image_encoder against the official ImageEncoderViT (random weights).
+"""npsam.modeling.image_encoder against the official ImageEncoderViT (random weights).
 
 Small configurations under hypothesis in float32 and float64 (windows that do
 not divide the grid, global blocks, with and without relative and absolute
@@ -20,8 +20,8 @@ from hypothesis import given, strategies as st
 import oracle
 from tolerances import DECODER_F32, DECODER_F64, ENCODER_F32, ENCODER_F64, assert_close
 
-from npsam import image_encoder as ours
-from npsam import nn as npsam_nn
+from npsam.modeling import image_encoder as ours
+from npsam.kernels import nn as npsam_nn
 from npsam.build_sam import CONFIGS, build_modules, random_state_dict
 
 oracle.segment_anything()
@@ -233,7 +233,7 @@ def test_vit_b_full_size():
     del sd
     captured = {}
 
-    def hook(module, args, kwargs, out):  # npsam.nn's forward-hook slot
+    def hook(module, args, kwargs, out):  # npsam.kernels.nn's forward-hook slot
         if module is mine.blocks[first_global]:
             captured["block"] = out.copy()
 

@@ -1,4 +1,4 @@
-"""npsam/image_io.py: reading photos as the official notebooks do (cv2.imread
+"""npsam/io/image_io.py: reading photos as the official notebooks do (cv2.imread
 then BGR -> RGB), checking image arrays, writing PNGs that Pillow reads back
 identically."""
 
@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from npsam.image_io import check_image, encode_png, load_image, save_png
+from npsam.io.image_io import check_image, encode_png, load_image, save_png
 
 IMAGES = Path(__file__).resolve().parent.parent / "assets" / "images"
 PHOTOS = ["truck.jpg", "dog.jpg", "groceries.jpg"]

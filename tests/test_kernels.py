@@ -1,4 +1,4 @@
-"""Tier 1: every kernel of npsam/ops.py against torch.nn.functional, under hypothesis."""
+"""Tier 1: every kernel of npsam/kernels/ops.py against torch.nn.functional, under hypothesis."""
 
 import math
 
@@ -10,7 +10,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import oracle
-from npsam import ops
+from npsam.kernels import ops
 from tolerances import DECODER_F32, DECODER_F64, ERF_F32_ULPS, ERF_F64_REL, assert_close, scaled_error
 
 DTYPES = [(np.float32, DECODER_F32), (np.float64, DECODER_F64)]

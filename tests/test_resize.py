@@ -1,4 +1,4 @@
-"""npsam/resize.py against its references: Pillow's BILINEAR resize (byte for
+"""npsam/kernels/resize.py against its references: Pillow's BILINEAR resize (byte for
 byte) and torch.nn.functional.interpolate(mode="bilinear", align_corners=False)."""
 
 from pathlib import Path
@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from npsam.resize import (interpolate_bilinear, pil_resize_bilinear, precompute_coeffs, source_index_and_lambda,
+from npsam.kernels.resize import (interpolate_bilinear, pil_resize_bilinear, precompute_coeffs, source_index_and_lambda,
                           upscale_crop_resize)
-from npsam.transforms import ResizeLongestSide
+from npsam.utils.transforms import ResizeLongestSide
 from tolerances import DECODER_F32, DECODER_F64, assert_close
 
 IMAGES = Path(__file__).resolve().parent.parent / "assets" / "images"

@@ -1,4 +1,4 @@
-"""npsam.tiny_vit against MobileSAM's official TinyViT (mobile_sam/modeling/tiny_vit_sam.py).
+"""npsam.modeling.tiny_vit_sam against MobileSAM's official TinyViT (mobile_sam/modeling/tiny_vit_sam.py).
 
 Random weights (BatchNorm statistics included), both checkpoint layouts:
 unfolded (the official state_dict as is) and folded (each Conv2d_BN replaced by
@@ -19,8 +19,8 @@ import oracle
 from tolerances import ENCODER_F32, ENCODER_F64, assert_close
 
 from npsam.build_sam import CONFIGS, build_modules
-from npsam.nn import WeightsMissingError
-from npsam.tiny_vit import PatchMerging, TinyViT, attention_bias_idxs
+from npsam.kernels.nn import WeightsMissingError
+from npsam.modeling.tiny_vit_sam import PatchMerging, TinyViT, attention_bias_idxs
 
 oracle.mobile_sam()
 from mobile_sam.modeling import tiny_vit_sam as official  # noqa: E402

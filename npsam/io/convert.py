@@ -2,7 +2,7 @@
 
 Reads a PyTorch checkpoint (``torch.save``, zip or legacy; never imports
 torch, never runs code from the pickle), a safetensors file, or an ONNX export
-(through :mod:`npsam.onnx_import`), recognises the model from its keys and
+(through :mod:`npsam.io.onnx_import`), recognises the model from its keys and
 shapes, checks the state_dict strictly against that model's expected keys and
 shapes, and writes safetensors. Conversion changes the container, not the
 content: keys, layouts and buffers are the official state_dict's; only the
@@ -29,7 +29,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from npsam import __version__
-from npsam.checkpoint import CheckpointError, load_safetensors, load_torch_checkpoint, save_safetensors
+from npsam.io.checkpoint import CheckpointError, load_safetensors, load_torch_checkpoint, save_safetensors
 
 __all__ = [
     "PARTS",
@@ -98,9 +98,9 @@ def _source_format(path: str) -> str:
 
 def _read_onnx(path: str) -> Dict[str, np.ndarray]:
     try:
-        from npsam import onnx_import
+        from npsam.io import onnx_import
     except ImportError as e:
-        raise CheckpointError(f"src: {path!r} is an ONNX file, but npsam.onnx_import is not available ({e})") from None
+        raise CheckpointError(f"src: {path!r} is an ONNX file, but npsam.io.onnx_import is not available ({e})") from None
     try:
         return onnx_import.import_sam_onnx(path)
     except ValueError as decoder_error:
@@ -323,7 +323,7 @@ def convert(src, dst, *, parts=None, dtype: str = "float32", model_type: Optiona
 
 
 # --------------------------------------------------------------------------
-# Command line (mounted by npsam.cli as `npsam convert`)
+# Command line (mounted by npsam.tools.cli as `npsam convert`)
 # --------------------------------------------------------------------------
 
 EXAMPLES = """examples:
@@ -364,7 +364,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m npsam.convert", description=__doc__.split("\n", 1)[0],
+        prog="python -m npsam.io.convert", description=__doc__.split("\n", 1)[0],
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     return run_convert(add_convert_arguments(parser).parse_args(argv))

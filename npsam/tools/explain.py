@@ -5,7 +5,7 @@ every module for a sample prompt, and the parameter count of each module.
     npsam explain weights/*.safetensors --image assets/images/truck.jpg --point 500,375
 
 In the spirit of ``print(sam)`` on the official model, but every line also
-says what went in and what came out (from one traced run, npsam.trace):
+says what went in and what came out (from one traced run, npsam.tools.trace):
 
     mask_decoder: MaskDecoder  params 4,058,340
       in  [1, 256, 64, 64] [1, 256, 64, 64] [1, 2, 256] [1, 256, 64, 64] True
@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from . import trace as _trace
-from .nn import Module
+from ..kernels.nn import Module
 
 # NOTE(reference): these are registered with register_buffer in the official
 # code (or are BatchNorm statistics), so torch's parameters() skips them.

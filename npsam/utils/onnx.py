@@ -13,9 +13,9 @@ from typing import Tuple
 import numpy as np
 
 from .amg import calculate_stability_score
-from .checks import check_array
-from .resize import upscale_crop_resize
-from .sam import Sam
+from ..kernels.checks import check_array
+from ..kernels.resize import upscale_crop_resize
+from ..modeling.sam import Sam
 
 
 class SamOnnxModel:

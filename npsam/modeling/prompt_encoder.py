@@ -11,9 +11,9 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .checks import check_array, check_same
+from ..kernels.checks import check_array, check_same
 from .common import LayerNorm2d
-from .nn import GELU, Conv2d, Embedding, Module, ModuleList, Sequential
+from ..kernels.nn import GELU, Conv2d, Embedding, Module, ModuleList, Sequential
 
 
 class PositionEmbeddingRandom(Module):

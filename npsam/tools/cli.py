@@ -5,7 +5,7 @@
 Subcommands, one function each: ``segment`` (masks from points, a box, a
 previous mask), ``everything`` (the automatic mask generator), ``embed`` (the
 image embedding, for decoder-only use), ``info`` (what a weights file holds),
-``convert`` (npsam.convert), and ``explain`` / ``crosscheck`` when those
+``convert`` (npsam.io.convert), and ``explain`` / ``crosscheck`` when those
 modules are installed.
 
 The default weights are the ones shipped in the repository's ``weights/``
@@ -192,7 +192,7 @@ def load_embedding(path: str):
 
 
 def load_photo(path: str):
-    from .image_io import load_image
+    from ..io.image_io import load_image
 
     try:
         return load_image(path)
@@ -204,7 +204,7 @@ def load_photo(path: str):
 # Weights and model
 # ---------------------------------------------------------------------------
 def shipped_weights_dir() -> Path:
-    """$NPSAM_WEIGHTS if set, else the repository's weights/ next to the package."""
+    """$NPSAM_WEIGHTS if set, else the weights/ folder shipped inside the package."""
     env = os.environ.get(WEIGHTS_ENV)
     if env:
         return Path(env)
@@ -236,13 +236,13 @@ def file_metadata(path: str) -> Dict[str, str]:
 
 def model_type_of(files: Sequence[str], state_dict, metadata: Sequence[Dict[str, str]]) -> str:
     """The model type from the files' metadata (``model_type``), else from the keys
-    (npsam.convert.detect_model); 'decoder' when there is no image encoder."""
+    (npsam.io.convert.detect_model); 'decoder' when there is no image encoder."""
     for meta in metadata:
         kind = meta.get("model_type", "")
         kind = kind[: -len("_encoder")] if kind.endswith("_encoder") else kind
         if kind in MODEL_TYPES:
             return kind
-    from .convert import detect_model
+    from ..io.convert import detect_model
 
     return detect_model(state_dict)
 
@@ -251,7 +251,7 @@ def load_model(checkpoint: Optional[Sequence[str]], model_type: Optional[str],
                parts: Sequence[str] = ("encoder", "decoder")):
     """(sam, description) for --checkpoint/--model-type; the shipped files (only
     ``parts`` of them) when no --checkpoint is given."""
-    from .build_sam import read_state_dict, sam_model_registry
+    from ..build_sam import read_state_dict, sam_model_registry
 
     files = list(checkpoint) if checkpoint else shipped_weights(parts)
     state_dict = read_state_dict(files)
@@ -424,9 +424,9 @@ def run_segment(args: argparse.Namespace) -> int:
     """npsam segment: masks for one prompt (points, box, previous mask)."""
     import numpy as np
 
-    from .image_io import save_png
+    from ..io.image_io import save_png
     from .overlay import prompt_overlay
-    from .predictor import SamPredictor
+    from ..predictor import SamPredictor
     from .progress import ProgressBar
 
     out = _check_out_dir(args.output)
@@ -517,8 +517,8 @@ def run_everything(args: argparse.Namespace) -> int:
     """npsam everything: the automatic mask generator over the whole photo."""
     from functools import partial
 
-    from .automatic_mask_generator import SamAutomaticMaskGenerator
-    from .image_io import save_png
+    from ..automatic_mask_generator import SamAutomaticMaskGenerator
+    from ..io.image_io import save_png
     from .overlay import overlay_masks
     from .progress import ProgressBar
 
@@ -593,7 +593,7 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_embed(args: argparse.Namespace) -> int:
     """npsam embed: the image encoder alone."""
-    from .predictor import SamPredictor
+    from ..predictor import SamPredictor
     from .progress import ProgressBar
 
     out = _check_out_file(args.output)
@@ -707,9 +707,9 @@ SUBCOMMANDS = [
     Subcommand("info", "what a weights file holds: model type, dtype, modules, parameter counts", INFO_EXAMPLES,
                add_info_arguments, run_info),
     Subcommand("convert", "an official checkpoint (.pth, .safetensors, .onnx) to safetensors",
-               module="npsam.convert"),
-    Subcommand("explain", "explain a prediction step by step", module="npsam.explain"),
-    Subcommand("crosscheck", "compare npsam with other implementations", module="npsam.crosscheck"),
+               module="npsam.io.convert"),
+    Subcommand("explain", "explain a prediction step by step", module="npsam.tools.explain"),
+    Subcommand("crosscheck", "compare npsam with other implementations", module="npsam.tools.crosscheck"),
 ]
 
 MAIN_EXAMPLES = """Examples:
@@ -726,7 +726,7 @@ MAIN_EXAMPLES = """Examples:
 def build_parser(selected: Optional[str] = None) -> argparse.ArgumentParser:
     """The parser; only the ``selected`` subcommand gets its arguments (and its
     module imported), so that ``npsam --help`` and startup stay cheap."""
-    from . import __version__
+    from .. import __version__
 
     parser = Parser(prog=PROG, description="Segment Anything (SAM, MobileSAM) in pure NumPy.",
                     epilog=MAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)

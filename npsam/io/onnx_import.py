@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .onnx_proto import Model, Node, load_model
-from .tiny_vit import attention_bias_idxs
+from ..modeling.tiny_vit_sam import attention_bias_idxs
 
 Shapes = dict[str, tuple[int, ...]]
 

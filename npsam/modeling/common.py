@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import nn, ops
-from .nn import GELU, Linear, Module
+from ..kernels import nn
+from ..kernels import ops
+from ..kernels.nn import GELU, Linear, Module
 
 
 class MLPBlock(Module):

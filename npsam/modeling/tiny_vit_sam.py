@@ -42,9 +42,9 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import ops
+from ..kernels import ops
 from .common import LayerNorm2d
-from .nn import GELU, Conv2d, LayerNorm, Linear, Module, ModuleList, Sequential, WeightsMissingError
+from ..kernels.nn import GELU, Conv2d, LayerNorm, Linear, Module, ModuleList, Sequential, WeightsMissingError
 
 BN_EPS = 1e-5  # NOTE(reference): nn.BatchNorm2d's default eps, used by Conv2d_BN.fuse()
 
@@ -76,7 +76,7 @@ class Conv2d_BN(Module):
     run as the conv ``fuse()`` returns (see the module docstring).
 
     The official leaves ``c.weight`` and ``bn.*`` are declared on this module
-    itself rather than on ``c``/``bn`` children: npsam.nn calls a module's
+    itself rather than on ``c``/``bn`` children: npsam.kernels.nn calls a module's
     ``on_load`` before its children are loaded, and the fold needs them all.
     """
 

@@ -13,9 +13,10 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from . import nn, ops
+from ..kernels import nn
+from ..kernels import ops
 from .common import MLPBlock
-from .nn import LayerNorm, Linear, Module, ModuleList, ReLU
+from ..kernels.nn import LayerNorm, Linear, Module, ModuleList, ReLU
 
 
 class Attention(Module):

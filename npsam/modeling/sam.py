@@ -10,7 +10,7 @@ from typing import Tuple
 
 import numpy as np
 
-from .nn import Module, WeightsMissingError
+from ..kernels.nn import Module, WeightsMissingError
 
 # NOTE(reference): Sam's defaults, in RGB, for pixel values 0..255.
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -74,7 +74,7 @@ class Sam(Module):
         original size. They run as one separable map (resize.upscale_crop_resize):
         the same mathematics, never building the [B, C, S, S] intermediate.
         """
-        from .resize import upscale_crop_resize
+        from ..kernels.resize import upscale_crop_resize
 
         size = self.image_encoder.img_size
         # [B, C, 256, 256] -> [B, C, S, S] -> crop [..., :h, :w] -> [B, C, H, W]

