@@ -26,6 +26,7 @@ _LAZY = {
     "ResizeLongestSide": "utils.transforms",
     "convert": "io.convert",
     "load_image": "io.image_io",
+    "reference": "fast",
 }
 # Submodules that stay importable as attributes of the package (npsam.trace.trace).
 _MODULES = {"trace": "tools.trace"}

@@ -111,7 +111,7 @@ def test_subcommand_help_shows_an_example(sub):
 def test_other_developers_subcommands_mount_when_present(sub):
     import importlib.util
 
-    present = importlib.util.find_spec(f"npsam.{sub}") is not None
+    present = importlib.util.find_spec(f"npsam.tools.{sub}") is not None
     listed = ok("--help").stdout
     assert (f"    {sub}" in listed) == present
     if present:

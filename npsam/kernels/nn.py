@@ -5,11 +5,11 @@ built, holds its children under their official attribute names, and gets its
 arrays from ``load_state_dict``. ``named_modules`` and ``state_dict`` give the
 same dotted names as PyTorch, so a state_dict moves between the two unchanged.
 
-Calling a module runs ``forward``; while a :func:`npsam.tools.trace.trace` context is
-open, the call is also recorded under the module's official path (the
-equivalent of a forward hook). When no trace is open the cost is one global
-lookup per call. A fast path that computes a module's output without calling
-it reports that output with :func:`record`, so traces stay complete.
+Calling a module runs its fast implementation when the fast layer has one
+and the switch allows it (:func:`npsam.fast.implementation`), else its
+reference ``forward``. While a :func:`npsam.tools.trace.trace` context is open
+(which runs the reference path), the call is also recorded under the module's
+official path (the equivalent of a forward hook).
 
 Dimension letters (the layers below): B batch, N tokens, C channels in,
 O channels out, H/W height/width, K kernel size.
@@ -20,6 +20,8 @@ from __future__ import annotations
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
+
+from .. import fast
 
 # Set by npsam.tools.trace while a trace is open; a callable (module, args, kwargs, output).
 _hook: Optional[Callable] = None
@@ -121,6 +123,9 @@ class Module:
                         arr = np.ascontiguousarray(arr, dtype=dtype)
                     module._params[leaf] = arr
             module.on_load(dtype)
+        # Values derived from the weights, children before parents (reversed pre-order).
+        for _, module in reversed(list(self.named_modules(prefix))):
+            fast.derive(module)
 
     def on_load(self, dtype) -> None:
         """Hook for derived, per-load constants (e.g. folded BatchNorm). Default: nothing."""
@@ -130,7 +135,8 @@ class Module:
         raise NotImplementedError
 
     def __call__(self, *args, **kwargs):
-        out = self.forward(*args, **kwargs)
+        impl = fast.implementation(self)  # None on the reference path
+        out = self.forward(*args, **kwargs) if impl is None else impl(self, *args, **kwargs)
         if _hook is not None:
             _hook(self, args, kwargs, out)
         return out

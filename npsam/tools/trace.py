@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from .. import fast
 from ..kernels import nn
 
 
@@ -157,7 +158,8 @@ def trace(root: nn.Module, *, copy: bool = True, inputs: bool = False,
     patched = _patch_fast_paths(root)
     nn._hook = hook
     try:
-        yield result
+        with fast.reference():  # a trace records the reference modules' own calls
+            yield result
     finally:
         nn._hook = previous
         for module, method in patched:

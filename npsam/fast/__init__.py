@@ -1,0 +1,116 @@
+"""The fast layer, and the one switch that chooses it.
+
+npsam keeps two implementations of SAM side by side:
+
+- the **reference** (``npsam.modeling``, ``npsam.kernels``): each module's
+  ``forward`` computes what the official PyTorch ``forward`` computes, in the
+  official order of operations and association of products;
+- the **fast layer** (this package): functions that compute the same outputs by
+  a faster route (fused passes over row blocks, worker threads, reassociated
+  products, per-image caches). Each one is registered against the reference
+  method it replaces with :func:`implements`, and says in its docstring why its
+  result is equal (bit for bit) or within the tolerances (a different association).
+
+The fast layer is the default. The switch::
+
+    with npsam.reference():
+        masks, scores, logits = predictor.predict(...)   # every module runs its reference forward
+
+is the only thing that chooses between them, and it is read in one place:
+:func:`implementation`, which ``Module.__call__`` (and the few non-module
+entry points with a fast twin) ask before running. The switch is a context
+variable, so it holds for the thread (or asyncio task) that set it and for
+nothing else; tracing (:mod:`npsam.tools.trace`) sets it for its duration.
+
+Values derived from the weights (transposed weights, centred upscaling
+weights, positional tables, folded BatchNorm) are computed by one mechanism:
+a function registered with :func:`derives` for a reference class runs when a
+module of that class has loaded its weights, children before parents, and its
+result (a NamedTuple) is kept as ``module.derived``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import importlib
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, Optional, Tuple
+
+_REFERENCE: contextvars.ContextVar[bool] = contextvars.ContextVar("npsam_reference", default=False)
+
+# The modules of this package that register implementations; imported on the
+# first call that asks for one, so that importing the reference costs nothing more.
+IMPLEMENTATION_MODULES: Tuple[str, ...] = ()
+
+_IMPLEMENTATIONS: Dict[Tuple[type, str], Callable] = {}
+_DERIVERS: Dict[type, Callable] = {}
+_loaded = False
+
+
+@contextmanager
+def reference(enabled: bool = True) -> Iterator[None]:
+    """Run the reference modules (``enabled=True``) or the fast layer
+    (``enabled=False``) inside the block, in this thread or task only."""
+    token = _REFERENCE.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _REFERENCE.reset(token)
+
+
+def using_reference() -> bool:
+    """True inside ``with npsam.reference():``."""
+    return _REFERENCE.get()
+
+
+def implements(cls: type, method: str = "forward") -> Callable[[Callable], Callable]:
+    """Register ``fn(self, *args, **kwargs)`` as the fast implementation of
+    ``cls.method`` (the reference class itself, not its subclasses)."""
+    def register(fn: Callable) -> Callable:
+        key = (cls, method)
+        if key in _IMPLEMENTATIONS and _IMPLEMENTATIONS[key] is not fn:
+            raise ValueError(f"{cls.__qualname__}.{method} has a fast implementation already: "
+                             f"{_IMPLEMENTATIONS[key].__module__}.{_IMPLEMENTATIONS[key].__qualname__}")
+        _IMPLEMENTATIONS[key] = fn
+        fn.replaces = f"{cls.__module__}.{cls.__qualname__}.{method}"
+        return fn
+    return register
+
+
+def derives(cls: type) -> Callable[[Callable], Callable]:
+    """Register ``fn(module) -> NamedTuple``, run once a ``cls`` module has its
+    weights (see :func:`derive`)."""
+    def register(fn: Callable) -> Callable:
+        if cls in _DERIVERS and _DERIVERS[cls] is not fn:
+            raise ValueError(f"{cls.__qualname__} has a deriver already: {_DERIVERS[cls].__qualname__}")
+        _DERIVERS[cls] = fn
+        return fn
+    return register
+
+
+def _load() -> None:
+    global _loaded
+    if not _loaded:
+        for name in IMPLEMENTATION_MODULES:
+            importlib.import_module(f"{__name__}.{name}")
+        _loaded = True
+
+
+def implementation(obj: object, method: str = "forward") -> Optional[Callable]:
+    """The fast function for ``type(obj).method``, or None: on the reference
+    path (``with npsam.reference():``), or when the fast layer has none."""
+    if _REFERENCE.get():
+        return None
+    if not _loaded:
+        _load()
+    return _IMPLEMENTATIONS.get((type(obj), method))
+
+
+def derive(module: object) -> None:
+    """Compute ``module.derived`` from its loaded weights, if its class has a
+    deriver (called by ``Module.load_state_dict``, children before parents)."""
+    if not _loaded:
+        _load()
+    fn = _DERIVERS.get(type(module))
+    if fn is not None:
+        object.__setattr__(module, "derived", fn(module))
