@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 import oracle
 from npsam.kernels import nn
+from npsam.fast import threads
 from npsam.kernels import ops
 from npsam.modeling.transformer import Attention
 from tolerances import DECODER_F32, DECODER_F64, assert_close
@@ -95,13 +96,13 @@ def test_softmax_weights_keep_products_normal_and_match_torch(dtype):
     assert_close(ops.softmax(x, -1), torch.softmax(torch.from_numpy(x), -1).numpy(), tol, "softmax")
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_gelu_threads_blocks_and_in_place_change_nothing(threads):
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_gelu_threads_blocks_and_in_place_change_nothing(n_threads):
     x = np.random.default_rng(0).standard_normal((3, 70001)).astype(np.float32) * 3
-    ops.set_num_threads(1)
+    threads.set_num_threads(1)
     ref = ops.gelu(x)
     try:
-        ops.set_num_threads(threads)
+        threads.set_num_threads(n_threads)
         np.testing.assert_array_equal(ops.gelu(x), ref)
         np.testing.assert_array_equal(ops.gelu(x[:, ::2]), ref[:, ::2])  # strided input
         y = x.copy()
@@ -118,13 +119,13 @@ def test_gelu_threads_blocks_and_in_place_change_nothing(threads):
         ops.gelu(wide[:, ::2], out=wide[:, ::2])  # ... and on the strided results themselves
         np.testing.assert_array_equal(wide[:, ::2], ops.gelu(ref))
     finally:
-        ops.set_num_threads(ops.NUM_THREADS if threads == 1 else 2)
+        threads.set_num_threads(threads.NUM_THREADS if n_threads == 1 else 2)
 
 
 def test_set_num_threads_rejects_bad_values():
     for bad in (0, -1, 1.5, "2"):
         with pytest.raises(ValueError, match="set_num_threads"):
-            ops.set_num_threads(bad)
+            threads.set_num_threads(bad)
 
 
 def test_parallel_rows_covers_each_row_once_and_nests_inline():
@@ -134,11 +135,11 @@ def test_parallel_rows_covers_each_row_once_and_nests_inline():
         seen[lo:hi] += 1
 
     def outer(lo, hi):
-        ops.parallel_rows(inner, 0)  # nothing to do
-        for a, b in ops.blocks(lo, hi, 7):
-            ops.parallel_rows(lambda s, e: inner(a + s, a + e), b - a)  # nested: inline
+        threads.parallel_rows(inner, 0)  # nothing to do
+        for a, b in threads.blocks(lo, hi, 7):
+            threads.parallel_rows(lambda s, e: inner(a + s, a + e), b - a)  # nested: inline
 
-    ops.parallel_rows(outer, seen.size)
+    threads.parallel_rows(outer, seen.size)
     assert np.all(seen == 1)
 
 
@@ -293,17 +294,17 @@ def test_fused_decoder_threads_and_blocks_change_nothing_but_rounding(decoder, r
                             boxes=None, masks=None)
     pe = m["pe"].get_dense_pe()
     reference = md.predict_masks(m["emb"], pe, sparse, dense)
-    saved_rows, saved_threads = md.transformer.ROWS, ops.NUM_THREADS
+    saved_rows, saved_threads = md.transformer.ROWS, threads.NUM_THREADS
     try:
         md.transformer.ROWS = rows
         results = []
-        for threads in (1, 2):
-            ops.set_num_threads(threads)
-            with ops.single_threaded_blas():  # the same BLAS setting for both thread counts
+        for n in (1, 2):
+            threads.set_num_threads(n)
+            with threads.single_threaded_blas():  # the same BLAS setting for both thread counts
                 results.append(md.predict_masks(m["emb"], pe, sparse, dense))
     finally:
         md.transformer.ROWS = saved_rows
-        ops.set_num_threads(saved_threads)
+        threads.set_num_threads(saved_threads)
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])
     assert_close(results[0][0], reference[0], m["tol"], "masks")
@@ -338,8 +339,8 @@ def test_fused_mlp_block_equals_the_plain_one(dtype, rows, act, monkeypatch):
     assert x.shape[0] * x.shape[1] >= 2 * MLPBlock.MIN_ROWS  # enough rows for Block.forward to take the fused pass
     plain = mlp(x)
     x_before = x.copy()
-    with ops.single_threaded_blas():
-        assert ops.blas_is_single() == (ops.row_threads() > 1)  # where Block.forward takes the fused pass
+    with threads.single_threaded_blas():
+        assert threads.blas_is_single() == (threads.row_threads() > 1)  # where Block.forward takes the fused pass
         fused = mlp._forward_rows(x)
     np.testing.assert_array_equal(x, x_before)
     assert fused.shape == plain.shape == (3, 333, 64)
@@ -347,8 +348,8 @@ def test_fused_mlp_block_equals_the_plain_one(dtype, rows, act, monkeypatch):
 
 
 def test_parallel_rows_raises_what_a_range_raised_after_all_finished():
-    saved = ops.NUM_THREADS
-    ops.set_num_threads(2)
+    saved = threads.NUM_THREADS
+    threads.set_num_threads(2)
     finished = []
 
     def fn(lo, hi):
@@ -358,12 +359,12 @@ def test_parallel_rows_raises_what_a_range_raised_after_all_finished():
 
     try:
         with pytest.raises(ValueError, match="range 50:100 failed"):
-            ops.parallel_rows(fn, 100)
+            threads.parallel_rows(fn, 100)
         assert finished == [(0, 50)]
-        ops.parallel_rows(lambda lo, hi: finished.append((lo, hi)), 10)  # the pool still works afterwards
+        threads.parallel_rows(lambda lo, hi: finished.append((lo, hi)), 10)  # the pool still works afterwards
         assert sorted(finished[1:]) == [(0, 5), (5, 10)]
     finally:
-        ops.set_num_threads(saved)
+        threads.set_num_threads(saved)
 
 
 def test_openblas_is_found_where_numpy_loaded_it_and_in_numpys_wheel(monkeypatch):
@@ -379,9 +380,9 @@ def test_openblas_is_found_where_numpy_loaded_it_and_in_numpys_wheel(monkeypatch
             raise OSError("not readable here")
         return real_open(path, *args, **kwargs)
 
-    from_maps = ops._find_openblas()
+    from_maps = threads._find_openblas()
     monkeypatch.setattr(builtins, "open", no_maps)
-    from_wheel = ops._find_openblas()
+    from_wheel = threads._find_openblas()
     monkeypatch.undo()
     for how, found in (("loaded libraries", from_maps), ("the wheel's folder", from_wheel)):
         assert found, f"OpenBLAS not found through {how}"
@@ -390,26 +391,26 @@ def test_openblas_is_found_where_numpy_loaded_it_and_in_numpys_wheel(monkeypatch
 
 
 def test_single_threaded_blas_nests_and_restores_blas_threads():
-    get = ops._blas[1] if ops.row_threads() > 1 else None
+    get = threads._blas[1] if threads.row_threads() > 1 else None
     before = get() if get else None
-    with ops.single_threaded_blas() as outer:
-        assert outer.active == (get is not None) and ops.blas_is_single() == outer.active
-        with ops.single_threaded_blas():
+    with threads.single_threaded_blas() as outer:
+        assert outer.active == (get is not None) and threads.blas_is_single() == outer.active
+        with threads.single_threaded_blas():
             if get:
                 assert get() == 1
         if get:
             assert get() == 1  # the outer context is still open
-    assert not ops.blas_is_single()
+    assert not threads.blas_is_single()
     if get:
         assert get() == before
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_same_contents_is_array_equal(threads):
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_same_contents_is_array_equal(n_threads):
     rng = np.random.default_rng(5)
     a = rng.standard_normal((1, 256, 64, 64)).astype(np.float32)
-    saved = ops.NUM_THREADS
-    ops.set_num_threads(threads)
+    saved = threads.NUM_THREADS
+    threads.set_num_threads(n_threads)
     try:
         assert ops.same_contents(a, a.copy())
         for index in [(0, 0, 0, 0), (0, 200, 63, 63), (0, 128, 0, 0)]:  # either thread's half
@@ -422,47 +423,47 @@ def test_same_contents_is_array_equal(threads):
         assert not ops.same_contents(a, a.reshape(1, 256, 4096))
         assert ops.same_contents(a[:, ::2], np.ascontiguousarray(a[:, ::2]))  # any layout
     finally:
-        ops.set_num_threads(saved)
+        threads.set_num_threads(saved)
 
 
 def test_scratch_is_per_key_per_thread_and_grows():
-    a = ops.scratch("test.a", (3, 5), np.float32)
+    a = threads.scratch("test.a", (3, 5), np.float32)
     assert a.shape == (3, 5) and a.dtype == np.float32 and a.flags.c_contiguous
-    assert np.shares_memory(ops.scratch("test.a", (5, 3), np.float32), a)  # the same memory, reshaped
-    assert not np.shares_memory(ops.scratch("test.b", (3, 5), np.float32), a)  # another key, another array
-    big = ops.scratch("test.a", (100, 7), np.float32)  # grown
-    assert big.shape == (100, 7) and np.shares_memory(ops.scratch("test.a", (2, 2), np.float32), big)
-    f64 = ops.scratch("test.a", (4,), np.float64)
+    assert np.shares_memory(threads.scratch("test.a", (5, 3), np.float32), a)  # the same memory, reshaped
+    assert not np.shares_memory(threads.scratch("test.b", (3, 5), np.float32), a)  # another key, another array
+    big = threads.scratch("test.a", (100, 7), np.float32)  # grown
+    assert big.shape == (100, 7) and np.shares_memory(threads.scratch("test.a", (2, 2), np.float32), big)
+    f64 = threads.scratch("test.a", (4,), np.float64)
     assert f64.dtype == np.float64 and f64.shape == (4,)
     seen = []
-    saved = ops.NUM_THREADS
-    ops.set_num_threads(2)
+    saved = threads.NUM_THREADS
+    threads.set_num_threads(2)
     try:
-        ops.parallel_rows(lambda lo, hi: seen.append(ops.scratch("test.c", (8,), np.float32)), 2)
+        threads.parallel_rows(lambda lo, hi: seen.append(threads.scratch("test.c", (8,), np.float32)), 2)
     finally:
-        ops.set_num_threads(saved)
+        threads.set_num_threads(saved)
     assert len(seen) == 2 and not np.shares_memory(seen[0], seen[1])  # one per thread
 
 
 def test_decoder_work_arrays_are_written_before_they_are_read(decoder):
-    """The fused passes take their temporaries from ops.scratch, whose contents
+    """The fused passes take their temporaries from threads.scratch, whose contents
     are left from the last call: NaN in every one of them changes nothing."""
     m = decoder
     md = m["md"]
     sparse, dense = m["pe"](points=(np.array([[[500.0, 375.0]], [[10.0, 900.0]]]), np.array([[1], [0]])),
                             boxes=None, masks=None)
     pe = m["pe"].get_dense_pe()
-    saved = ops.NUM_THREADS
+    saved = threads.NUM_THREADS
     try:
-        ops.set_num_threads(1)  # every block on this thread, so all its work arrays are the ones poisoned below
+        threads.set_num_threads(1)  # every block on this thread, so all its work arrays are the ones poisoned below
         reference = md.predict_masks(m["emb"], pe, sparse, dense)
-        poisoned = [k for k in ops._scratch.__dict__ if k.startswith(("decoder.", "upscale."))]
-        assert poisoned, "the fused passes no longer use ops.scratch: this test checks nothing"
+        poisoned = [k for k in threads._scratch.__dict__ if k.startswith(("decoder.", "upscale."))]
+        assert poisoned, "the fused passes no longer use threads.scratch: this test checks nothing"
         for key in poisoned:
-            ops._scratch.__dict__[key].fill(np.nan)
+            threads._scratch.__dict__[key].fill(np.nan)
         again = md.predict_masks(m["emb"], pe, sparse, dense)
     finally:
-        ops.set_num_threads(saved)
+        threads.set_num_threads(saved)
     np.testing.assert_array_equal(again[0], reference[0])
     np.testing.assert_array_equal(again[1], reference[1])
 

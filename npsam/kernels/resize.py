@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import ops
+from ..fast import threads
 
 # NOTE(reference): Resample.c keeps 8 bits for the result and 2 for overflow
 # and sign out of a 32-bit int: PRECISION_BITS = 32 - 8 - 2.
@@ -253,7 +253,7 @@ def _interpolate_axis(x: np.ndarray, axis: int, out: np.ndarray, size: int | Non
     index0, index1, lambda0, lambda1 = (a[:n] for a in source_index_and_lambda(x.shape[axis], size or n, x.dtype))
     rows = out.shape[-2]
     block = max(1, _BLOCK_VALUES // max(1, out.shape[0] * out.shape[1] * out.shape[-1]))
-    ops.parallel_rows(lambda start, stop: _interpolate_rows(x, axis, out, index0, index1, lambda0, lambda1,
+    threads.parallel_rows(lambda start, stop: _interpolate_rows(x, axis, out, index0, index1, lambda0, lambda1,
                                                             start * block, min(rows, stop * block), block),
                       -(-rows // block))
     return out
@@ -436,7 +436,7 @@ def upscale_crop_resize(x: np.ndarray, size, crop, out_size) -> np.ndarray:
             # [o, K] @ [P, K, w] -> [P, o, w]
             np.matmul(a_h[o0:o1, i0:i1], zt[:, :, i0 - r0:i1 - r0].transpose(0, 2, 1), out=out_p[:, o0:o1])
 
-    with ops.single_threaded_blas():
-        ops.parallel_rows(width, len(blocks_w), threads=ops.row_threads())
-        ops.parallel_rows(height, len(blocks_h), threads=ops.row_threads())
+    with threads.single_threaded_blas():
+        threads.parallel_rows(width, len(blocks_w), threads=threads.row_threads())
+        threads.parallel_rows(height, len(blocks_h), threads=threads.row_threads())
     return out

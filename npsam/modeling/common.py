@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels import nn
+from ..fast import threads
 from ..kernels import ops
 from ..kernels.nn import GELU, Linear, Module
 
@@ -26,7 +27,7 @@ class MLPBlock(Module):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         rows = int(np.prod(x.shape[:-1]))
-        if rows >= 2 * self.MIN_ROWS and ops.blas_is_single() and nn._hook is None:
+        if rows >= 2 * self.MIN_ROWS and threads.blas_is_single() and nn._hook is None:
             return self._forward_rows(x)
         return self.lin2(self.act(self.lin1(x)))  # [..., C] -> [..., mlp_dim] -> [..., C]
 
@@ -42,7 +43,7 @@ class MLPBlock(Module):
     def _forward_rows(self, x: np.ndarray) -> np.ndarray:
         """forward() a block of rows at a time, lin1 -> act -> lin2 while the block's
         hidden activations are in cache, blocks spread over threads (BLAS
-        single-threaded inside, see ops.single_threaded_blas)."""
+        single-threaded inside, see threads.single_threaded_blas)."""
         x2 = x.reshape(-1, x.shape[-1])  # [..., C] -> [R, C]
         out = np.empty((x2.shape[0], self.lin2.out_features), dtype=x.dtype)
 
@@ -50,12 +51,12 @@ class MLPBlock(Module):
         lin2 = self.lin2
 
         def work(start, stop):
-            for lo, hi in ops.blocks(start, stop, self.ROWS):
+            for lo, hi in threads.blocks(start, stop, self.ROWS):
                 hidden = act(self.lin1(x2[lo:hi]))  # [r, C] -> [r, M], activated in place: a fresh array
                 # lin2 straight into the result
                 ops.linear(hidden, lin2.weight, lin2.bias if lin2.has_bias else None, out=out[lo:hi])  # -> [r, C]
 
-        ops.parallel_rows(work, x2.shape[0], min_rows=self.MIN_ROWS)
+        threads.parallel_rows(work, x2.shape[0], min_rows=self.MIN_ROWS)
         return out.reshape(x.shape[:-1] + (out.shape[1],))  # -> [..., C]
 
 

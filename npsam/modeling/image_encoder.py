@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..fast import threads
 from ..kernels import ops
 from .common import LayerNorm2d, MLPBlock
 from ..kernels.nn import GELU, Conv2d, LayerNorm, Linear, Module, ModuleList, Sequential
@@ -179,7 +180,7 @@ class Block(Module):
         x += shortcut  # official: x = shortcut + x
         # Tokens as one [B*H*W, C] matrix: np.matmul runs one GEMM per leading
         # index, so [B, H, W, C] @ [C, M] would be B*H small, slow products.
-        with ops.single_threaded_blas():  # MLPBlock's fused row pass brings its own threads
+        with threads.single_threaded_blas():  # MLPBlock's fused row pass brings its own threads
             y = self.mlp(self.norm2(x).reshape(-1, x.shape[-1]))  # [BHW, C] -> [BHW, M] -> [BHW, C]
         y = y.reshape(x.shape)  # -> [B, H, W, C]
         y += x  # official: x = x + self.mlp(self.norm2(x))
@@ -235,7 +236,7 @@ class Attention(Module):
             rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
         # The output written straight in the layout proj reads: [B, N, h, D] = [B*N, C]
         out = np.empty((B, H * W, h, q.shape[-1]), dtype=q.dtype)
-        with ops.single_threaded_blas():  # its steps bring their own threads; the projections keep BLAS's
+        with threads.single_threaded_blas():  # its steps bring their own threads; the projections keep BLAS's
             attention(q_scaled, k, v, rel_h, rel_w, out=out.transpose(0, 2, 1, 3))  # -> [B, h, N, D] view
         return self.proj(out.reshape(B * H * W, -1)).reshape(B, H, W, -1)  # [B*N, C] -> [B, H, W, C]
 
@@ -288,9 +289,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, rel_h: Optional[np.nd
             o = np.matmul(attn, v[a, m], out=out[a, m, n])  # [a, m, n, Nk] @ [a, m, Nk, D] -> [a, m, n, D]
             o /= denom
 
-    # steps over threads (BLAS single-threaded inside, see ops.single_threaded_blas)
-    ops.parallel_rows(work, -(-A // ta) * steps_m * steps_n,
-                      threads=ops.row_threads() if ops.blas_is_single() else 1)
+    # steps over threads (BLAS single-threaded inside, see threads.single_threaded_blas)
+    threads.parallel_rows(work, -(-A // ta) * steps_m * steps_n,
+                      threads=threads.row_threads() if threads.blas_is_single() else 1)
     return out
 
 

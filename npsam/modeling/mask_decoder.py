@@ -13,6 +13,7 @@ from typing import Tuple
 import numpy as np
 
 from ..kernels import nn
+from ..fast import threads
 from ..kernels import ops
 from ..kernels.checks import check_array, check_bool, check_finite, check_same
 from .common import LayerNorm2d
@@ -101,7 +102,7 @@ class MaskDecoder(Module):
     def predict_masks(self, image_embeddings: np.ndarray, image_pe: np.ndarray, sparse_prompt_embeddings: np.ndarray,
                       dense_prompt_embeddings: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """All M masks and IoU predictions: -> [B, M, 4H, 4W], [B, M]."""
-        with ops.single_threaded_blas():  # the fused passes bring their own threads (see ops.py)
+        with threads.single_threaded_blas():  # the fused passes bring their own threads (see ops.py)
             return self._predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
 
     def _predict_masks(self, image_embeddings: np.ndarray, image_pe: np.ndarray, sparse_prompt_embeddings: np.ndarray,
@@ -213,26 +214,26 @@ class MaskDecoder(Module):
 
         def work(start, stop):
             for j in range(start, stop):
-                p, r0, r1 = ops.image_rows(j, per_image, rows, h)
-                n = (r1 - r0) * w  # pixels in this block; its arrays are this thread's work arrays (ops.scratch)
-                y1 = np.matmul(src[p, r0 * w:r1 * w], w1c, out=ops.scratch("upscale.y1", (n, 4 * o1), src.dtype))
+                p, r0, r1 = threads.image_rows(j, per_image, rows, h)
+                n = (r1 - r0) * w  # pixels in this block; its arrays are this thread's work arrays (threads.scratch)
+                y1 = np.matmul(src[p, r0 * w:r1 * w], w1c, out=threads.scratch("upscale.y1", (n, 4 * o1), src.dtype))
                 y1 = y1.reshape(-1, o1)  # [R, C] @ [C, 4*O1] -> [R*4, O1], centred
                 y1 += b1c
                 # LayerNorm2d: over O1, per pixel (rows centred by the weights)
                 ops.layer_norm_rows(y1, ln.weight, ln.bias, ln.eps, out=y1, centred=True)
                 ops.gelu_block(y1, y1)
-                y2 = np.matmul(y1, w2, out=ops.scratch("upscale.y2", (4 * n, 4 * o2), src.dtype))
+                y2 = np.matmul(y1, w2, out=threads.scratch("upscale.y2", (4 * n, 4 * o2), src.dtype))
                 y2 = y2.reshape(-1, o2)  # [R*4, O1] @ [O1, 4*O2] -> [R*16, O2]
                 y2 += conv2.bias
                 ops.gelu_block(y2, y2)
                 # the pixels as the long side of the product: twice as fast as hyper_in @ y2.T;
                 # into y1's work array, read by now (the masks need a quarter of it)
-                blk = np.matmul(y2, hyper_in[p].T, out=ops.scratch("upscale.y1", (16 * n, m), src.dtype))
+                blk = np.matmul(y2, hyper_in[p].T, out=threads.scratch("upscale.y1", (16 * n, m), src.dtype))
                 # [R*16, C/8] @ [C/8, M] -> [R*16, M], rows in (h, w, i, j, k, l) order
                 blk = blk.reshape(r1 - r0, w, 2, 2, 2, 2, m).transpose(6, 0, 2, 4, 1, 3, 5)  # -> [M, h, i, k, w, j, l]
                 masks[p, :, 4 * r0:4 * r1].reshape(blk.shape)[...] = blk
 
-        ops.parallel_rows(work, b * per_image, threads=ops.row_threads())
+        threads.parallel_rows(work, b * per_image, threads=threads.row_threads())
         return masks
 
     def _upscaling_weights(self):

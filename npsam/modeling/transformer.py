@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from ..kernels import nn
+from ..fast import threads
 from ..kernels import ops
 from .common import MLPBlock
 from ..kernels.nn import LayerNorm, Linear, Module, ModuleList, ReLU
@@ -391,7 +392,7 @@ class TwoWayTransformer(Module):
                 self._block(j * rows, min(hw, (j + 1) * rows), j, qk, step4, keys, new_keys, pe,
                             m_parts, l_parts, o_parts)
 
-        ops.parallel_rows(work, nblocks, threads=ops.row_threads())
+        threads.parallel_rows(work, nblocks, threads=threads.row_threads())
         big = m_parts.max(axis=0)  # [B, h*T]
         w = np.exp(m_parts - big)  # [n, B, h*T]
         total = np.einsum("nbk,nbk->bk", w, l_parts)  # [B, h*T]
@@ -404,7 +405,7 @@ class TwoWayTransformer(Module):
         """Image rows [lo, hi), block j, of a fused pass (see forward_fused): keys
         [1 or B, HW, C] in, new_keys [B, HW, C] out when the pass runs a step (4).
         Its [R, C] and [h*T, R] temporaries are this thread's work arrays
-        (ops.scratch): the same every call, so no fresh pages to fault in."""
+        (threads.scratch): the same every call, so no fresh pages to fault in."""
         b, ht = qk.shape[:2]
         pe_blk = pe[lo:hi]  # [R, C]
         shape, dtype = pe_blk.shape, pe.dtype
@@ -414,7 +415,7 @@ class TwoWayTransformer(Module):
         def key_rows(residual):
             nonlocal k_rows_in
             if k_rows_in is None or not shared:
-                k_rows_in = np.add(residual, pe_blk, out=ops.scratch("decoder.key_rows", shape, dtype))
+                k_rows_in = np.add(residual, pe_blk, out=threads.scratch("decoder.key_rows", shape, dtype))
             return k_rows_in
 
         for p in range(b):
@@ -423,14 +424,14 @@ class TwoWayTransformer(Module):
                 # (4) of the previous layer: the image rows attend to the tokens, then norm4
                 step, norm = step4
                 attn_out = step(p, lo, hi, key_rows(residual) if step.needs_key_rows else None,
-                                out=ops.scratch("decoder.step4", shape, dtype))  # -> [R, C]
+                                out=threads.scratch("decoder.step4", shape, dtype))  # -> [R, C]
                 v_rows = ops.layer_norm_rows(attn_out, norm.weight, norm.bias, norm.eps, out=new_keys[p, lo:hi],
                                              add=residual)
                 k_rows = np.add(v_rows, pe_blk, out=attn_out)  # into step (4)'s work array, read by now
             else:
                 v_rows, k_rows = residual, key_rows(residual)
             # (2) the tokens attend to these rows: this block's part of the softmax over HW
-            logits = np.matmul(qk[p], k_rows.T, out=ops.scratch("decoder.logits", (ht, hi - lo), dtype))
+            logits = np.matmul(qk[p], k_rows.T, out=threads.scratch("decoder.logits", (ht, hi - lo), dtype))
             # [h*T, C] @ [C, R] -> [h*T, R]
             m = logits.max(axis=1)  # [h*T]
             ops.exp_below_max_(logits, m[:, None])
@@ -474,7 +475,7 @@ class TwoWayTransformer(Module):
                 ops.softmax_(attn, axis=1)  # over HW
                 np.matmul(attn, v_t[hd].T, out=out[p, hd])  # [T, HW] @ [HW, D] -> [T, D]
 
-        ops.parallel_rows(work, b * nh, threads=ops.row_threads())
+        threads.parallel_rows(work, b * nh, threads=threads.row_threads())
         attn_out = to_image.out_proj(ops.recombine_heads(out))  # -> [B, T, I] -> [B, T, C]
         return attn_out, (_Layer0Step4(layer, q4_t), layer.norm4)  # its token side after steps (2)-(3)
 
@@ -492,7 +493,7 @@ class TwoWayTransformer(Module):
         scale = src.dtype.type(math.sqrt(from_image.internal_dim // from_image.num_heads))
 
         def work(start, stop):
-            for lo, hi in ops.blocks(start, stop, 512):
+            for lo, hi in threads.blocks(start, stop, 512):
                 k = src[lo:hi] + pe[lo:hi]  # [R, C]
                 np.matmul(to_image.k_proj.weight, k.T, out=k_t[:, lo:hi])  # [I, C] @ [C, R] -> [I, R]
                 k_t[:, lo:hi] += to_image.k_proj.bias[:, None]
@@ -502,7 +503,7 @@ class TwoWayTransformer(Module):
                 q4_t[:, lo:hi] += from_image.q_proj.bias[:, None]
                 q4_t[:, lo:hi] /= scale  # NOTE(reference): logits / sqrt(D): exact for D = 16
 
-        ops.parallel_rows(work, hw, min_rows=512, threads=ops.row_threads())
+        threads.parallel_rows(work, hw, min_rows=512, threads=threads.row_threads())
         out = []
         for x, a in ((k_t, to_image), (v_t, to_image), (q4_t, from_image)):
             x = x.reshape(a.num_heads, -1, hw)  # [I, HW] -> [h, D, HW]

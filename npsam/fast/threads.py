@@ -1,0 +1,264 @@
+"""Worker threads, single-threaded BLAS and per-thread work arrays: the
+machinery the fast layer's blocked passes run on.
+
+Dimension letters as in :mod:`npsam.kernels.ops`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+
+# ---------------------------------------------------------------------------
+# Threads for element-wise work
+# ---------------------------------------------------------------------------
+# NumPy's element-wise ufuncs run on one core; they release the GIL, so a few
+# Python threads working on separate row blocks of the same arrays use the
+# other cores. The fused passes (decoder, ViT attention and MLP) also run their
+# matrix products on these threads, with BLAS single-threaded (see BLAS threads
+# below). NPSAM_NUM_THREADS (or set_num_threads) sets how many; 1 turns our
+# threading off and leaves every core to BLAS.
+NUM_THREADS = max(1, min(int(os.environ.get("NPSAM_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1), 8))
+# Elements per block of element-wise work: a block and its temporaries stay
+# near the L2 cache (1.25 MB per core here), and each NumPy call is long enough
+# that two threads seldom wait for each other's GIL hand-over. Measured on the
+# decoder (A/B in one process): 128K is 4-6% faster than 64K, 32K 10% slower,
+# 256K 9% slower for 16 prompts.
+CHUNK = 1 << 17
+_pool = None  # (task queue, workers): NUM_THREADS - 1 daemon threads, started on first use
+_pool_lock = threading.Lock()
+_in_worker = threading.local()  # set in pool threads: nested parallel_rows runs inline
+
+
+def set_num_threads(n: int) -> None:
+    """Threads for element-wise work and fused passes (>= 1)."""
+    global NUM_THREADS, _pool
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"set_num_threads: n must be an int >= 1, got {n!r}")
+    with _pool_lock:
+        NUM_THREADS = n
+        if _pool is not None:
+            for _ in _pool[1]:
+                _pool[0].put(None)  # each worker exits when it takes a None
+            _pool = None
+
+
+def _tasks():
+    """The task queue of the worker threads (started here on first use). A plain
+    queue and threads rather than concurrent.futures: lighter to import and to
+    submit to, which matters for a cold process and for short passes."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            import queue
+
+            tasks = queue.SimpleQueue()
+            workers = [threading.Thread(target=_worker, args=(tasks,), name=f"npsam-{i}", daemon=True)
+                       for i in range(NUM_THREADS - 1)]
+            for w in workers:
+                w.start()
+            _pool = (tasks, workers)
+        return _pool[0]
+
+
+def _worker(tasks) -> None:
+    _in_worker.busy = True
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        fn, start, stop, done = task
+        try:
+            fn(start, stop)
+        except BaseException as e:  # handed to the caller, raised there
+            done.put(e)
+        else:
+            done.put(None)
+
+
+def parallel_rows(fn: Callable[[int, int], None], n: int, min_rows: int = 1, threads: Optional[int] = None) -> None:
+    """Call ``fn(start, stop)`` on contiguous ranges covering rows ``[0, n)``, one
+    range per thread (the calling thread takes the first; ``threads`` defaults to
+    NUM_THREADS). ``fn`` must write only its own rows. An exception in any range
+    is raised here, after every range has finished."""
+    parts = min(NUM_THREADS if threads is None else threads, NUM_THREADS, max(1, n // max(1, min_rows)))
+    if parts <= 1 or getattr(_in_worker, "busy", False):
+        fn(0, n)
+        return
+    import queue
+
+    tasks, done = _tasks(), queue.SimpleQueue()
+    bounds = [n * i // parts for i in range(parts + 1)]
+    for i in range(1, parts):
+        tasks.put((fn, bounds[i], bounds[i + 1], done))
+    error = None
+    try:
+        _run_in_worker(fn, bounds[0], bounds[1])
+    except BaseException as e:
+        error = e
+    for _ in range(1, parts):
+        result = done.get()
+        error = error or result
+    if error is not None:
+        raise error
+
+
+def _run_in_worker(fn: Callable[[int, int], None], start: int, stop: int) -> None:
+    busy = getattr(_in_worker, "busy", False)
+    _in_worker.busy = True
+    try:
+        fn(start, stop)
+    finally:
+        _in_worker.busy = busy
+
+
+# ---------------------------------------------------------------------------
+# BLAS threads
+# ---------------------------------------------------------------------------
+# The fused passes (transformer.py, mask_decoder.py) split rows over our own
+# threads, each running its matrix products *and* element-wise work on its rows.
+# BLAS must then run single-threaded in each: OpenBLAS's own threads would
+# oversubscribe the cores, and after every multi-threaded product they spin for
+# a while, taking the core an element-wise thread needs. NumPy has no API for
+# this, so single_threaded_blas() calls OpenBLAS's documented
+# openblas_set_num_threads through ctypes (what threadpoolctl does), looking
+# the library up among those NumPy loaded. Where it is not found (MKL,
+# Accelerate), fused passes run on one Python thread and BLAS keeps its threads.
+_blas = None  # (set, get) once looked up; False when there is no OpenBLAS to control
+_blas_lock = threading.Lock()
+
+
+def _find_openblas():
+    import ctypes
+    import itertools
+
+    def loaded():  # Linux: whatever NumPy actually loaded (0.5 ms, where the globs below take 1.2)
+        try:
+            with open("/proc/self/maps") as f:
+                return sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
+        except OSError:
+            return []
+
+    def shipped():  # elsewhere: the copy NumPy's wheel ships
+        import glob
+
+        here = os.path.dirname(np.__file__)
+        for pattern in ("*openblas*.so*", "*openblas*.dylib", "*openblas*.dll"):
+            for folder in (here + ".libs", os.path.join(here, ".dylibs"), here):
+                yield from glob.glob(os.path.join(folder, pattern))
+
+    for path in itertools.chain(loaded(), shipped()):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"),
+                               ("openblas", "")):
+            set_, get = (getattr(lib, f"{prefix}_{verb}_num_threads{suffix}", None) for verb in ("set", "get"))
+            if set_ is not None and get is not None:
+                set_.argtypes, set_.restype, get.restype = [ctypes.c_int], None, ctypes.c_int
+                return set_, get
+    return False
+
+
+class _SingleThreadedBlas:
+    """Context manager: OpenBLAS on one thread inside, its setting restored when
+    the last open one (in any thread) exits; nothing when row_threads() is 1 (no
+    OpenBLAS found, or NUM_THREADS 1). Nests."""
+
+    def __init__(self):
+        self.active = row_threads() > 1
+
+    def __enter__(self):
+        global _single_depth, _saved_threads
+        if self.active:
+            with _blas_lock:
+                if _single_depth == 0:
+                    _saved_threads = _blas[1]()
+                    if _saved_threads != 1:
+                        _blas[0](1)
+                _single_depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        global _single_depth
+        if self.active:
+            with _blas_lock:
+                _single_depth -= 1
+                if _single_depth == 0 and _saved_threads != 1:
+                    _blas[0](_saved_threads)
+
+
+_single_depth = 0  # open single_threaded_blas contexts, in all threads
+_saved_threads = 1  # BLAS threads before the first of them
+
+
+def blas_is_single() -> bool:
+    """Inside single_threaded_blas (with row_threads() > 1): row passes may
+    spread their matrix products over our threads."""
+    return _single_depth > 0
+
+
+def single_threaded_blas() -> _SingleThreadedBlas:
+    return _SingleThreadedBlas()
+
+
+def row_threads() -> int:
+    """Python threads for a fused pass: NUM_THREADS when BLAS can be made
+    single-threaded (see single_threaded_blas), else 1."""
+    if NUM_THREADS == 1:
+        return 1
+    global _blas
+    with _blas_lock:
+        if _blas is None:
+            _blas = _find_openblas()
+    return NUM_THREADS if _blas else 1
+
+
+# ---------------------------------------------------------------------------
+# Work arrays
+# ---------------------------------------------------------------------------
+# A fresh multi-megabyte temporary costs a page fault per 4 KB page whenever
+# the allocator has handed that memory back to the system, as glibc does with
+# the free top of its heap once a call's temporaries are gone: a one-prompt
+# decode faulted 2021 pages per call, about 1.5 us each here, and more when
+# the host is busy. Hot loops that make the same large temporaries call after
+# call (the decoder's passes over image rows and its upscaling, GELU, the
+# convolutions' im2col columns and depthwise sums) take them from here
+# instead: one set per thread, kept for the thread's life (11.4 MB per
+# thread for the float32 decoder; a step reuses an earlier step's array once
+# that is read, which spares a cold process's first decode 1200 faults). The
+# decode now faults 4.
+_scratch = threading.local()
+
+
+def scratch(key: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
+    """A C-contiguous work array of ``shape`` and ``dtype`` for this thread,
+    contents undefined. The next call with the same ``key`` on this thread
+    returns the same memory (grown if need be), so the caller must be done
+    with it by then, and must not hand it out."""
+    dtype = np.dtype(dtype)
+    size = math.prod(shape)
+    bufs = _scratch.__dict__
+    buf = bufs.get(key)
+    if buf is None or buf.size < size or buf.dtype != dtype:
+        buf = bufs[key] = np.empty(max(size, 1), dtype)
+    return buf[:size].reshape(shape)
+
+
+def image_rows(job: int, per_image: int, rows: int, n: int) -> Tuple[int, int, int]:
+    """Job ``job`` of a pass over blocks of ``rows`` rows of every image of ``n``
+    rows (``per_image`` = ceil(n / rows) jobs each): (image, lo, hi)."""
+    image, lo = divmod(job, per_image)
+    lo *= rows
+    return image, lo, min(n, lo + rows)
+
+
+def blocks(start: int, stop: int, size: int):
+    """(lo, hi) blocks of at most ``size`` rows covering [start, stop)."""
+    for lo in range(start, stop, size):
+        yield lo, min(lo + size, stop)
