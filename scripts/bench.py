@@ -66,12 +66,28 @@ COLD_TARGET_S = 0.25
 VITB_PEAK_TARGET_MB = 1536
 
 
+# Some hosts force an OpenBLAS kernel (e.g. Haswell on AMD EPYC) and an L2 size;
+# a user's NumPy on the same CPU picks its own, so the engines run without them.
+FORCED_BLAS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
 def child_env() -> dict:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in FORCED_BLAS}
     for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[k] = "2"
     env.setdefault("NPSAM_NUM_THREADS", "2")
     return env
+
+
+def blas_kernel() -> str:
+    """The BLAS NumPy runs in the engines' environment, as threadpoolctl reports it."""
+    code = ("import numpy, threadpoolctl; i = [d for d in threadpoolctl.threadpool_info() if d['user_api'] == 'blas']; "
+            "print(', '.join(f\"{d['internal_api']} {d.get('version')} {d.get('architecture')}\" for d in i) or 'none')")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unknown ({e})"
+    return out.stdout.strip() if out.returncode == 0 else "unknown (pip install threadpoolctl)"
 
 
 # ---------------------------------------------------------------------------
@@ -205,7 +221,8 @@ def ratios(results: dict) -> list:
 
 def markdown(results: dict, rows: list, meta: dict) -> str:
     lines = [f"Measured {meta['date']} on {meta['cpus']} CPUs (load average at start {meta['load']}), "
-             f"{meta['repeats']} alternating rounds x {meta['iters']} iterations, float32, 2 threads per engine.",
+             f"{meta['repeats']} alternating rounds x {meta['iters']} iterations, float32, 2 threads per engine; "
+             f"BLAS: {meta.get('blas', 'unknown')}.",
              "", "| case | engine | median ms | min ms | max ms | peak MB |", "|---|---|---|---|---|---|"]
     for case, res in results.items():
         for e, r in res.items():
@@ -257,7 +274,7 @@ def main(argv=None) -> int:
         compileall.compile_dir(os.path.join(ROOT, "npsam"), quiet=1)
         meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
                 "load": round(os.getloadavg()[0], 2), "repeats": args.repeats, "iters": args.iters,
-                "warmup": args.warmup, "quick": args.quick}
+                "warmup": args.warmup, "quick": args.quick, "blas": blas_kernel()}
         results = bench(cases, workdir, args.repeats, args.warmup, args.iters)
     rows = ratios(results)
     write_atomic(os.path.join(args.out, "results.json"),
