@@ -244,7 +244,8 @@ def test_vit_t_state_dict_layouts():
 
 
 @pytest.mark.slow
-def test_vit_t_full_resolution_float32():
+@pytest.mark.parametrize("path", PATHS)
+def test_vit_t_full_resolution_float32(path):
     enc = official_vit_t_encoder()
     oracle.randomize_(enc, 7)
     enc.eval()
@@ -254,9 +255,10 @@ def test_vit_t_full_resolution_float32():
     ours = build_modules(CONFIGS["vit_t"]).image_encoder
     ours.load_state_dict(oracle.state_dict_numpy(enc), dtype=np.float32)
     calls = []
-    out = ours(x, progress=lambda done, total: calls.append((done, total)))
+    with npsam.reference(path == "reference"):
+        out = ours(x, progress=lambda done, total: calls.append((done, total)))
     assert out.shape == (1, 256, 64, 64) and out.dtype == np.float32
-    assert_close(out, theirs, ENCODER_F32, "vit_t image embedding")
+    assert_close(out, theirs, ENCODER_F32, f"vit_t image embedding ({path})")
     assert calls == [(i, 12) for i in range(1, 13)]
 
 
