@@ -20,7 +20,8 @@ import npsam
 from npsam.tools.trace import trace
 
 
-def official_outputs(module: torch.nn.Module, run: Callable[[], object], prefix: str = "") -> Dict[str, List[np.ndarray]]:
+def official_outputs(module: torch.nn.Module, run: Callable[[], object],
+                     prefix: str = "") -> Dict[str, List[np.ndarray]]:
     """Run ``run()`` with a forward hook on every submodule of ``module``:
     prefix + name (``name#k`` for the k-th repeated call) -> the output's arrays."""
     captured: Dict[str, List[np.ndarray]] = {}

@@ -71,9 +71,10 @@ class Conv2d_BN(Module):
             self.bn = BatchNorm2d(b)  # NOTE(reference): bn_weight_init only sets the initial weight
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        # [B, C, H, W] -> [B, O, Ho, Wo]
         if self.folded_bn:
-            return ops.conv2d(x, self.weight, self.bias, self.stride, self.pad, self.groups)  # [B, C, H, W] -> [B, O, Ho, Wo]
-        return self.bn(self.c(x))  # [B, C, H, W] -> [B, O, Ho, Wo]
+            return ops.conv2d(x, self.weight, self.bias, self.stride, self.pad, self.groups)
+        return self.bn(self.c(x))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, ks={self.ks}, stride={self.stride}, "
