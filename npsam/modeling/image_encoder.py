@@ -25,7 +25,7 @@ from ..kernels.nn import GELU, Conv2d, LayerNorm, Linear, Module, ModuleList, Se
 
 
 class ImageEncoderViT(Module):
-    """Mirror of image_encoder.py: ImageEncoderViT.
+    """Mirror of modeling/image_encoder.py: ImageEncoderViT.
 
     ``norm_eps`` stands in for the official ``norm_layer`` argument, which SAM
     sets to ``partial(torch.nn.LayerNorm, eps=1e-6)``; the activation is always
@@ -90,7 +90,9 @@ class ImageEncoderViT(Module):
         ])
 
     def forward(self, x: np.ndarray, progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
-        """[B, in_chans, S, S] -> [B, out_chans, S/P, S/P].
+        """Mirror of modeling/image_encoder.py: ImageEncoderViT.forward.
+
+        [B, in_chans, S, S] -> [B, out_chans, S/P, S/P].
 
         ``progress(done_blocks, total_blocks)``, if given, is called after each block.
         """
@@ -127,7 +129,7 @@ class ImageEncoderViT(Module):
 
 
 class Block(Module):
-    """Mirror of image_encoder.py: Block (pre-norm attention and MLP, both residual),
+    """Mirror of modeling/image_encoder.py: Block (pre-norm attention and MLP, both residual),
     attending within windows when ``window_size > 0``, globally otherwise."""
 
     def __init__(
@@ -159,6 +161,7 @@ class Block(Module):
         self.window_size = window_size
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """Mirror of modeling/image_encoder.py: Block.forward."""
         shortcut = x  # [B, H, W, C]
         x = self.norm1(x)
         # Window partition
@@ -180,7 +183,7 @@ class Block(Module):
 
 
 class Attention(Module):
-    """Mirror of image_encoder.py: Attention (multi-head, with decomposed
+    """Mirror of modeling/image_encoder.py: Attention (multi-head, with decomposed
     relative position embeddings)."""
 
     def __init__(
@@ -206,6 +209,7 @@ class Attention(Module):
             self.register_parameter("rel_pos_w", (2 * input_size[1] - 1, head_dim))
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """Mirror of modeling/image_encoder.py: Attention.forward."""
         B, H, W, _ = x.shape
         h = self.num_heads
         qkv = self.qkv(x).reshape(B, H * W, 3, h, -1).transpose(2, 0, 3, 1, 4)  # [B, H, W, C] -> [3, B, h, N, D]
@@ -221,7 +225,7 @@ class Attention(Module):
 
 
 def window_partition(x: np.ndarray, window_size: int) -> Tuple[np.ndarray, Tuple[int, int]]:
-    """Mirror of image_encoder.py: window_partition.
+    """Mirror of modeling/image_encoder.py: window_partition.
 
     [B, H, W, C] -> ([B*nW, ws, ws, C], (Hp, Wp)).
     NOTE(reference): the grid is zero-padded at the bottom and right to a multiple
@@ -242,7 +246,7 @@ def window_partition(x: np.ndarray, window_size: int) -> Tuple[np.ndarray, Tuple
 
 def window_unpartition(windows: np.ndarray, window_size: int, pad_hw: Tuple[int, int],
                        hw: Tuple[int, int]) -> np.ndarray:
-    """Mirror of image_encoder.py: window_unpartition.
+    """Mirror of modeling/image_encoder.py: window_unpartition.
 
     [B*nW, ws, ws, C] -> [B, H, W, C], cropping the padding (bottom and right).
     """
@@ -257,7 +261,7 @@ def window_unpartition(windows: np.ndarray, window_size: int, pad_hw: Tuple[int,
 
 
 def get_rel_pos(q_size: int, k_size: int, rel_pos: np.ndarray) -> np.ndarray:
-    """Mirror of image_encoder.py: get_rel_pos.
+    """Mirror of modeling/image_encoder.py: get_rel_pos.
 
     Relative position embeddings for every (query, key) pair along one axis:
     rel_pos [L, D] -> [q_size, k_size, D].
@@ -308,7 +312,7 @@ def _interpolate_linear(x: np.ndarray, size: int) -> np.ndarray:
 
 def add_decomposed_rel_pos(attn: np.ndarray, q: np.ndarray, rel_pos_h: np.ndarray, rel_pos_w: np.ndarray,
                            q_size: Tuple[int, int], k_size: Tuple[int, int]) -> np.ndarray:
-    """Mirror of image_encoder.py: add_decomposed_rel_pos (from MViTv2).
+    """Mirror of modeling/image_encoder.py: add_decomposed_rel_pos (from MViTv2).
 
     attn [G, q_h*q_w, k_h*k_w], q [G, q_h*q_w, D] (unscaled) ->
     attn[g, (i, j), (y, x)] + rel_h[g, i, j, y] + rel_w[g, i, j, x].
@@ -330,7 +334,7 @@ def add_decomposed_rel_pos(attn: np.ndarray, q: np.ndarray, rel_pos_h: np.ndarra
 
 
 class PatchEmbed(Module):
-    """Mirror of image_encoder.py: PatchEmbed (a P x P stride-P convolution)."""
+    """Mirror of modeling/image_encoder.py: PatchEmbed (a P x P stride-P convolution)."""
 
     def __init__(self, kernel_size: int = 16, stride: int = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
         super().__init__()
@@ -338,5 +342,6 @@ class PatchEmbed(Module):
         self.proj = Conv2d(in_chans, embed_dim, kernel_size=kernel_size, stride=stride)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """Mirror of modeling/image_encoder.py: PatchEmbed.forward."""
         x = self.proj(x)  # [B, 3, S, S] -> [B, C, H, W]
         return x.transpose(0, 2, 3, 1)  # -> [B, H, W, C]

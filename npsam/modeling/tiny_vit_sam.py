@@ -52,7 +52,7 @@ def _mark_optional(module: Module) -> Module:
 
 
 class Conv2d_BN(Module):
-    """Mirror of tiny_vit_sam.py: Conv2d_BN (a Sequential: Conv2d ``c`` without
+    """Mirror of modeling/tiny_vit_sam.py: Conv2d_BN (a Sequential: Conv2d ``c`` without
     bias, then BatchNorm2d ``bn``), or, with ``folded_bn``, the Conv2d that its
     ``fuse()`` returns (see the module docstring)."""
 
@@ -71,6 +71,7 @@ class Conv2d_BN(Module):
             self.bn = BatchNorm2d(b)  # NOTE(reference): bn_weight_init only sets the initial weight
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """Mirror of modeling/tiny_vit_sam.py: Conv2d_BN.forward (Sequential's: bn(c(x)))."""
         # [B, C, H, W] -> [B, O, Ho, Wo]
         if self.folded_bn:
             return ops.conv2d(x, self.weight, self.bias, self.stride, self.pad, self.groups)
@@ -82,7 +83,7 @@ class Conv2d_BN(Module):
 
 
 class PatchEmbed(Module):
-    """Mirror of tiny_vit_sam.py: PatchEmbed. Two 3x3 stride-2 Conv2d_BN with a
+    """Mirror of modeling/tiny_vit_sam.py: PatchEmbed. Two 3x3 stride-2 Conv2d_BN with a
     GELU between: [B, 3, S, S] -> [B, C0/2, S/2, S/2] -> [B, C0, S/4, S/4]."""
 
     def __init__(self, in_chans: int, embed_dim: int, resolution: int, folded_bn: bool = False) -> None:
@@ -97,11 +98,12 @@ class PatchEmbed(Module):
         ])
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """Mirror of modeling/tiny_vit_sam.py: PatchEmbed.forward."""
         return self.seq(x)  # [B, 3, S, S] -> [B, C0/2, S/2, S/2] -> [B, C0, S/4, S/4]
 
 
 class MBConv(Module):
-    """Mirror of tiny_vit_sam.py: MBConv (inverted residual: 1x1 expand, depthwise
+    """Mirror of modeling/tiny_vit_sam.py: MBConv (inverted residual: 1x1 expand, depthwise
     3x3, 1x1 project, residual, GELU)."""
 
     def __init__(self, in_chans: int, out_chans: int, expand_ratio: float, folded_bn: bool = False) -> None:
@@ -117,6 +119,7 @@ class MBConv(Module):
         self.act3 = GELU()
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """Mirror of modeling/tiny_vit_sam.py: MBConv.forward."""
         shortcut = x
         x = self.conv1(x)  # [B, C, H, W] -> [B, E, H, W]
         x = self.act1(x)
@@ -129,7 +132,7 @@ class MBConv(Module):
 
 
 class PatchMerging(Module):
-    """Mirror of tiny_vit_sam.py: PatchMerging (1x1, depthwise 3x3 stride 2, 1x1)."""
+    """Mirror of modeling/tiny_vit_sam.py: PatchMerging (1x1, depthwise 3x3 stride 2, 1x1)."""
 
     def __init__(self, input_resolution: Tuple[int, int], dim: int, out_dim: int, folded_bn: bool = False) -> None:
         super().__init__()
@@ -144,6 +147,7 @@ class PatchMerging(Module):
         self.conv3 = Conv2d_BN(out_dim, out_dim, 1, 1, 0, folded_bn=folded_bn)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """Mirror of modeling/tiny_vit_sam.py: PatchMerging.forward."""
         if x.ndim == 3:  # tokens from a BasicLayer
             h, w = self.input_resolution
             b = len(x)
@@ -158,7 +162,7 @@ class PatchMerging(Module):
 
 
 class ConvLayer(Module):
-    """Mirror of tiny_vit_sam.py: ConvLayer (layer 0: MBConv blocks, then PatchMerging)."""
+    """Mirror of modeling/tiny_vit_sam.py: ConvLayer (layer 0: MBConv blocks, then PatchMerging)."""
 
     def __init__(self, dim: int, input_resolution: Tuple[int, int], depth: int, downsample: bool = False,
                  out_dim: Optional[int] = None, conv_expand_ratio: float = 4.0, folded_bn: bool = False) -> None:
@@ -169,6 +173,7 @@ class ConvLayer(Module):
                            if downsample else None)
 
     def forward(self, x: np.ndarray, on_block: Optional[Callable[[], None]] = None) -> np.ndarray:
+        """Mirror of modeling/tiny_vit_sam.py: ConvLayer.forward."""
         for blk in self.blocks:
             x = blk(x)  # [B, C, H, W] -> same
             if on_block is not None:
@@ -179,7 +184,7 @@ class ConvLayer(Module):
 
 
 class Mlp(Module):
-    """Mirror of tiny_vit_sam.py: Mlp. NOTE(reference): it starts with its own
+    """Mirror of modeling/tiny_vit_sam.py: Mlp. NOTE(reference): it starts with its own
     LayerNorm (nn.LayerNorm default eps 1e-5); dropout is the identity."""
 
     def __init__(self, in_features: int, hidden_features: Optional[int] = None,
@@ -193,6 +198,7 @@ class Mlp(Module):
         self.act = GELU()
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """Mirror of modeling/tiny_vit_sam.py: Mlp.forward."""
         x = self.norm(x)
         x = self.fc1(x)  # [..., C] -> [..., E]
         x = self.act(x)
@@ -201,7 +207,7 @@ class Mlp(Module):
 
 
 def attention_bias_idxs(resolution: Tuple[int, int]) -> Tuple[np.ndarray, int]:
-    """Mirror of tiny_vit_sam.py: Attention.__init__'s offset table.
+    """Mirror of modeling/tiny_vit_sam.py: Attention.__init__'s offset table.
 
     Every pair of window positions (p1, p2) gets the index of its offset
     (|dy|, |dx|), numbered in order of first appearance as p1 then p2 run over
@@ -223,7 +229,7 @@ def attention_bias_idxs(resolution: Tuple[int, int]) -> Tuple[np.ndarray, int]:
 
 
 class Attention(Module):
-    """Mirror of tiny_vit_sam.py: Attention (LeViT-style: own LayerNorm, one qkv
+    """Mirror of modeling/tiny_vit_sam.py: Attention (LeViT-style: own LayerNorm, one qkv
     Linear split per head, a learned bias per relative offset added to the logits)."""
 
     def __init__(self, dim: int, key_dim: int, num_heads: int = 8, attn_ratio: float = 4,
@@ -245,6 +251,7 @@ class Attention(Module):
         self.register_parameter("attention_biases", (num_heads, num_offsets))
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """Mirror of modeling/tiny_vit_sam.py: Attention.forward."""
         b, n, _ = x.shape
         x = self.norm(x)
         qkv = self.qkv(x)  # [B, N, C] -> [B, N, h*(2D + d)]
@@ -261,7 +268,7 @@ class Attention(Module):
 
 
 class TinyViTBlock(Module):
-    """Mirror of tiny_vit_sam.py: TinyViTBlock (window attention, depthwise local
+    """Mirror of modeling/tiny_vit_sam.py: TinyViTBlock (window attention, depthwise local
     conv, MLP; residuals around attention and MLP only)."""
 
     def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int = 7,
@@ -278,6 +285,7 @@ class TinyViTBlock(Module):
         self.local_conv = Conv2d_BN(dim, dim, ks=local_conv_size, stride=1, pad=pad, groups=dim, folded_bn=folded_bn)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """Mirror of modeling/tiny_vit_sam.py: TinyViTBlock.forward."""
         h, w = self.input_resolution
         b, n, c = x.shape
         assert n == h * w, "input feature has wrong size"
@@ -318,7 +326,7 @@ class TinyViTBlock(Module):
 
 
 class BasicLayer(Module):
-    """Mirror of tiny_vit_sam.py: BasicLayer (TinyViTBlocks, then PatchMerging
+    """Mirror of modeling/tiny_vit_sam.py: BasicLayer (TinyViTBlocks, then PatchMerging
     except on the last layer)."""
 
     def __init__(self, dim: int, input_resolution: Tuple[int, int], depth: int, num_heads: int, window_size: int,
@@ -335,6 +343,7 @@ class BasicLayer(Module):
                            if downsample else None)
 
     def forward(self, x: np.ndarray, on_block: Optional[Callable[[], None]] = None) -> np.ndarray:
+        """Mirror of modeling/tiny_vit_sam.py: BasicLayer.forward."""
         for blk in self.blocks:
             x = blk(x)  # [B, N, C] -> same
             if on_block is not None:
@@ -348,7 +357,7 @@ class BasicLayer(Module):
 
 
 class TinyViT(Module):
-    """Mirror of tiny_vit_sam.py: TinyViT (MobileSAM's image encoder, with SAM's neck).
+    """Mirror of modeling/tiny_vit_sam.py: TinyViT (MobileSAM's image encoder, with SAM's neck).
 
     Training-only arguments (drop_rate, drop_path_rate, use_checkpoint,
     layer_lr_decay) are accepted and ignored. ``folded_bn`` selects the
@@ -416,7 +425,9 @@ class TinyViT(Module):
         return self.neck[0].weight.dtype
 
     def forward(self, x: np.ndarray, progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
-        """[B, 3, S, S] -> [B, 256, S/16, S/16]. ``progress(done, total)`` is called
+        """Mirror of modeling/tiny_vit_sam.py: TinyViT.forward.
+
+        [B, 3, S, S] -> [B, 256, S/16, S/16]. ``progress(done, total)`` is called
         after each MBConv / TinyViT block."""
         x = np.asarray(x)
         s = self.img_size
