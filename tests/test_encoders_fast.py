@@ -20,6 +20,7 @@ does not depend on tracing, and folded BatchNorm follows reloaded weights.
 from __future__ import annotations
 
 from typing import Callable, Dict
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -84,11 +85,14 @@ def tokens(rng, dtype, *shape) -> np.ndarray:
 # ViT (modeling/image_encoder.py)
 # ---------------------------------------------------------------------------
 @given(dtype=DTYPES, seed=st.integers(0, 2**16), B=st.integers(1, 2), H=st.integers(1, 7), W=st.integers(1, 7),
-       heads=st.integers(1, 3), head_dim=st.sampled_from([2, 4, 8]), rel=st.booleans(), bias=st.booleans())
-def test_vit_attention(dtype, seed, B, H, W, heads, head_dim, rel, bias):
+       heads=st.integers(1, 3), head_dim=st.sampled_from([2, 4, 8]), rel=st.booleans(), bias=st.booleans(),
+       chunk=st.sampled_from([1, 60, 700, 1 << 20]))
+def test_vit_attention(dtype, seed, B, H, W, heads, head_dim, rel, bias, chunk):
+    """Any chunk budget: query rows one grid row at a time, a few maps, or whole batches per step."""
     m = load_random(vit.Attention(heads * head_dim, heads, bias, rel, (H, W)), seed, dtype)
-    both_paths(m, tokens(np.random.default_rng(seed), dtype, B, H, W, heads * head_dim), dtype,
-               "ViT Attention", own_bit_for_bit=False)
+    with mock.patch.object(fast_vit, "ATTENTION_CHUNK_ELEMENTS", chunk):
+        both_paths(m, tokens(np.random.default_rng(seed), dtype, B, H, W, heads * head_dim), dtype,
+                   f"ViT Attention (chunks of {chunk} logits)", own_bit_for_bit=False)
 
 
 @given(dtype=DTYPES, seed=st.integers(0, 2**16), B=st.integers(1, 2), grid=st.integers(2, 9),

@@ -95,7 +95,7 @@ def attention_forward(self: Attention, x: np.ndarray) -> np.ndarray:
     # The output written straight in the layout proj reads: [B, N, h, D] = [B*N, C]
     out = np.empty((B, H * W, h, q.shape[-1]), dtype=q.dtype)
     with threads.single_threaded_blas():  # its steps bring their own threads; the projections keep BLAS's
-        attention(q_scaled, k, v, rel_h, rel_w, out=out.transpose(0, 2, 1, 3))  # -> [B, h, N, D] view
+        attention(q_scaled, k, v, rel_h, rel_w, ATTENTION_CHUNK_ELEMENTS, out=out.transpose(0, 2, 1, 3))  # -> view
     return self.proj(out.reshape(B * H * W, -1)).reshape(B, H, W, -1)  # [B*N, C] -> [B, H, W, C]
 
 
