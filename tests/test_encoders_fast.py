@@ -19,6 +19,8 @@ does not depend on tracing, and folded BatchNorm follows reloaded weights.
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Callable, Dict
 from unittest import mock
 
@@ -246,3 +248,26 @@ def test_fast_path_without_weights_raises_the_reference_error():
     m = tv.Conv2d_BN(4, 6, 3, 1, 1).set_names("conv")
     with pytest.raises(WeightsMissingError, match="conv.c.weight"):
         m(np.zeros((1, 4, 5, 5), np.float32))
+
+
+# ---------------------------------------------------------------------------
+# The reference files stay close to their official twins
+# ---------------------------------------------------------------------------
+ENCODER_SIDE = ("modeling/image_encoder.py", "modeling/tiny_vit_sam.py")
+
+
+def test_encoder_reference_files_are_at_most_1_2x_their_official_twins():
+    """Code lines (no blanks, comments, docstrings) of each encoder reference file
+    against its official twin (scripts/count_lines.py)."""
+    import oracle
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("count_lines", root / "scripts" / "count_lines.py")
+    cl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cl)
+    official_roots = {"segment_anything": oracle.segment_anything(), "mobile_sam": oracle.mobile_sam()}
+    for name in ENCODER_SIDE:
+        package, official = cl.PAIRS[name]
+        ours = cl.code_lines(root / "npsam" / name)
+        theirs = cl.code_lines(Path(official_roots[package].__path__[0]) / official)
+        assert ours <= cl.LIMIT * theirs, f"{name}: {ours} code lines, {ours / theirs:.2f}x official {theirs}"
