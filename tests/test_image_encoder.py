@@ -2,10 +2,13 @@
 
 Small configurations under hypothesis in float32 and float64 (windows that do
 not divide the grid, global blocks, with and without relative and absolute
-position embeddings), get_rel_pos with tables of other lengths (the linear
-interpolation), the pieces (window partition, decomposed rel-pos, chunked
-attention), the official state_dict key/shape sets of vit_b/l/h, and one full
-ViT-B at 1024x1024 with an intermediate after the first global block.
+position embeddings) on both paths (the fast layer, and the reference under
+``npsam.reference()``), every intermediate of the reference path against the
+official modules' (forward hooks against npsam.trace) in float64, get_rel_pos
+with tables of other lengths (the linear interpolation), the pieces (window
+partition, decomposed rel-pos, the fast layer's chunked attention), the
+official state_dict key/shape sets of vit_b/l/h, and one full ViT-B at
+1024x1024 (fast path) with an intermediate after the first global block.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import torch
 from hypothesis import given, strategies as st
 
 import oracle
-from tolerances import DECODER_F32, DECODER_F64, ENCODER_F32, ENCODER_F64, assert_close
+from intermediates import compare_intermediates, official_outputs
+from tolerances import DECODER_F32, DECODER_F64, ENCODER_F32, ENCODER_F64, REFERENCE_ENCODER_F64, assert_close
 
+import npsam
+from npsam.fast import image_encoder as fast
 from npsam.modeling import image_encoder as ours
-from npsam.kernels import nn as npsam_nn
 from npsam.build_sam import CONFIGS, build_modules, random_state_dict
 
 oracle.segment_anything()
@@ -30,6 +35,7 @@ from segment_anything.build_sam import sam_model_registry  # noqa: E402
 
 torch.set_num_threads(2)
 TOL = {np.float32: (torch.float32, ENCODER_F32), np.float64: (torch.float64, ENCODER_F64)}
+PATHS = pytest.mark.parametrize("path", ["fast", "reference"])
 
 
 def _pair(dtype, seed=0, **kwargs):
@@ -82,17 +88,32 @@ def _run_both(theirs, mine, x, dtype):
     return got, expected, tol
 
 
+@PATHS
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @given(cfg=vit_configs(), batch=st.integers(1, 2), seed=st.integers(0, 2**16))
-def test_encoder_matches_official(dtype, cfg, batch, seed):
+def test_encoder_matches_official(path, dtype, cfg, batch, seed):
     theirs, mine = _pair(dtype, seed, **cfg)
     x = np.random.default_rng(seed).standard_normal((batch, 3, cfg["img_size"], cfg["img_size"]))
-    got, expected, tol = _run_both(theirs, mine, x, dtype)
-    assert_close(got, expected, tol, f"ImageEncoderViT {cfg}")
+    with npsam.reference(path == "reference"):
+        got, expected, tol = _run_both(theirs, mine, x, dtype)
+    assert_close(got, expected, tol, f"ImageEncoderViT {cfg} ({path})")
 
 
+@given(cfg=vit_configs(), batch=st.integers(1, 2), seed=st.integers(0, 2**16))
+def test_reference_intermediates_match_official(cfg, batch, seed):
+    """Every module call of the reference path (npsam.trace) against the same
+    official module's output (forward hooks), float64, far tighter than the
+    fast path's bound: the reference computes the official association."""
+    theirs, mine = _pair(np.float64, seed, **cfg)
+    x = np.random.default_rng(seed).standard_normal((batch, 3, cfg["img_size"], cfg["img_size"]))
+    expected = official_outputs(theirs, lambda: theirs(torch.from_numpy(x)), prefix="image_encoder.")
+    errors = compare_intermediates(expected, mine, lambda: mine(x), REFERENCE_ENCODER_F64, f"ViT {cfg}")
+    assert {"image_encoder", "image_encoder.neck.3", f"image_encoder.blocks.{cfg['depth'] - 1}.mlp.act"} <= set(errors)
+
+
+@PATHS
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_rel_pos_interpolated_when_grid_differs(dtype):
+def test_rel_pos_interpolated_when_grid_differs(path, dtype):
     """Without an absolute embedding the official encoder takes other image sizes;
     its global blocks then interpolate rel_pos tables sized for the pretraining
     grid (4x4 -> 7 rows) to the grid met (6x6 -> 11 rows, and 3x3 -> 5 rows)."""
@@ -101,7 +122,8 @@ def test_rel_pos_interpolated_when_grid_differs(dtype):
     theirs, mine = _pair(dtype, 3, **cfg)
     for side in (96, 48):
         x = np.random.default_rng(side).standard_normal((1, 3, side, side))
-        got, expected, tol = _run_both(theirs, mine, x, dtype)
+        with npsam.reference(path == "reference"):
+            got, expected, tol = _run_both(theirs, mine, x, dtype)
         assert_close(got, expected, tol, f"encoder at {side}x{side} (rel-pos interpolated)")
 
 
@@ -132,10 +154,13 @@ def test_add_decomposed_rel_pos(dtype, q_h, q_w, k_h, k_w, seed):
     rpw = rng.standard_normal((rng.integers(1, 12), D)).astype(dtype)  # interpolated
     t = lambda a: torch.from_numpy(a)  # noqa: E731
     expected = official.add_decomposed_rel_pos(t(attn), t(q), t(rph), t(rpw), (q_h, q_w), (k_h, k_w)).numpy()
-    rel_h, rel_w = ours.decomposed_rel_pos(q, rph, rpw, (q_h, q_w), (k_h, k_w))
+    tol = DECODER_F32 if dtype == np.float32 else DECODER_F64
+    got = ours.add_decomposed_rel_pos(attn, q, rph, rpw, (q_h, q_w), (k_h, k_w))
+    assert_close(got, expected, tol, "add_decomposed_rel_pos (reference)")
+    rel_h, rel_w = fast.decomposed_rel_pos(q, rph, rpw, (q_h, q_w), (k_h, k_w))
     assert rel_h.shape == (G, q_h, q_w, k_h) and rel_w.shape == (G, q_h, q_w, k_w)
-    got = ours.add_decomposed_rel_pos(attn.copy(), rel_h, rel_w)
-    assert_close(got, expected, DECODER_F32 if dtype == np.float32 else DECODER_F64, "add_decomposed_rel_pos")
+    fast_got = fast.add_rel_pos_(attn.copy(), rel_h, rel_w)
+    assert_close(fast_got, expected, tol, "decomposed_rel_pos + add_rel_pos_ (fast)")
 
 
 @given(H=st.integers(1, 12), W=st.integers(1, 12), ws=st.integers(1, 6), B=st.integers(1, 2))
@@ -159,10 +184,10 @@ def test_attention_chunks_agree(chunk):
     rel_h, rel_w = rng.standard_normal((1, G, q_h, q_w, q_h)), rng.standard_normal((1, G, q_h, q_w, q_w))
     logits = q @ k.swapaxes(-1, -2) + (rel_h[..., :, None] + rel_w[..., None, :]).reshape(1, G, q_h * q_w, -1)
     expected = torch.from_numpy(logits).softmax(-1).numpy() @ v
-    assert_close(ours.attention(q, k, v, rel_h, rel_w, chunk_elements=chunk), expected, DECODER_F64,
+    assert_close(fast.attention(q, k, v, rel_h, rel_w, chunk_elements=chunk), expected, DECODER_F64,
                  f"attention (chunk {chunk})")
     expected = torch.from_numpy(q @ k.swapaxes(-1, -2)).softmax(-1).numpy() @ v
-    assert_close(ours.attention(q, k, v, chunk_elements=chunk), expected, DECODER_F64, f"attention, no rel-pos (chunk {chunk})")
+    assert_close(fast.attention(q, k, v, chunk_elements=chunk), expected, DECODER_F64, f"attention, no rel-pos (chunk {chunk})")
 
 
 @pytest.mark.parametrize("chunk", [1, 300, 1800, 7200, 1 << 22])
@@ -178,7 +203,7 @@ def test_attention_strided_batches(chunk):
     q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # 3 x [B, h, N, D], strided
     rel_h, rel_w = rng.standard_normal((B, h, q_h, q_w, q_h)), rng.standard_normal((B, h, q_h, q_w, q_w))
     out = np.full((B, N, h, D), np.nan)
-    got = ours.attention(q, k, v, rel_h, rel_w, chunk_elements=chunk, out=out.transpose(0, 2, 1, 3))
+    got = fast.attention(q, k, v, rel_h, rel_w, chunk_elements=chunk, out=out.transpose(0, 2, 1, 3))
     assert np.shares_memory(got, out)
     logits = q @ k.swapaxes(-1, -2) + (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, h, N, -1)
     expected = torch.from_numpy(logits).softmax(-1).numpy() @ v  # [B, h, N, D]
@@ -231,18 +256,12 @@ def test_vit_b_full_size():
     mine = build_modules(config).image_encoder
     mine.load_state_dict(sd, dtype=np.float32)
     del sd
-    captured = {}
-
-    def hook(module, args, kwargs, out):  # npsam.kernels.nn's forward-hook slot
-        if module is mine.blocks[first_global]:
-            captured["block"] = out.copy()
-
-    npsam_nn._hook = hook
-    try:
-        got = mine(x)
-    finally:
-        npsam_nn._hook = None
-    err_block = assert_close(captured["block"], expected_block, ENCODER_F32, f"ViT-B tokens after block {first_global}")
+    got = mine(x)  # the fast path
+    # its blocks one by one, as the official ones above (ImageEncoderViT.forward's steps)
+    t = mine.patch_embed(x) + mine.pos_embed
+    for i in range(first_global + 1):
+        t = mine.blocks[i](t)
+    err_block = assert_close(t, expected_block, ENCODER_F32, f"ViT-B tokens after block {first_global}")
     assert got.shape == (1, 256, 64, 64) and got.dtype == np.float32
     err = assert_close(got, expected, ENCODER_F32, "ViT-B image embedding")
     print(f"ViT-B scaled errors: block {first_global} {err_block:.2e}, embedding {err:.2e}")

@@ -2,8 +2,11 @@
 
 Random weights (BatchNorm statistics included), both checkpoint layouts:
 unfolded (the official state_dict as is) and folded (each Conv2d_BN replaced by
-what its official ``fuse()`` returns), float32 and float64. Every stage is
-compared (patch_embed, each layer, neck), then the whole forward.
+what its official ``fuse()`` returns), float32 and float64, on both paths (the
+fast layer, and the reference under ``npsam.reference()``). Every stage is
+compared (patch_embed, each layer, neck), then the whole forward; and every
+intermediate of the reference path against the official modules' (forward
+hooks against npsam.trace) in float64.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import torch
 from hypothesis import given, strategies as st
 
 import oracle
-from tolerances import ENCODER_F32, ENCODER_F64, assert_close
+from intermediates import compare_intermediates, official_outputs
+from tolerances import ENCODER_F32, ENCODER_F64, REFERENCE_ENCODER_F64, assert_close
 
+import npsam
 from npsam.build_sam import CONFIGS, build_modules
 from npsam.kernels.nn import WeightsMissingError
 from npsam.modeling.tiny_vit_sam import PatchMerging, TinyViT, attention_bias_idxs
@@ -27,6 +32,7 @@ from mobile_sam.modeling import tiny_vit_sam as official  # noqa: E402
 
 TOL = {np.float32: ENCODER_F32, np.float64: ENCODER_F64}
 TORCH_DTYPE = {np.float32: torch.float32, np.float64: torch.float64}
+PATHS = ("fast", "reference")
 
 
 # ---------------------------------------------------------------------------
@@ -59,6 +65,17 @@ def official_model(cfg: dict, dtype, seed: int) -> torch.nn.Module:
         model = model.double()
     # NOTE(reference): eval() caches `ab` from attention_biases, so it comes after randomizing.
     return model.eval()
+
+
+def fuse_(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every Conv2d_BN of the official model by its official fuse(), in place."""
+    dtype = next(model.parameters()).dtype
+    for path, m in list(model.named_modules()):
+        if isinstance(m, official.Conv2d_BN):
+            parent, _, attr = path.rpartition(".")
+            with default_dtype(dtype):  # fuse() builds a fresh nn.Conv2d in the default dtype
+                setattr(model.get_submodule(parent) if parent else model, attr, m.fuse())
+    return model
 
 
 def fused_state_dict(model: torch.nn.Module) -> dict:
@@ -117,7 +134,7 @@ def ours_from(cfg: dict, sd: dict, dtype, folded_bn: bool) -> TinyViT:
     return model
 
 
-def compare(cfg: dict, dtype, seed: int, batch: int) -> None:
+def compare(cfg: dict, dtype, seed: int, batch: int, path: str = "fast") -> None:
     torch_model = official_model(cfg, dtype, seed)
     rng = np.random.default_rng(seed)
     s = cfg["img_size"]
@@ -126,11 +143,12 @@ def compare(cfg: dict, dtype, seed: int, batch: int) -> None:
     names = ["patch_embed"] + [f"layers.{i}" for i in range(len(cfg["depths"]))] + ["neck"]
     for folded, sd in ((False, oracle.state_dict_numpy(torch_model)), (True, fused_state_dict(torch_model))):
         ours = ours_from(cfg, sd, dtype, folded)
-        stages = our_stages(ours, x)
+        with npsam.reference(path == "reference"):
+            stages = our_stages(ours, x)
+            out = ours(x)
         for name, o, t in zip(names, stages, theirs):
             assert o.dtype == dtype, f"{name}: computed in {o.dtype}, expected {np.dtype(dtype)}"
-            assert_close(o, t, TOL[dtype], f"{name} (folded_bn={folded}, {np.dtype(dtype)})")
-        out = ours(x)
+            assert_close(o, t, TOL[dtype], f"{name} (folded_bn={folded}, {np.dtype(dtype)}, {path})")
         np.testing.assert_array_equal(out, stages[-1])  # forward() is the composition of the stages
 
 
@@ -167,19 +185,43 @@ def configs(draw):
     )
 
 
+@pytest.mark.parametrize("path", PATHS)
 @given(cfg=configs(), dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**16),
        batch=st.integers(1, 2))
-def test_small_configurations_match_official(cfg, dtype, seed, batch):
-    compare(cfg, dtype, seed, batch)
+def test_small_configurations_match_official(path, cfg, dtype, seed, batch):
+    compare(cfg, dtype, seed, batch, path)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_window_padding_and_single_window_paths(dtype):
+def test_window_padding_and_single_window_paths(dtype, path):
     # img 64: layer 1 runs at 8x8 (ws 8: one window, no partition), layer 2 at
     # 4x4 (ws 3: padded to 6x6), layer 3 at 4x4 (ws 7: padded to 7x7).
     cfg = dict(img_size=64, embed_dims=[8, 16, 24, 320], depths=[1, 1, 2, 1], num_heads=[1, 2, 3, 4],
                window_sizes=[7, 8, 3, 7])
-    compare(cfg, dtype, seed=3, batch=2)
+    compare(cfg, dtype, seed=3, batch=2, path=path)
+
+
+@pytest.mark.parametrize("folded", [False, True])
+@given(cfg=configs(), seed=st.integers(0, 2**16), batch=st.integers(1, 2))
+def test_reference_intermediates_match_official(folded, cfg, seed, batch):
+    """Every module call of the reference path (npsam.trace) against the same
+    official module's output (forward hooks), float64, far tighter than the
+    fast path's bound: the reference computes the official association,
+    BatchNorm included (the official Conv2d_BN's ``c`` and ``bn``), or, for a
+    folded checkpoint, the official model after ``fuse()``."""
+    torch_model = official_model(cfg, np.float64, seed)
+    sd = fused_state_dict(torch_model) if folded else oracle.state_dict_numpy(torch_model)
+    if folded:
+        fuse_(torch_model)
+    ours = ours_from(cfg, sd, np.float64, folded)
+    s = cfg["img_size"]
+    x = np.random.default_rng(seed).standard_normal((batch, 3, s, s))
+    expected = official_outputs(torch_model, lambda: official_stages(torch_model, torch.from_numpy(x)))
+    errors = compare_intermediates(expected, ours, lambda: our_stages(ours, x), REFERENCE_ENCODER_F64,
+                                   f"TinyViT {cfg} (folded_bn={folded})")
+    assert "neck.3" in errors and f"layers.{len(cfg['depths']) - 1}" in errors
+    assert ("patch_embed.seq.0.bn" in errors) != folded  # the BatchNorm itself, when the checkpoint has it
 
 
 # ---------------------------------------------------------------------------
@@ -202,7 +244,8 @@ def test_vit_t_state_dict_layouts():
 
 
 @pytest.mark.slow
-def test_vit_t_full_resolution_float32():
+@pytest.mark.parametrize("path", PATHS)
+def test_vit_t_full_resolution_float32(path):
     enc = official_vit_t_encoder()
     oracle.randomize_(enc, 7)
     enc.eval()
@@ -212,9 +255,10 @@ def test_vit_t_full_resolution_float32():
     ours = build_modules(CONFIGS["vit_t"]).image_encoder
     ours.load_state_dict(oracle.state_dict_numpy(enc), dtype=np.float32)
     calls = []
-    out = ours(x, progress=lambda done, total: calls.append((done, total)))
+    with npsam.reference(path == "reference"):
+        out = ours(x, progress=lambda done, total: calls.append((done, total)))
     assert out.shape == (1, 256, 64, 64) and out.dtype == np.float32
-    assert_close(out, theirs, ENCODER_F32, "vit_t image embedding")
+    assert_close(out, theirs, ENCODER_F32, f"vit_t image embedding ({path})")
     assert calls == [(i, 12) for i in range(1, 13)]
 
 

@@ -19,6 +19,10 @@ DECODER_F64 = 1e-12
 # Image encoders (ViT, TinyViT) against the official code: deeper networks.
 ENCODER_F32 = 1e-4
 ENCODER_F64 = 1e-10
+# The encoders' reference path (npsam.reference()) against the official modules,
+# every intermediate, float64: it computes the official association, so only
+# the kernels' own summation orders (BLAS, torch's convolutions) separate them.
+REFERENCE_ENCODER_F64 = 1e-14
 
 # erf: float64 relative error against math.erf; float32 in ulps.
 ERF_F64_REL = 1e-15

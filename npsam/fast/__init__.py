@@ -40,7 +40,7 @@ _REFERENCE: contextvars.ContextVar[bool] = contextvars.ContextVar("npsam_referen
 
 # The modules of this package that register implementations; imported on the
 # first call that asks for one, so that importing the reference costs nothing more.
-IMPLEMENTATION_MODULES: Tuple[str, ...] = ()
+IMPLEMENTATION_MODULES: Tuple[str, ...] = ("image_encoder", "tiny_vit_sam")
 
 _IMPLEMENTATIONS: Dict[Tuple[type, str], Callable] = {}
 _DERIVERS: Dict[type, Callable] = {}

