@@ -24,7 +24,7 @@ from .common import LayerNorm2d
 
 
 class MaskDecoder(Module):
-    """Mirror of mask_decoder.py: MaskDecoder.
+    """Mirror of modeling/mask_decoder.py: MaskDecoder.forward, MaskDecoder.predict_masks.
 
     Output tokens (one for IoU, M for masks) and the prompt tokens run through
     the two-way transformer with the image embedding; the image side is then
@@ -108,7 +108,7 @@ class MaskDecoder(Module):
 
 
 class MLP(Module):
-    """Mirror of mask_decoder.py: MLP.forward (Linear layers, ReLU between, optional sigmoid)."""
+    """Mirror of modeling/mask_decoder.py: MLP.forward (Linear layers, ReLU between, optional sigmoid)."""
 
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int,
                  sigmoid_output: bool = False) -> None:

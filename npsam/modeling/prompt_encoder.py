@@ -21,7 +21,7 @@ from ..kernels.nn import GELU, Conv2d, Embedding, Module, ModuleList, Sequential
 
 
 class PositionEmbeddingRandom(Module):
-    """Mirror of prompt_encoder.py: PositionEmbeddingRandom (random Fourier features).
+    """Mirror of modeling/prompt_encoder.py: PositionEmbeddingRandom.forward (random Fourier features).
 
     The buffer ``positional_encoding_gaussian_matrix`` [2, P] is part of the
     official state_dict.
@@ -69,7 +69,7 @@ class PositionEmbeddingRandom(Module):
 
 
 class PromptEncoder(Module):
-    """Mirror of prompt_encoder.py: PromptEncoder.
+    """Mirror of modeling/prompt_encoder.py: PromptEncoder.forward.
 
     Points and box corners become sparse embeddings [B, N, C] (a positional
     encoding plus a learned embedding per kind); a mask input becomes a dense

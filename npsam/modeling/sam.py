@@ -18,7 +18,7 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 class Sam(Module):
-    """Mirror of sam.py: Sam. Holds the three modules and the image normalisation."""
+    """Mirror of modeling/sam.py: Sam. Holds the three modules and the image normalisation."""
 
     mask_threshold: float = 0.0
     image_format: str = "RGB"
@@ -57,7 +57,7 @@ class Sam(Module):
                 "(SamPredictor.set_embedding)")
 
     def forward(self, batched_input: List[Dict[str, Any]], multimask_output: bool) -> List[Dict[str, np.ndarray]]:
-        """Mirror of sam.py: Sam.forward. Each record: "image" [3, h, w] (resized,
+        """Mirror of modeling/sam.py: Sam.forward. Each record: "image" [3, h, w] (resized,
         not normalised), "original_size" (H, W), optional "point_coords" [B, N, 2] and
         "point_labels" [B, N], "boxes" [B, 4], "mask_inputs" [B, 1, 256, 256]
         -> per record "masks" [B, C, H, W] bool, "iou_predictions" [B, C],

@@ -24,7 +24,7 @@ from .common import MLPBlock
 
 
 class TwoWayTransformer(Module):
-    """Mirror of transformer.py: TwoWayTransformer.forward (depth 2 in SAM), then a
+    """Mirror of modeling/transformer.py: TwoWayTransformer.forward (depth 2 in SAM), then a
     final token-to-image attention and LayerNorm."""
 
     def __init__(self, depth: int, embedding_dim: int, num_heads: int, mlp_dim: int, activation=ReLU,
@@ -61,7 +61,7 @@ class TwoWayTransformer(Module):
 
 
 class TwoWayAttentionBlock(Module):
-    """Mirror of transformer.py: TwoWayAttentionBlock.forward.
+    """Mirror of modeling/transformer.py: TwoWayAttentionBlock.forward.
 
     (1) self-attention of the tokens, (2) tokens attend to the image, (3) MLP on
     the tokens, (4) the image attends to the tokens. Each step adds a residual
@@ -122,7 +122,7 @@ class TwoWayAttentionBlock(Module):
 
 
 class Attention(Module):
-    """Mirror of transformer.py: Attention.forward.
+    """Mirror of modeling/transformer.py: Attention.forward.
 
     Projects q, k, v to ``embedding_dim // downsample_rate`` before splitting
     heads: the cross-attentions use downsample_rate 2, halving their cost.
