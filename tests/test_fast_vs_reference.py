@@ -282,6 +282,28 @@ def test_derived_values_follow_the_weights_and_their_dtype(dtype):
     assert empty.derived is None
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_loading_a_submodule_renews_the_values_derived_above_it(dtype):
+    """Weights loaded into a submodule alone (the upscaling's convolutions, the PE
+    buffer) renew the derived values of the modules above it (MaskDecoder's
+    centred upscaling weights, PromptEncoder's dense PE): the fast path then
+    still agrees with the reference."""
+    ref_pe, ref_md = official_modules(torch.float64)
+    pe, md = ours_from(ref_pe, ref_md, dtype)
+    tol = DECODER_F32 if dtype == np.float32 else DECODER_F64
+    emb = np.random.default_rng(2).standard_normal((1, EMBED, GRID, GRID)).astype(dtype)
+    before = md.derived, pe.derived
+    up = md.output_upscaling.state_dict()
+    md.output_upscaling.load_state_dict({k: v * 1.5 if k == "0.weight" else v for k, v in up.items()}, dtype=dtype)
+    gauss = pe.pe_layer.state_dict()
+    pe.pe_layer.load_state_dict({k: v * 0.5 for k, v in gauss.items()}, dtype=dtype)
+    assert md.derived is not before[0] and pe.derived is not before[1]
+    sparse, dense = pe(points=(np.array([[[500.0, 375.0]]]), np.array([[1]])), boxes=None, masks=None)
+    fast_pe, ref_pe_now = both_paths(pe.get_dense_pe)
+    np.testing.assert_array_equal(fast_pe, ref_pe_now)
+    close_pair(*both_paths(md, emb, fast_pe, sparse, dense, True), tol, "MaskDecoder after a partial load")
+
+
 # ---------------------------------------------------------------------------
 # Sam.forward and the calls code written for segment_anything makes
 # ---------------------------------------------------------------------------

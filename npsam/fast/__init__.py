@@ -29,7 +29,7 @@ weights, positional tables, folded BatchNorm) are computed by one mechanism:
 a function registered with :func:`derives` for a reference class runs when a
 module of that class has loaded its weights, children before parents, and its
 result (a NamedTuple) is kept as ``module.derived``. Loading weights again
-computes it again; a module whose weights are absent (a decoder-only
+computes it again (into a submodule alone: the modules above it too); a module whose weights are absent (a decoder-only
 checkpoint's image encoder) gets ``derived = None``.
 
 Where things are: ``ops`` (fast kernels), ``threads`` (worker threads, BLAS

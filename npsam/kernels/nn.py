@@ -19,6 +19,7 @@ O channels out, H/W height/width, K kernel size.
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -43,6 +44,7 @@ class Module:
         object.__setattr__(self, "_params", {})  # leaf name -> np.ndarray, once loaded
         object.__setattr__(self, "_modules", {})  # attribute name -> child Module
         object.__setattr__(self, "name", "")  # official dotted path, set by set_names()
+        object.__setattr__(self, "_parent", None)  # weak reference to the module holding this one
 
     # -- structure -----------------------------------------------------
     def register_parameter(self, name: str, shape: Tuple[int, ...], optional: bool = False) -> None:
@@ -57,6 +59,7 @@ class Module:
     def __setattr__(self, key, value) -> None:
         if isinstance(value, Module):
             self._modules[key] = value
+            object.__setattr__(value, "_parent", weakref.ref(self))
         object.__setattr__(self, key, value)
 
     def __getattr__(self, key):
@@ -126,9 +129,14 @@ class Module:
                         arr = np.ascontiguousarray(arr, dtype=dtype)
                     module._params[leaf] = arr
             module.on_load(dtype)
-        # Values derived from the weights, children before parents (reversed pre-order).
+        # Values derived from the weights, children before parents (reversed pre-order),
+        # then the modules above this one, whose derived values may read these weights.
         for _, module in reversed(list(self.named_modules(prefix))):
             fast.derive(module)
+        parent = self._parent() if self._parent is not None else None
+        while parent is not None:
+            fast.derive(parent)
+            parent = parent._parent() if parent._parent is not None else None
 
     def on_load(self, dtype) -> None:
         """Hook for derived, per-load constants (e.g. folded BatchNorm). Default: nothing."""
