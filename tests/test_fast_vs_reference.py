@@ -133,7 +133,12 @@ def test_reference_path_intermediates_match_the_official_modules_float64():
         md(image_embeddings=emb, image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=sparse,
            dense_prompt_embeddings=dense, multimask_output=True)
     records = list(tp) + list(tm)
-    assert {r.name for r in records} == set(official), sorted(set(official) ^ {r.name for r in records})
+    # the same modules, called as often: a reassociated cross-attention would
+    # never call k_proj on the image rows, so the structure shows it before the values
+    calls = {}
+    for r in records:
+        calls[r.name] = calls.get(r.name, 0) + 1
+    assert calls == {k: len(v) for k, v in official.items()}, sorted(set(official) ^ set(calls))
     worst = 0.0
     for r in records:
         theirs = official[r.name][r.call]

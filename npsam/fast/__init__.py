@@ -20,8 +20,8 @@ is the only thing that chooses between them, and it is read in one place:
 :func:`implementation`, which ``Module.__call__`` asks before running
 ``forward``, and so do the few other reference methods with a fast twin
 (``MaskDecoder.predict_masks``, ``PromptEncoder.get_dense_pe``, the in-place
-``forward_`` of activations), marked with :func:`dispatch`. The switch is a context
-variable, so it holds for the thread (or asyncio task) that set it and for
+``forward_`` of activations), marked with :func:`dispatch`. The switch is a
+context variable, so it holds for the thread (or asyncio task) that set it and for
 nothing else; tracing (:mod:`npsam.tools.trace`) sets it for its duration.
 
 Values derived from the weights (transposed weights, centred upscaling
@@ -29,8 +29,9 @@ weights, positional tables, folded BatchNorm) are computed by one mechanism:
 a function registered with :func:`derives` for a reference class runs when a
 module of that class has loaded its weights, children before parents, and its
 result (a NamedTuple) is kept as ``module.derived``. Loading weights again
-computes it again (into a submodule alone: the modules above it too); a module whose weights are absent (a decoder-only
-checkpoint's image encoder) gets ``derived = None``.
+computes it again (into a submodule alone: for the modules above it too); a
+module whose weights are absent (a decoder-only checkpoint's image encoder)
+gets ``derived = None``.
 
 Where things are: ``ops`` (fast kernels), ``threads`` (worker threads, BLAS
 threads, work arrays), and one file per reference file with fast twins:
