@@ -215,6 +215,9 @@ def test_fast_two_way_transformer_matches_the_reference(name, seed, depth, b, t,
     pe = np.repeat(rng.standard_normal((1, 64, h, w)).astype(dtype), b, axis=0)  # as official: one PE per prompt
     tokens = rng.standard_normal((b, t, 64)).astype(dtype)
     close_pair(*both_paths(tr, image, pe, tokens), tol, "TwoWayTransformer")
+    if b > 1:  # a PE per prompt, not the official repeated one: still the reference's result
+        other_pe = rng.standard_normal((b, 64, h, w)).astype(dtype)
+        close_pair(*both_paths(tr, image, other_pe, tokens), tol, "TwoWayTransformer, a PE per prompt")
     # one image shared by every prompt, with the per-image record (layer 0 kept)
     rows = image[:1].reshape(1, 64, h * w).transpose(0, 2, 1)
     pe_rows = pe[:1].reshape(1, 64, h * w).transpose(0, 2, 1)

@@ -220,7 +220,11 @@ class PerImage:
 def two_way_transformer(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe: np.ndarray,
                         point_embedding: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Replaces TwoWayTransformer.forward: the image sides as rows, then
-    :func:`forward_rows` (within the tolerances)."""
+    :func:`forward_rows` (within the tolerances). The fused passes read one PE
+    for every prompt, as the official decoder builds it (repeat_interleave);
+    PEs that differ between prompts go to the reference forward."""
+    if image_pe.shape[0] > 1 and not np.array_equal(image_pe, np.broadcast_to(image_pe[:1], image_pe.shape)):
+        return TwoWayTransformer.forward(self, image_embedding, image_pe, point_embedding)
     bs, c, h, w = image_embedding.shape
     image_embedding = image_embedding.reshape(bs, c, h * w).transpose(0, 2, 1)  # -> [B, HW, C]
     image_pe = image_pe.reshape(image_pe.shape[0], c, h * w).transpose(0, 2, 1)  # -> [B, HW, C]
