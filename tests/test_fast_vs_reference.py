@@ -290,6 +290,19 @@ def test_derived_values_follow_the_weights_and_their_dtype(dtype):
     assert empty.derived is None
 
 
+@pytest.mark.parametrize("path", ["fast", "reference"])
+def test_a_model_without_weights_says_which_are_missing(path):
+    from npsam.build_sam import sam_model_registry
+
+    sam = sam_model_registry["vit_b"]()
+    emb = np.zeros((1, EMBED, GRID, GRID), np.float32)
+    with npsam.reference(path == "reference"):
+        with pytest.raises(nn.WeightsMissingError, match="positional_encoding_gaussian_matrix"):
+            sam.prompt_encoder.get_dense_pe()
+        with pytest.raises(nn.WeightsMissingError, match="mask_decoder"):
+            sam.mask_decoder(emb, emb, np.zeros((1, 2, EMBED), np.float32), emb, True)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_loading_a_submodule_renews_the_values_derived_above_it(dtype):
     """Weights loaded into a submodule alone (the upscaling's convolutions, the PE

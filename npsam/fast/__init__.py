@@ -110,11 +110,15 @@ def _load() -> None:
 
 def implementation(obj: object, method: str = "forward") -> Optional[Callable]:
     """The fast function for ``type(obj).method``, or None: on the reference
-    path (``with npsam.reference():``), or when the fast layer has none."""
+    path (``with npsam.reference():``), when the fast layer has none, or when
+    ``obj`` has no derived values because its weights are absent (the
+    reference then says which weights are missing)."""
     if _REFERENCE.get():
         return None
     if not _loaded:
         _load()
+    if type(obj) in _DERIVERS and obj.__dict__.get("derived") is None:
+        return None  # never loaded, or loaded without these weights
     return _IMPLEMENTATIONS.get((type(obj), method))
 
 
