@@ -1,4 +1,4 @@
-"""Fit the polynomial of npsam's float32 GELU (npsam/kernels/ops.py: _GELU_P).
+"""Fit the polynomial of npsam's float32 GELU (npsam/fast/ops.py: _GELU_P).
 
     python scripts/fit_gelu.py          # prints the coefficients and the fit's error
 

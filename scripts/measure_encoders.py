@@ -9,7 +9,7 @@ peak RSS is per process).
     python scripts/measure_encoders.py --model vit_l --repeat 2
 
 Weights are random (timing and memory do not depend on their values): npsam
-gets ``npsam.build_sam.random_state_dict`` (TinyViT: unfolded BatchNorm, folded
+gets ``tests/random_weights.py``'s ``random_state_dict`` (TinyViT: unfolded BatchNorm, folded
 at load), torch the official initialisation in eval mode. Peak RSS is the
 process's ru_maxrss, so it includes the interpreter, the libraries and the weights.
 """
@@ -39,8 +39,9 @@ def _peak_mb() -> float:
 def measure_npsam(model: str, repeat: int) -> dict:
     import numpy as np
 
-    sys.path.insert(0, ROOT)
-    from npsam.build_sam import CONFIGS, build_modules, random_state_dict
+    sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+    from npsam.build_sam import CONFIGS, build_modules
+    from random_weights import random_state_dict  # tests/, put on sys.path above
 
     t0 = time.perf_counter()
     encoder = build_modules(CONFIGS[model]).image_encoder

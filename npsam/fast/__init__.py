@@ -17,21 +17,32 @@ The fast layer is the default. The switch::
         masks, scores, logits = predictor.predict(...)   # every module runs its reference forward
 
 is the only thing that chooses between them, and it is read in one place:
-:func:`implementation`, which ``Module.__call__`` (and the few non-module
-entry points with a fast twin) ask before running. The switch is a context
-variable, so it holds for the thread (or asyncio task) that set it and for
+:func:`implementation`, which ``Module.__call__`` asks before running
+``forward``, and so do the few other reference methods with a fast twin
+(``MaskDecoder.predict_masks``, ``PromptEncoder.get_dense_pe``, the in-place
+``forward_`` of activations), marked with :func:`dispatch`. The switch is a
+context variable, so it holds for the thread (or asyncio task) that set it and for
 nothing else; tracing (:mod:`npsam.tools.trace`) sets it for its duration.
 
 Values derived from the weights (transposed weights, centred upscaling
 weights, positional tables, folded BatchNorm) are computed by one mechanism:
 a function registered with :func:`derives` for a reference class runs when a
 module of that class has loaded its weights, children before parents, and its
-result (a NamedTuple) is kept as ``module.derived``.
+result (a NamedTuple) is kept as ``module.derived``. Loading weights again
+computes it again (into a submodule alone: for the modules above it too); a
+module whose weights are absent (a decoder-only checkpoint's image encoder)
+gets ``derived = None``.
+
+Where things are: ``ops`` (fast kernels), ``threads`` (worker threads, BLAS
+threads, work arrays), and one file per reference file with fast twins:
+``nn`` (the torch.nn layers), ``common``, ``transformer``, ``mask_decoder``,
+``prompt_encoder``.
 """
 
 from __future__ import annotations
 
 import contextvars
+import functools
 import importlib
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, Optional, Tuple
@@ -40,7 +51,8 @@ _REFERENCE: contextvars.ContextVar[bool] = contextvars.ContextVar("npsam_referen
 
 # The modules of this package that register implementations; imported on the
 # first call that asks for one, so that importing the reference costs nothing more.
-IMPLEMENTATION_MODULES: Tuple[str, ...] = ("image_encoder", "tiny_vit_sam")
+IMPLEMENTATION_MODULES: Tuple[str, ...] = ("nn", "common", "transformer", "mask_decoder", "prompt_encoder",
+                                          "image_encoder", "tiny_vit_sam")
 
 _IMPLEMENTATIONS: Dict[Tuple[type, str], Callable] = {}
 _DERIVERS: Dict[type, Callable] = {}
@@ -98,19 +110,39 @@ def _load() -> None:
 
 def implementation(obj: object, method: str = "forward") -> Optional[Callable]:
     """The fast function for ``type(obj).method``, or None: on the reference
-    path (``with npsam.reference():``), or when the fast layer has none."""
+    path (``with npsam.reference():``), when the fast layer has none, or when
+    ``obj`` has no derived values because its weights are absent (the
+    reference then says which weights are missing)."""
     if _REFERENCE.get():
         return None
     if not _loaded:
         _load()
+    if type(obj) in _DERIVERS and obj.__dict__.get("derived") is None:
+        return None  # never loaded, or loaded without these weights
     return _IMPLEMENTATIONS.get((type(obj), method))
+
+
+def dispatch(method: Callable) -> Callable:
+    """Decorator for a reference method other than ``forward`` that has a fast
+    twin (registered with ``implements(Class, "method")``): calling it runs the
+    twin unless the switch says reference. ``method.reference`` is the plain one."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        impl = implementation(self, name)
+        return method(self, *args, **kwargs) if impl is None else impl(self, *args, **kwargs)
+
+    call.reference = method
+    return call
 
 
 def derive(module: object) -> None:
     """Compute ``module.derived`` from its loaded weights, if its class has a
-    deriver (called by ``Module.load_state_dict``, children before parents)."""
+    deriver (called by ``Module.load_state_dict``, children before parents);
+    None while the module's weights are not all loaded."""
     if not _loaded:
         _load()
     fn = _DERIVERS.get(type(module))
     if fn is not None:
-        object.__setattr__(module, "derived", fn(module))
+        object.__setattr__(module, "derived", fn(module) if module.is_loaded() else None)

@@ -26,8 +26,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from . import implements, threads
-from ..kernels import ops
+from . import implements, ops, threads
 from ..modeling.image_encoder import Attention, Block, PatchEmbed, get_rel_pos, window_partition, window_unpartition
 
 # At most this many attention logits per thread exist at once (4 MB in

@@ -13,7 +13,7 @@ What makes them faster than the reference:
   spread over worker threads (ops.conv2d, ops.depthwise_conv2d).
 - **GELU in place** on each convolution's or linear layer's fresh output (one
   pass over memory instead of two, and no new array; the float32 GELU is the
-  fast sigmoid form of ops.gelu).
+  fast sigmoid form of fast_ops.gelu).
 - **Attention**: the bias gather ``attention_biases[:, attention_bias_idxs]``
   done once at load (the official ``eval()`` caches it as ``ab`` too), the
   softmax in place.
@@ -30,6 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import derives, implements
+from . import ops as fast_ops
 from ..kernels import ops
 from ..modeling.tiny_vit_sam import (Attention, Conv2d_BN, MBConv, Mlp, PatchEmbed, PatchMerging,
                                      TinyViTBlock)
@@ -97,7 +98,7 @@ def conv2d_bn_forward(self: Conv2d_BN, x: np.ndarray) -> np.ndarray:
 
 def gelu_(x: np.ndarray) -> np.ndarray:
     """nn.GELU() written into x (a fresh array nothing else holds)."""
-    return ops.gelu(x, out=x)
+    return fast_ops.gelu(x, out=x)
 
 
 @implements(PatchEmbed)
@@ -145,7 +146,7 @@ def attention_forward(self: Attention, x: np.ndarray) -> np.ndarray:
     """Replaces Attention.forward: the same products in the same order; the
     bias gather kept from load (the same values), the logits scaled and biased
     in place, the softmax in place with exponents clamped far below each row's
-    maximum (ops.exp_below_max_: weights under exp(-43) are raised to it, far
+    maximum (fast_ops.exp_below_max_: weights under exp(-43) are raised to it, far
     below what float32 can see in a row whose largest weight is 1)."""
     b, n, _ = x.shape
     x = self.norm(x)
@@ -157,7 +158,7 @@ def attention_forward(self: Attention, x: np.ndarray) -> np.ndarray:
     attn = q @ k.swapaxes(-1, -2)  # [B, h, N, D] @ [B, h, D, N] -> [B, h, N, N]
     attn *= x.dtype.type(self.scale)
     attn += self.derived.ab  # [h, N, N] broadcast over B
-    attn = ops.softmax_(attn, axis=-1)
+    attn = fast_ops.softmax_(attn, axis=-1)
     x = (attn @ v).transpose(0, 2, 1, 3).reshape(b, n, self.dh)  # [B, h, N, d] -> [B, N, h*d]
     return self.proj(x)  # [B, N, h*d] -> [B, N, C]
 

@@ -60,3 +60,20 @@ def check_bool(name: str, x) -> bool:
     if not isinstance(x, (bool, np.bool_)):
         raise ValueError(f"{name}: expected True or False, got {x!r}")
     return bool(x)
+
+
+def check_decoder_inputs(transformer_dim: int, dtype, image_embeddings, image_pe, sparse_prompt_embeddings,
+                         dense_prompt_embeddings):
+    """MaskDecoder's inputs, checked and cast to ``dtype``: image_embeddings and
+    image_pe [1, C, H, W], sparse [B, N, C], dense [B or 1, C, H, W]. NaN and inf
+    in the image embedding and PE are left to predict_masks (the fast path
+    checks them once per image: a pass over a million values costs as much as a step)."""
+    c = transformer_dim
+    emb = check_array("image_embeddings", image_embeddings, (1, c, "H", "W"), finite=False)
+    h, w = emb.shape[2:]
+    pe = check_array("image_pe", image_pe, (1, c, h, w), finite=False)
+    sparse = check_array("sparse_prompt_embeddings", sparse_prompt_embeddings, ("B", "N", c))
+    dense = check_array("dense_prompt_embeddings", dense_prompt_embeddings, ("B", c, h, w))
+    if dense.shape[0] != 1:
+        check_same("sparse_prompt_embeddings", sparse.shape[0], "dense_prompt_embeddings", dense.shape[0], "batch size")
+    return tuple(x.astype(dtype, copy=False) for x in (emb, pe, sparse, dense))

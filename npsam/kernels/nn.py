@@ -7,9 +7,11 @@ same dotted names as PyTorch, so a state_dict moves between the two unchanged.
 
 Calling a module runs its fast implementation when the fast layer has one
 and the switch allows it (:func:`npsam.fast.implementation`), else its
-reference ``forward``. While a :func:`npsam.tools.trace.trace` context is open
-(which runs the reference path), the call is also recorded under the module's
-official path (the equivalent of a forward hook).
+reference ``forward``: the layers below are the reference (plain
+``torch.nn.functional`` mathematics, :mod:`npsam.kernels.ops`); their fast
+twins are in :mod:`npsam.fast.nn`. While a :func:`npsam.tools.trace.trace`
+context is open (which runs the reference path), each call is also recorded
+under the module's official path (the equivalent of a forward hook).
 
 Dimension letters (the layers below): B batch, N tokens, C channels in,
 O channels out, H/W height/width, K kernel size.
@@ -17,6 +19,7 @@ O channels out, H/W height/width, K kernel size.
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -24,6 +27,7 @@ import numpy as np
 from .. import fast
 
 # Set by npsam.tools.trace while a trace is open; a callable (module, args, kwargs, output).
+# It records calls; it never chooses a path (the switch in npsam.fast does).
 _hook: Optional[Callable] = None
 
 
@@ -40,6 +44,7 @@ class Module:
         object.__setattr__(self, "_params", {})  # leaf name -> np.ndarray, once loaded
         object.__setattr__(self, "_modules", {})  # attribute name -> child Module
         object.__setattr__(self, "name", "")  # official dotted path, set by set_names()
+        object.__setattr__(self, "_parent", None)  # weak reference to the module holding this one
 
     # -- structure -----------------------------------------------------
     def register_parameter(self, name: str, shape: Tuple[int, ...], optional: bool = False) -> None:
@@ -54,6 +59,7 @@ class Module:
     def __setattr__(self, key, value) -> None:
         if isinstance(value, Module):
             self._modules[key] = value
+            object.__setattr__(value, "_parent", weakref.ref(self))
         object.__setattr__(self, key, value)
 
     def __getattr__(self, key):
@@ -123,9 +129,14 @@ class Module:
                         arr = np.ascontiguousarray(arr, dtype=dtype)
                     module._params[leaf] = arr
             module.on_load(dtype)
-        # Values derived from the weights, children before parents (reversed pre-order).
+        # Values derived from the weights, children before parents (reversed pre-order),
+        # then the modules above this one, whose derived values may read these weights.
         for _, module in reversed(list(self.named_modules(prefix))):
             fast.derive(module)
+        parent = self._parent() if self._parent is not None else None
+        while parent is not None:
+            fast.derive(parent)
+            parent = parent._parent() if parent._parent is not None else None
 
     def on_load(self, dtype) -> None:
         """Hook for derived, per-load constants (e.g. folded BatchNorm). Default: nothing."""
@@ -152,14 +163,6 @@ class Module:
         if len(lines) == 1:
             return lines[0] + ")"
         return "\n".join(lines) + "\n)"
-
-
-def record(module: "Module", args: tuple, output, kwargs: Optional[dict] = None):
-    """Report ``output`` as what ``module(*args)`` returned, for code that computes
-    a module's result without calling it (fused fast paths). Free when no trace is open."""
-    if _hook is not None:
-        _hook(module, args, kwargs or {}, output)
-    return output
 
 
 class ModuleList(Module):
@@ -213,16 +216,7 @@ class Linear(Module):
             self.register_parameter("bias", (out_features,))
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        weight_t = None
-        if x.size <= ops.FEW_ROWS * x.shape[-1] and self.weight.size < ops.LARGE_WEIGHT:
-            # a few rows and a small weight: ops.linear reads a C-contiguous
-            # (in, out) copy, kept while the weight array is the same
-            cached = self.__dict__.get("_weight_t")
-            if cached is None or cached[0] is not self.weight:
-                cached = (self.weight, np.ascontiguousarray(self.weight.T))
-                object.__setattr__(self, "_weight_t", cached)
-            weight_t = cached[1]
-        return ops.linear(x, self.weight, self.bias if self.has_bias else None, weight_t)  # [..., in] -> [..., out]
+        return ops.linear(x, self.weight, self.bias if self.has_bias else None)  # [..., in] -> [..., out]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -300,19 +294,14 @@ class ConvTranspose2d(Module):
 
 
 class InPlaceActivation(Module):
-    """An element-wise activation that can also run in place: ``forward_(x)``."""
+    """An element-wise activation that may overwrite its input: ``forward_(x)``."""
 
+    @fast.dispatch
     def forward_(self, x: np.ndarray) -> np.ndarray:
-        """``self(x)`` for an x that nothing else holds (a layer's fresh output),
-        computed in place: one pass over memory instead of two, and no new array
-        (TinyViT's layer 0, 256 channels of 256x256: 29 against 51 ms per GELU).
-        While a trace is open the module is called as usual: the trace keeps x."""
-        if _hook is not None:
-            return self(x)
-        return self._apply_(x)
-
-    def _apply_(self, x: np.ndarray) -> np.ndarray:  # the activation, written into x
-        raise NotImplementedError
+        """``self(x)`` for an x that nothing else holds (a layer's fresh output).
+        The reference calls the module (so a trace records it); the fast layer
+        writes the result into x (npsam.fast.nn)."""
+        return self(x)
 
 
 class GELU(InPlaceActivation):
@@ -323,18 +312,12 @@ class GELU(InPlaceActivation):
     def forward(self, x: np.ndarray) -> np.ndarray:
         return ops.gelu(x, precise=self.precise)
 
-    def _apply_(self, x: np.ndarray) -> np.ndarray:
-        return ops.gelu(x, out=x, precise=self.precise)
-
 
 class ReLU(InPlaceActivation):
     """Mirror of nn.ReLU."""
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         return ops.relu(x)
-
-    def _apply_(self, x: np.ndarray) -> np.ndarray:
-        return ops.relu(x, out=x)
 
 
 class BatchNorm2d(Module):

@@ -1,8 +1,11 @@
 """Kernels: the few tensor operations SAM needs, in NumPy.
 
-Each mirrors a ``torch.nn.functional`` call of the official code and says so.
+Each mirrors a ``torch.nn.functional`` call of the official code and says so,
+with its mathematics (exact erf GELU, softmax with the max subtracted, ...).
 They work in the dtype of their input (float32 by default, float64 for
-cross-checking) and never upcast silently.
+cross-checking) and never upcast silently. The fast layer's versions (the
+float32 polynomial GELU, the floored in-place softmax, blocked LayerNorm,
+few-row linear) are in :mod:`npsam.fast.ops`.
 
 Dimension letters:
     B  batch            N  tokens (sequence length)     C  channels
@@ -17,8 +20,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ..fast.threads import (  # noqa: E402  the fast layer's machinery, still used by these kernels
-    CHUNK, blocks, image_rows, parallel_rows, row_threads, scratch, single_threaded_blas)
+from ..fast.threads import (  # the convolutions' blocks over threads and work arrays
+    image_rows, parallel_rows, row_threads, scratch, single_threaded_blas)
 
 # ---------------------------------------------------------------------------
 # erf and GELU
@@ -131,88 +134,16 @@ def erf(x: np.ndarray) -> np.ndarray:
     return out
 
 
-# GELU in float32 as x * sigmoid(z), evaluated without branches.
-# gelu(x) = x * Phi(x), Phi the normal CDF, and Phi(x) = sigmoid(z(x)) with
-#     z(x) = logit(Phi(x)) = log(Phi(x) / Phi(-x)) = 2 atanh(erf(x / sqrt 2)),
-# odd and smooth, so z(x) = x * P(x^2). P is a degree-6 polynomial fitted by
-# scripts/fit_gelu.py on x^2 <= 36, weighted so the fit minimises the error it
-# causes in gelu measured in ulps of x (about 0.24 of one). Then
-#     gelu(x) = x / (1 + exp(-x * P(x^2)))
-# is 17 passes over a block, where erf needs more than 30. x^2 is not clamped
-# at 36: P has no real roots and a positive leading coefficient, so z only
-# grows beyond the fit (|z| >= 23.6 for |x| >= 6, where the sigmoid is within
-# 6e-11 of 0 or 1, far below an ulp of x from the exact gelu; exactly 0 or 1
-# once exp(-z) underflows or overflows, x / inf = -0 for large negative x).
-# Huge |x| makes x^2 = inf and P = inf, never NaN. (A clamp cost a fifth of
-# the time: np.minimum is the slowest pass; so does x * x against np.square.)
-# tests/test_fast_kernels.py checks it against the exact GELU on every 397th
-# float32 in [-10, 10] (never less accurate than torch's float32 GELU: 1.8 ulps
-# of x at worst where torch has 4.8) and at the extremes.
-_GELU_P = (3.5123425082250996e-09, -2.645267134887992e-07, 7.929489234396613e-06, -0.00011061238942065956,
-           -6.518994679117022e-05, 0.07266616914429459, 1.5957698829214784)  # highest degree first
-_GELU_NEG_P32 = tuple(np.float32(-c) for c in _GELU_P)  # -P, so that the last product gives -z
-
-
-def _gelu_f32_block(x: np.ndarray, out: np.ndarray) -> None:
-    """out[:] = gelu(x) for one cache-sized block of float32 (out may be x)."""
-    c = _GELU_NEG_P32
-    buf = scratch("gelu", (max(2 * x.size, 2 * CHUNK),), np.float32)
-    u = buf[: x.size].reshape(x.shape)
-    p = buf[x.size: 2 * x.size].reshape(x.shape)
-    # x^2 and exp(-z) overflow to inf on purpose for huge |x|; x = -inf gives
-    # -inf / inf = NaN, as torch's gelu(-inf)
-    with np.errstate(over="ignore", invalid="ignore"):
-        np.square(x, out=u)
-        np.multiply(u, c[0], out=p)
-        p += c[1]
-        for ci in c[2:]:  # Horner: p = -P(u)
-            p *= u
-            p += ci
-        p *= x  # -z(x)
-        np.exp(p, out=p)
-        p += np.float32(1)
-        np.divide(x, p, out=out)  # x * sigmoid(z)
-
-
-def gelu(x: np.ndarray, out: Optional[np.ndarray] = None, precise: bool = False) -> np.ndarray:
-    """Exact GELU: x * 0.5 * (1 + erf(x / sqrt(2))), elementwise; ``out`` may be ``x``.
-
-    Mirror of ``nn.GELU()`` (approximate="none"). NOTE(reference): SAM uses the
-    exact erf form; the tanh approximation differs by up to ~5e-4. float32 goes
-    through the sigmoid form above in cache-sized blocks spread over threads;
-    float64 uses the fdlibm erf, and so does float32 when ``precise`` (evaluated
-    in float64, then rounded: slower, for small arrays whose errors matter most).
-    """
+def gelu(x: np.ndarray, precise: bool = False) -> np.ndarray:
+    """Mirror of ``nn.GELU()`` (approximate="none"): x * 0.5 * (1 + erf(x / sqrt(2))),
+    elementwise, in the dtype of x. NOTE(reference): SAM uses the exact erf
+    form; the tanh approximation differs by up to ~5e-4. ``precise``: a float32
+    x is evaluated in float64 and rounded once (for small arrays whose errors
+    reach far, see PromptEncoder's mask downscaling)."""
     x = np.asarray(x)
-    if x.dtype != np.float32 or precise:
-        xe = x.astype(np.float64) if x.dtype == np.float32 else x  # the erf form, in float64 when precise
-        half = xe.dtype.type(0.5)
-        y = (xe * half * (1 + erf(xe * xe.dtype.type(math.sqrt(0.5))))).astype(x.dtype, copy=False)
-        if out is None:
-            return y
-        out[...] = y
-        return out
-    if out is None:
-        out = np.empty(x.shape, np.float32)  # C order whatever x's layout (empty_like would keep a transpose's)
-    if not out.flags.c_contiguous:  # (a strided out, or x itself strided): via a C-order result
-        out[...] = gelu(x)
-        return out
-    xf, of = np.ascontiguousarray(x).reshape(-1), out.reshape(-1)  # x copied only if it is strided
-
-    parallel_rows(lambda start, stop: gelu_block(xf[start:stop], of[start:stop]), xf.size, min_rows=CHUNK)
-    return out
-
-
-def gelu_block(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """gelu on one block, no threads, no checks (out may be x; both C-contiguous),
-    CHUNK elements at a time (temporaries far beyond the L2 cache run at half speed)."""
-    if x.dtype != np.float32:
-        out[...] = gelu(x)
-        return out
-    xf, of = x.reshape(-1), out.reshape(-1)
-    for lo, hi in blocks(0, xf.size, CHUNK):
-        _gelu_f32_block(xf[lo:hi], of[lo:hi])
-    return out
+    xe = x.astype(np.float64) if precise and x.dtype == np.float32 else x
+    t = xe.dtype.type
+    return (xe * t(0.5) * (t(1) + erf(xe * t(math.sqrt(0.5))))).astype(x.dtype, copy=False)
 
 
 def relu(x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
@@ -230,165 +161,27 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return out
 
 
-# NOTE(numerics): exp(x - max) underflows to subnormal floats for x - max below
-# about -87 (float32) or -708 (float64), and x86 runs arithmetic that reads or
-# makes subnormals many times slower (microcode assists). A weight need not be
-# subnormal itself to cost that: the product p @ v makes p * v, subnormal when
-# p is near the smallest normal and |v| < 1. With p at exp(-87) (just above the
-# smallest normal float32) on 90% of a row, [256, 4096] @ [4096, 64] took 7.8 ms
-# against 1.3-1.5; on 99%, 43 ms. So x - max is clamped at EXP_FLOOR, half
-# the log of the smallest normal rounded up to a whole number (-43 for float32,
-# -354 for float64): every weight is at least exp(-43) = 2.1e-19 or
-# exp(-354) = 2.4e-154, above sqrt(tiny), so p * v stays normal for every |v|
-# above sqrt(tiny) too. The clamp raises weights below the floor to it; even
-# 2^20 of them add less than 2.2e-13 to a row whose largest weight is 1, far
-# below what float32 arithmetic on the softmax can see. (MobileSAM's weights,
-# 20 prompts on each of the three photos, with and without a mask input: 0.6%
-# of the decoder's logits fall below the floor, and every output came out bit
-# for bit as with the old floor of -87, about the smallest normal's log.)
-EXP_FLOOR = {np.dtype(t): t(np.ceil(np.log(np.finfo(t).tiny) / 2)) for t in (np.float32, np.float64)}
-
-
-def exp_below_max_(x: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """In place: x = exp(max(x - m, EXP_FLOOR)), ``m`` broadcasting to x (a max).
-
-    NOTE(numerics): np.exp itself runs ten times slower on a block whose results
-    underflow (293 against 29 us for 64K floats), so the clamp comes first. It
-    takes the floor as a row as long as x's last axis: np.maximum has no vector
-    loop for a scalar operand (37 against 11 us for 64K floats).
-    """
-    x -= m
-    n = x.shape[-1]
-    floor = EXP_FLOOR[x.dtype]
-    if n >= 64:
-        key = (n, x.dtype)
-        floor = _FLOOR_ROWS.get(key)
-        if floor is None:
-            floor = _FLOOR_ROWS[key] = np.full(n, EXP_FLOOR[x.dtype])
-            floor.flags.writeable = False
-    np.maximum(x, floor, out=x)
-    return np.exp(x, out=x)
-
-
-_FLOOR_ROWS = {}  # (length, dtype) -> a row of EXP_FLOOR
-
-
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Mirror of torch.softmax: subtract the max for stability."""
-    return softmax_(np.array(x, copy=True), axis)
-
-
-def softmax_(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """softmax in place. Reducing a short axis that is not the last (axis 1 of
-    [A, N, R] with R long and contiguous) costs N whole-row vector operations
-    instead of one slow loop per element."""
-    exp_below_max_(x, x.max(axis=axis, keepdims=True))
-    x /= x.sum(axis=axis, keepdims=True)
-    return x
+    """Mirror of torch.softmax: exp(x - max) / sum, the max subtracted for stability."""
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
 
 
 # ---------------------------------------------------------------------------
 # Linear and normalisation
 # ---------------------------------------------------------------------------
-# A few rows (the decoder's tokens) read the whole weight for little work;
-# how BLAS is best asked depends on the weight's size: see linear().
-FEW_ROWS = 64
-LARGE_WEIGHT = 1 << 18  # elements (1 MB in float32)
+def linear(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None) -> np.ndarray:
+    """Mirror of F.linear: x @ weight.T + bias, weight in PyTorch's (out, in) layout."""
+    y = x @ weight.T  # [..., C] @ [C, O] -> [..., O]
+    return y if bias is None else y + bias
 
 
-def linear(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None,
-           weight_t: Optional[np.ndarray] = None, out: Optional[np.ndarray] = None) -> np.ndarray:
-    """Mirror of F.linear: x @ weight.T + bias, weight in PyTorch's (out, in) layout.
-
-    For FEW_ROWS rows of x or fewer: a weight of LARGE_WEIGHT elements or more is
-    the left operand of weight @ x.T, which BLAS runs fastest (the transformer
-    MLP's 256x2048: 185 against 285 us for 8 rows); a smaller one is read from
-    ``weight_t``, weight.T as a C-contiguous array if the caller keeps one
-    (nn.Linear does), which BLAS reads a third faster than the transposed view.
-
-    The leading dimensions are flattened into one matrix product (a 3-D @ 2-D
-    matmul would make one small BLAS call per leading index). ``out``, a
-    C-contiguous [..., O] array, receives the result (no copy of it)."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])  # [..., C] -> [R, C]
-    assert out is None or out.flags.c_contiguous, "linear: out must be C-contiguous (reshaped as a view)"
-    o2 = None if out is None else out.reshape(-1, weight.shape[0])  # [..., O] -> [R, O], a view
-    if x2.shape[0] <= FEW_ROWS and weight.size >= LARGE_WEIGHT:
-        y = np.matmul(weight, x2.T, out=None if o2 is None else o2.T).T  # ([O, C] @ [C, R]).T -> [R, O]
-    else:
-        y = np.matmul(x2, weight.T if weight_t is None else weight_t, out=o2)  # [R, C] @ [C, O] -> [R, O]
-    y = y.reshape(lead + (weight.shape[0],))  # -> [..., O]
-    if bias is not None:
-        y += bias
-    return y
-
-
-def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float,
-               out: Optional[np.ndarray] = None, add: Optional[np.ndarray] = None) -> np.ndarray:
-    """Mirror of F.layer_norm over the last dimension (biased variance) of ``x``, or
-    of ``x + add`` (a residual of the same shape); ``out`` may be ``x``.
-
-    Works on blocks of rows (each block stays in cache through its six passes)
-    spread over threads; row sums are matrix-vector products.
-    """
-    x = np.asarray(x)
-    if out is None:
-        out = np.empty(x.shape, x.dtype)  # C order whatever x's layout (empty_like would keep a transpose's)
-    c = x.shape[-1]
-    xr = np.ascontiguousarray(x).reshape(-1, c)  # [..., C] -> [R, C]
-    orow = out.reshape(-1, c)
-    ar = None if add is None else np.ascontiguousarray(np.broadcast_to(add, x.shape)).reshape(-1, c)
-    if not np.shares_memory(orow, out):
-        y = layer_norm(xr if ar is None else xr + ar, weight, bias, eps)
-        out[...] = y.reshape(out.shape)
-        return out
-    rows = max(1, CHUNK // c)
-
-    def work(start, stop):
-        for lo, hi in blocks(start, stop, rows):
-            layer_norm_rows(xr[lo:hi], weight, bias, eps, orow[lo:hi], None if ar is None else ar[lo:hi])
-
-    parallel_rows(work, xr.shape[0], min_rows=rows)
-    return out
-
-
-def layer_norm_rows(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray,
-                    add: Optional[np.ndarray] = None, centred: bool = False) -> np.ndarray:
-    """layer_norm on one block of rows, no threads, no checks: x, out (may be x)
-    and add [r, C] C-contiguous. Row sums are matrix-vector products.
-    ``centred``: x's rows have mean 0 already (by construction: see
-    MaskDecoder._upscaling_weights), so the mean is not subtracted."""
-    c = x.shape[-1]
-    dt = x.dtype.type
-    if add is not None:
-        x = np.add(x, add, out=out)
-    if centred:
-        if out is not x:
-            out[...] = x
-    else:
-        mean = x @ _ones(c, x.dtype)  # [r, C] -> [r]
-        mean *= dt(1.0 / c)
-        np.subtract(x, mean[:, None], out=out)  # xc = x - mean
-    var = np.einsum("rc,rc->r", out, out)  # [r, C] -> [r]
-    var *= dt(1.0 / c)
-    var += dt(eps)
-    np.sqrt(var, out=var)
-    np.divide(1, var, out=var)
-    out *= var[:, None]
-    out *= weight
-    out += bias
-    return out
-
-
-_ONES = {}
-
-
-def _ones(c: int, dtype) -> np.ndarray:
-    key = (c, np.dtype(dtype))
-    v = _ONES.get(key)
-    if v is None:
-        v = _ONES[key] = np.ones(c, dtype)
-    return v
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    """Mirror of F.layer_norm over the last dimension (biased variance)."""
+    mean = x.mean(axis=-1, keepdims=True)  # [..., C] -> [..., 1]
+    xc = x - mean
+    var = (xc * xc).mean(axis=-1, keepdims=True)  # [..., C] -> [..., 1]
+    return xc / np.sqrt(var + x.dtype.type(eps)) * weight + bias
 
 
 def layer_norm_2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float = 1e-6) -> np.ndarray:
@@ -578,42 +371,6 @@ def scaled_dot_product_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, bi
         attn += bias
     attn = softmax(attn, axis=-1)
     return attn @ v  # [..., Nq, Nk] @ [..., Nk, Dv] -> [..., Nq, Dv]
-
-
-def same_contents(a: np.ndarray, b: np.ndarray) -> bool:
-    """np.array_equal(a, b) (False for another shape or dtype, or a NaN), in
-    blocks over threads: the decoder compares a kept 4 MB image embedding with
-    the one it is given on every call. C-contiguous arrays are not copied."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    af, bf = a.reshape(-1), b.reshape(-1)
-    unequal = []
-
-    def work(start, stop):
-        for lo, hi in blocks(start, stop, CHUNK):
-            if not np.array_equal(af[lo:hi], bf[lo:hi]):
-                unequal.append((lo, hi))
-                return
-
-    parallel_rows(work, af.size, min_rows=CHUNK)
-    return not unequal
-
-
-def transpose(x: np.ndarray, block: int = 256, add: Optional[np.ndarray] = None) -> np.ndarray:
-    """x.T as a new C-contiguous array, [M, N] -> [N, M], copied in blocks of
-    ``block`` output rows (each block's source columns stay in cache) over threads.
-    With ``add`` [M]: x.T + add in the same pass (x + add[:, None], transposed)."""
-    out = np.empty((x.shape[1], x.shape[0]), x.dtype)
-
-    def work(start, stop):
-        for lo, hi in blocks(start, stop, block):
-            if add is None:
-                out[lo:hi] = x[:, lo:hi].T
-            else:
-                np.add(x[:, lo:hi].T, add, out=out[lo:hi])
-
-    parallel_rows(work, out.shape[0], min_rows=block)
-    return out
 
 
 def separate_heads(x: np.ndarray, num_heads: int) -> np.ndarray:

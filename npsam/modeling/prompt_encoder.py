@@ -1,5 +1,8 @@
 """Mirror of segment_anything/modeling/prompt_encoder.py.
 
+Its fast twin (the dense PE computed once per loaded weights) is
+npsam/fast/prompt_encoder.py.
+
 Dimension letters:
     B  prompts in the batch     N  points per prompt     C  embed_dim (256)
     H, W  image embedding size (64, 64)                  P  num_pos_feats = C/2
@@ -11,13 +14,14 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from .. import fast
 from ..kernels.checks import check_array, check_same
 from .common import LayerNorm2d
 from ..kernels.nn import GELU, Conv2d, Embedding, Module, ModuleList, Sequential
 
 
 class PositionEmbeddingRandom(Module):
-    """Mirror of prompt_encoder.py: PositionEmbeddingRandom (random Fourier features).
+    """Mirror of modeling/prompt_encoder.py: PositionEmbeddingRandom.forward (random Fourier features).
 
     The buffer ``positional_encoding_gaussian_matrix`` [2, P] is part of the
     official state_dict.
@@ -32,16 +36,10 @@ class PositionEmbeddingRandom(Module):
     def _pe_encoding(self, coords: np.ndarray) -> np.ndarray:
         """Positionally encode points normalised to [0, 1]: [..., 2] -> [..., 2P]."""
         gauss = self.positional_encoding_gaussian_matrix
-        p = gauss.shape[1]
         coords = 2 * coords - 1
         coords = coords @ gauss  # [..., 2] @ [2, P] -> [..., P]
-        coords *= gauss.dtype.type(2 * np.pi)
-        # torch.cat([sin, cos], dim=-1), each half computed in place in the result
-        # (the dense PE is 4 MB: fewer fresh temporaries for a cold process)
-        out = np.empty(coords.shape[:-1] + (2 * p,), dtype=coords.dtype)
-        np.sin(coords, out=out[..., :p])
-        np.cos(coords, out=out[..., p:])
-        return out  # -> [..., 2P]
+        coords = gauss.dtype.type(2 * np.pi) * coords
+        return np.concatenate([np.sin(coords), np.cos(coords)], axis=-1)  # -> [..., 2P]
 
     def forward(self, size: Tuple[int, int]) -> np.ndarray:
         """Encoding of a grid of pixel centres: -> [2P, h, w]."""
@@ -71,7 +69,7 @@ class PositionEmbeddingRandom(Module):
 
 
 class PromptEncoder(Module):
-    """Mirror of prompt_encoder.py: PromptEncoder.
+    """Mirror of modeling/prompt_encoder.py: PromptEncoder.forward.
 
     Points and box corners become sparse embeddings [B, N, C] (a positional
     encoding plus a learned embedding per kind); a mask input becomes a dense
@@ -112,23 +110,11 @@ class PromptEncoder(Module):
     def dtype(self):
         return self.pe_layer.positional_encoding_gaussian_matrix.dtype
 
+    @fast.dispatch
     def get_dense_pe(self) -> np.ndarray:
-        """Positional encoding of every image-embedding location: [1, C, H, W].
-
-        It depends on the weights only, so it is computed once per loaded
-        ``positional_encoding_gaussian_matrix`` and the same read-only array is
-        returned each time (which also lets the mask decoder recognise it). As
-        official, it is a permuted view of an [H, W, C] array, not C-contiguous:
-        the decoder wants it as [HW, C] rows, which are then a view too.
-        """
-        gauss = self.pe_layer.positional_encoding_gaussian_matrix
-        cached = self.__dict__.get("_dense_pe")
-        if cached is None or cached[0] is not gauss:
-            pe = self.pe_layer(self.image_embedding_size)[None]  # [C, H, W] -> [1, C, H, W]
-            pe.flags.writeable = False
-            cached = (gauss, pe)
-            object.__setattr__(self, "_dense_pe", cached)
-        return cached[1]
+        """Positional encoding of every image-embedding location: [1, C, H, W]. As
+        official, a permuted view of an [H, W, C] array, not C-contiguous."""
+        return self.pe_layer(self.image_embedding_size)[None]  # [C, H, W] -> [1, C, H, W]
 
     def _embed_points(self, points: np.ndarray, labels: np.ndarray, pad: bool) -> np.ndarray:
         """Embeds point prompts: [B, N, 2], [B, N] -> [B, N(+1), C]."""

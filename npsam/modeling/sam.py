@@ -1,4 +1,4 @@
-"""Mirror of segment_anything/modeling/sam.py: Sam (preprocess, postprocess_masks).
+"""Mirror of segment_anything/modeling/sam.py: Sam (forward, preprocess, postprocess_masks).
 
 Dimension letters:
     B  batch    C  channels    H, W  image height/width    h, w  input size after resize
@@ -6,7 +6,7 @@ Dimension letters:
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
@@ -18,7 +18,7 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 class Sam(Module):
-    """Mirror of sam.py: Sam. Holds the three modules and the image normalisation."""
+    """Mirror of modeling/sam.py: Sam. Holds the three modules and the image normalisation."""
 
     mask_threshold: float = 0.0
     image_format: str = "RGB"
@@ -55,6 +55,50 @@ class Sam(Module):
                 "this model has no image encoder weights (it was loaded from a decoder-only checkpoint); "
                 "load a checkpoint with image_encoder.* keys, or pass an image embedding computed elsewhere "
                 "(SamPredictor.set_embedding)")
+
+    def forward(self, batched_input: List[Dict[str, Any]], multimask_output: bool) -> List[Dict[str, np.ndarray]]:
+        """Mirror of modeling/sam.py: Sam.forward. Each record: "image" [3, h, w] (resized,
+        not normalised), "original_size" (H, W), optional "point_coords" [B, N, 2] and
+        "point_labels" [B, N], "boxes" [B, 4], "mask_inputs" [B, 1, 256, 256]
+        -> per record "masks" [B, C, H, W] bool, "iou_predictions" [B, C],
+        "low_res_logits" [B, C, 256, 256] (C = 3 or 1)."""
+        self.require_image_encoder()
+        input_images = np.stack([self.preprocess(x["image"]) for x in batched_input], axis=0)  # -> [N, 3, S, S]
+        image_embeddings = self.image_encoder(input_images)  # -> [N, C, S/16, S/16]
+
+        outputs = []
+        for image_record, curr_embedding in zip(batched_input, image_embeddings):
+            if "point_coords" in image_record:
+                points = (image_record["point_coords"], image_record["point_labels"])
+            else:
+                points = None
+            sparse_embeddings, dense_embeddings = self.prompt_encoder(
+                points=points, boxes=image_record.get("boxes", None), masks=image_record.get("mask_inputs", None))
+            low_res_masks, iou_predictions = self.mask_decoder(
+                image_embeddings=curr_embedding[None], image_pe=self.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse_embeddings, dense_prompt_embeddings=dense_embeddings,
+                multimask_output=multimask_output)
+            masks = self.postprocess_masks(low_res_masks, input_size=image_record["image"].shape[-2:],
+                                           original_size=image_record["original_size"])
+            masks = masks > self.mask_threshold
+            outputs.append({"masks": masks, "iou_predictions": iou_predictions, "low_res_logits": low_res_masks})
+        return outputs
+
+    # What code written for segment_anything calls on the model (every official
+    # notebook does sam.to(device=...)): npsam runs on the CPU, for inference only.
+    def to(self, *args, **kwargs) -> "Sam":
+        """No-op: npsam has one device, the CPU; the dtype is chosen when loading."""
+        return self
+
+    def eval(self) -> "Sam":
+        """No-op: npsam is always in inference mode."""
+        return self
+
+    def train(self, mode: bool = True) -> "Sam":
+        """``train(False)`` is eval(); ``train(True)`` raises: npsam does inference only."""
+        if mode:
+            raise NotImplementedError("Sam.train(True): npsam does inference only (no gradients, no dropout)")
+        return self
 
     def preprocess(self, x: np.ndarray) -> np.ndarray:
         """Normalize pixel values and pad to a square input: [B, 3, h, w] -> [B, 3, S, S]."""

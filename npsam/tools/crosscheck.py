@@ -48,6 +48,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..kernels.checks import check_decoder_inputs
 from . import trace as _trace
 
 # Default tolerances on the scaled error. They equal tests/tolerances.py
@@ -367,7 +368,8 @@ def _npsam_onnx_outputs(sam, embedding: np.ndarray, inputs: Inputs) -> Tuple[np.
     points = None if inputs.point_coords is None else (inputs.point_coords, inputs.point_labels)
     sparse, dense = sam.prompt_encoder(points=points, boxes=inputs.boxes, masks=None)
     dec = sam.mask_decoder
-    args = dec._check(embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense)
+    args = check_decoder_inputs(dec.transformer_dim, dec.iou_token.weight.dtype, embedding,
+                                sam.prompt_encoder.get_dense_pe(), sparse, dense)
     masks, iou = dec.predict_masks(*args)  # -> [B, 4, 4H, 4W], [B, 4]
     if inputs.multimask_output:
         return masks, iou

@@ -13,6 +13,11 @@ module tree (Linear, LayerNorm, Sequential children, activation modules such
 as ``mask_decoder.output_upscaling.2``, the GELU). When no trace is open the
 hook is ``None`` and calling a module costs one global lookup more.
 
+A trace runs the reference path (``with npsam.reference():`` for its
+duration, in this thread): every module computes its official ``forward``
+through ``__call__``, so every intermediate is the official one, in the
+official association, and nothing needs patching.
+
 NOTE(reference): official code calls some methods directly rather than
 through ``__call__`` (``pe_layer.forward_with_coords``, ``predict_masks``);
 torch hooks do not see those either, so both traces hold the same modules.
@@ -155,42 +160,10 @@ def trace(root: nn.Module, *, copy: bool = True, inputs: bool = False,
         if previous is not None:
             previous(module, args, kwargs, output)
 
-    patched = _patch_fast_paths(root)
     nn._hook = hook
     try:
         with fast.reference():  # a trace records the reference modules' own calls
             yield result
     finally:
         nn._hook = previous
-        for module, method in patched:
-            module.__dict__.pop(method, None)
 
-
-# Methods that compute a module's forward() by another route (same mathematics,
-# e.g. transformer.Attention's cross-attentions with the projections moved to
-# the token side) without going through Module.__call__. While a trace is
-# open they are wrapped per instance so that the call is still recorded under
-# the module's official path; outside a trace nothing is wrapped.
-FAST_PATHS = {
-    "Attention": ("attend_to_image", "attend_from_image"),
-    "TwoWayTransformer": ("forward_rows",),  # inputs as rows [B, HW, C]; same outputs as forward
-}
-
-
-def _patch_fast_paths(root: nn.Module) -> List[Tuple[nn.Module, str]]:
-    patched = []
-    for _, module in root.named_modules():
-        for method in FAST_PATHS.get(type(module).__name__, ()):
-            bound = getattr(module, method, None)
-            if bound is None or method in module.__dict__:
-                continue
-
-            def wrapper(*args, _module=module, _bound=bound, **kwargs):
-                out = _bound(*args, **kwargs)
-                if nn._hook is not None:
-                    nn._hook(_module, args, kwargs, out)
-                return out
-
-            module.__dict__[method] = wrapper
-            patched.append((module, method))
-    return patched

@@ -1,0 +1,314 @@
+"""Fast-only kernels: the fast layer's versions of npsam.kernels.ops, and
+kernels no reference module needs.
+
+Each says which reference kernel it stands for and why its result is equal
+(bit for bit) or within the tolerances. They work in blocks that stay in cache,
+spread over the worker threads of :mod:`npsam.fast.threads`, in place where
+the caller owns the array, and take their large temporaries from per-thread
+work arrays.
+
+Dimension letters as in :mod:`npsam.kernels.ops`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ..kernels import ops as reference
+from .threads import CHUNK, blocks, parallel_rows, scratch
+
+# GELU in float32 as x * sigmoid(z), evaluated without branches.
+# gelu(x) = x * Phi(x), Phi the normal CDF, and Phi(x) = sigmoid(z(x)) with
+#     z(x) = logit(Phi(x)) = log(Phi(x) / Phi(-x)) = 2 atanh(erf(x / sqrt 2)),
+# odd and smooth, so z(x) = x * P(x^2). P is a degree-6 polynomial fitted by
+# scripts/fit_gelu.py on x^2 <= 36, weighted so the fit minimises the error it
+# causes in gelu measured in ulps of x (about 0.24 of one). Then
+#     gelu(x) = x / (1 + exp(-x * P(x^2)))
+# is 17 passes over a block, where erf needs more than 30. x^2 is not clamped
+# at 36: P has no real roots and a positive leading coefficient, so z only
+# grows beyond the fit (|z| >= 23.6 for |x| >= 6, where the sigmoid is within
+# 6e-11 of 0 or 1, far below an ulp of x from the exact gelu; exactly 0 or 1
+# once exp(-z) underflows or overflows, x / inf = -0 for large negative x).
+# Huge |x| makes x^2 = inf and P = inf, never NaN. (A clamp cost a fifth of
+# the time: np.minimum is the slowest pass; so does x * x against np.square.)
+# tests/test_fast_kernels.py checks it against the exact GELU on every 397th
+# float32 in [-10, 10] (never less accurate than torch's float32 GELU: 1.8 ulps
+# of x at worst where torch has 4.8) and at the extremes.
+_GELU_P = (3.5123425082250996e-09, -2.645267134887992e-07, 7.929489234396613e-06, -0.00011061238942065956,
+           -6.518994679117022e-05, 0.07266616914429459, 1.5957698829214784)  # highest degree first
+_GELU_NEG_P32 = tuple(np.float32(-c) for c in _GELU_P)  # -P, so that the last product gives -z
+
+
+def _gelu_f32_block(x: np.ndarray, out: np.ndarray) -> None:
+    """out[:] = gelu(x) for one cache-sized block of float32 (out may be x)."""
+    c = _GELU_NEG_P32
+    buf = scratch("gelu", (max(2 * x.size, 2 * CHUNK),), np.float32)
+    u = buf[: x.size].reshape(x.shape)
+    p = buf[x.size: 2 * x.size].reshape(x.shape)
+    # x^2 and exp(-z) overflow to inf on purpose for huge |x|; x = -inf gives
+    # -inf / inf = NaN, as torch's gelu(-inf)
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.square(x, out=u)
+        np.multiply(u, c[0], out=p)
+        p += c[1]
+        for ci in c[2:]:  # Horner: p = -P(u)
+            p *= u
+            p += ci
+        p *= x  # -z(x)
+        np.exp(p, out=p)
+        p += np.float32(1)
+        np.divide(x, p, out=out)  # x * sigmoid(z)
+
+
+def gelu(x: np.ndarray, out: Optional[np.ndarray] = None, precise: bool = False) -> np.ndarray:
+    """Stands for :func:`npsam.kernels.ops.gelu` (the exact erf GELU); ``out`` may be ``x``.
+
+    float32 goes through the sigmoid form above in cache-sized blocks spread
+    over threads: within the tolerances of the exact GELU (never less accurate
+    than torch's float32 GELU, tests/test_fast_kernels.py). float64, and float32
+    when ``precise``, is the reference kernel itself (bit for bit).
+    """
+    x = np.asarray(x)
+    if x.dtype != np.float32 or precise:
+        y = reference.gelu(x, precise=precise)
+        if out is None:
+            return y
+        out[...] = y
+        return out
+    if out is None:
+        out = np.empty(x.shape, np.float32)  # C order whatever x's layout (empty_like would keep a transpose's)
+    if not out.flags.c_contiguous:  # (a strided out, or x itself strided): via a C-order result
+        out[...] = gelu(x)
+        return out
+    xf, of = np.ascontiguousarray(x).reshape(-1), out.reshape(-1)  # x copied only if it is strided
+
+    parallel_rows(lambda start, stop: gelu_block(xf[start:stop], of[start:stop]), xf.size, min_rows=CHUNK)
+    return out
+
+
+def gelu_block(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """gelu on one block, no threads, no checks (out may be x; both C-contiguous),
+    CHUNK elements at a time (temporaries far beyond the L2 cache run at half speed)."""
+    if x.dtype != np.float32:
+        out[...] = gelu(x)
+        return out
+    xf, of = x.reshape(-1), out.reshape(-1)
+    for lo, hi in blocks(0, xf.size, CHUNK):
+        _gelu_f32_block(xf[lo:hi], of[lo:hi])
+    return out
+
+
+# NOTE(numerics): exp(x - max) underflows to subnormal floats for x - max below
+# about -87 (float32) or -708 (float64), and x86 runs arithmetic that reads or
+# makes subnormals many times slower (microcode assists). A weight need not be
+# subnormal itself to cost that: the product p @ v makes p * v, subnormal when
+# p is near the smallest normal and |v| < 1. With p at exp(-87) (just above the
+# smallest normal float32) on 90% of a row, [256, 4096] @ [4096, 64] took 7.8 ms
+# against 1.3-1.5; on 99%, 43 ms. So x - max is clamped at EXP_FLOOR, half
+# the log of the smallest normal rounded up to a whole number (-43 for float32,
+# -354 for float64): every weight is at least exp(-43) = 2.1e-19 or
+# exp(-354) = 2.4e-154, above sqrt(tiny), so p * v stays normal for every |v|
+# above sqrt(tiny) too. The clamp raises weights below the floor to it; even
+# 2^20 of them add less than 2.2e-13 to a row whose largest weight is 1, far
+# below what float32 arithmetic on the softmax can see. (MobileSAM's weights,
+# 20 prompts on each of the three photos, with and without a mask input: 0.6%
+# of the decoder's logits fall below the floor, and every output came out bit
+# for bit as with the old floor of -87, about the smallest normal's log.)
+EXP_FLOOR = {np.dtype(t): t(np.ceil(np.log(np.finfo(t).tiny) / 2)) for t in (np.float32, np.float64)}
+
+
+def exp_below_max_(x: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """In place: x = exp(max(x - m, EXP_FLOOR)), ``m`` broadcasting to x (a max).
+
+    NOTE(numerics): np.exp itself runs ten times slower on a block whose results
+    underflow (293 against 29 us for 64K floats), so the clamp comes first. It
+    takes the floor as a row as long as x's last axis: np.maximum has no vector
+    loop for a scalar operand (37 against 11 us for 64K floats).
+    """
+    x -= m
+    n = x.shape[-1]
+    floor = EXP_FLOOR[x.dtype]
+    if n >= 64:
+        key = (n, x.dtype)
+        floor = _FLOOR_ROWS.get(key)
+        if floor is None:
+            floor = _FLOOR_ROWS[key] = np.full(n, EXP_FLOOR[x.dtype])
+            floor.flags.writeable = False
+    np.maximum(x, floor, out=x)
+    return np.exp(x, out=x)
+
+
+_FLOOR_ROWS = {}  # (length, dtype) -> a row of EXP_FLOOR
+
+
+def softmax_(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Stands for :func:`npsam.kernels.ops.softmax`, in place, with the weights
+    floored at exp(EXP_FLOOR) (see above: within the tolerances). Reducing a
+    short axis that is not the last (axis 1 of [A, N, R] with R long and
+    contiguous) costs N whole-row vector operations instead of one slow loop
+    per element."""
+    exp_below_max_(x, x.max(axis=axis, keepdims=True))
+    x /= x.sum(axis=axis, keepdims=True)
+    return x
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """softmax_ on a copy of ``x``."""
+    return softmax_(np.array(x, copy=True), axis)
+
+
+# ---------------------------------------------------------------------------
+# Linear and normalisation
+# ---------------------------------------------------------------------------
+# A few rows (the decoder's tokens) read the whole weight for little work;
+# how BLAS is best asked depends on the weight's size: see linear().
+FEW_ROWS = 64
+LARGE_WEIGHT = 1 << 18  # elements (1 MB in float32)
+
+
+def linear(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None,
+           weight_t: Optional[np.ndarray] = None, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Stands for :func:`npsam.kernels.ops.linear`: x @ weight.T + bias, weight in
+    PyTorch's (out, in) layout; the same products, so equal within the
+    tolerances (BLAS may order a dot product's terms differently by layout).
+
+    For FEW_ROWS rows of x or fewer: a weight of LARGE_WEIGHT elements or more is
+    the left operand of weight @ x.T, which BLAS runs fastest (the transformer
+    MLP's 256x2048: 185 against 285 us for 8 rows); a smaller one is read from
+    ``weight_t``, weight.T as a C-contiguous array if the caller keeps one (the
+    decoder's modules derive them when they load: see fast/transformer.py),
+    which BLAS reads a third faster than the transposed view.
+
+    The leading dimensions are flattened into one matrix product (a 3-D @ 2-D
+    matmul would make one small BLAS call per leading index). ``out``, a
+    C-contiguous [..., O] array, receives the result (no copy of it)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # [..., C] -> [R, C]
+    assert out is None or out.flags.c_contiguous, "linear: out must be C-contiguous (reshaped as a view)"
+    o2 = None if out is None else out.reshape(-1, weight.shape[0])  # [..., O] -> [R, O], a view
+    few = x2.shape[0] <= FEW_ROWS
+    if few and weight.size >= LARGE_WEIGHT:
+        y = np.matmul(weight, x2.T).T  # ([O, C] @ [C, R]).T -> [R, O]
+        if o2 is not None:
+            # copied, not computed in place: BLAS writing the F-ordered o2.T swaps
+            # the operands, another order of the sums, so another rounding
+            o2[...] = y
+            y = o2
+    else:
+        w_t = weight_t if few and weight_t is not None else weight.T
+        y = np.matmul(x2, w_t, out=o2)  # [R, C] @ [C, O] -> [R, O]
+    y = y.reshape(lead + (weight.shape[0],))  # -> [..., O]
+    if bias is not None:
+        y += bias
+    return y
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float,
+               out: Optional[np.ndarray] = None, add: Optional[np.ndarray] = None) -> np.ndarray:
+    """Stands for :func:`npsam.kernels.ops.layer_norm` (F.layer_norm over the last
+    dimension, biased variance) of ``x``, or of ``x + add`` (a residual of the
+    same shape); ``out`` may be ``x``. Within the tolerances: the row sums are
+    matrix-vector products and 1/sqrt(var + eps) multiplies.
+
+    Works on blocks of rows (each block stays in cache through its six passes)
+    spread over threads; row sums are matrix-vector products.
+    """
+    x = np.asarray(x)
+    if out is None:
+        out = np.empty(x.shape, x.dtype)  # C order whatever x's layout (empty_like would keep a transpose's)
+    c = x.shape[-1]
+    xr = np.ascontiguousarray(x).reshape(-1, c)  # [..., C] -> [R, C]
+    orow = out.reshape(-1, c)
+    ar = None if add is None else np.ascontiguousarray(np.broadcast_to(add, x.shape)).reshape(-1, c)
+    if not np.shares_memory(orow, out):
+        y = layer_norm(xr if ar is None else xr + ar, weight, bias, eps)
+        out[...] = y.reshape(out.shape)
+        return out
+    rows = max(1, CHUNK // c)
+
+    def work(start, stop):
+        for lo, hi in blocks(start, stop, rows):
+            layer_norm_rows(xr[lo:hi], weight, bias, eps, orow[lo:hi], None if ar is None else ar[lo:hi])
+
+    parallel_rows(work, xr.shape[0], min_rows=rows)
+    return out
+
+
+def layer_norm_rows(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray,
+                    add: Optional[np.ndarray] = None, centred: bool = False) -> np.ndarray:
+    """layer_norm on one block of rows, no threads, no checks: x, out (may be x)
+    and add [r, C] C-contiguous. Row sums are matrix-vector products.
+    ``centred``: x's rows have mean 0 already (by construction: see
+    fast/mask_decoder.py, upscaling_weights), so the mean is not subtracted."""
+    c = x.shape[-1]
+    dt = x.dtype.type
+    if add is not None:
+        x = np.add(x, add, out=out)
+    if centred:
+        if out is not x:
+            out[...] = x
+    else:
+        mean = x @ _ones(c, x.dtype)  # [r, C] -> [r]
+        mean *= dt(1.0 / c)
+        np.subtract(x, mean[:, None], out=out)  # xc = x - mean
+    var = np.einsum("rc,rc->r", out, out)  # [r, C] -> [r]
+    var *= dt(1.0 / c)
+    var += dt(eps)
+    np.sqrt(var, out=var)
+    np.divide(1, var, out=var)
+    out *= var[:, None]
+    out *= weight
+    out += bias
+    return out
+
+
+_ONES = {}
+
+
+def _ones(c: int, dtype) -> np.ndarray:
+    key = (c, np.dtype(dtype))
+    v = _ONES.get(key)
+    if v is None:
+        v = _ONES[key] = np.ones(c, dtype)
+    return v
+
+
+# ---------------------------------------------------------------------------
+# Whole-array passes
+# ---------------------------------------------------------------------------
+def same_contents(a: np.ndarray, b: np.ndarray) -> bool:
+    """np.array_equal(a, b) (False for another shape or dtype, or a NaN), in
+    blocks over threads: the decoder compares a kept 4 MB image embedding with
+    the one it is given on every call. C-contiguous arrays are not copied."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    af, bf = a.reshape(-1), b.reshape(-1)
+    unequal = []
+
+    def work(start, stop):
+        for lo, hi in blocks(start, stop, CHUNK):
+            if not np.array_equal(af[lo:hi], bf[lo:hi]):
+                unequal.append((lo, hi))
+                return
+
+    parallel_rows(work, af.size, min_rows=CHUNK)
+    return not unequal
+
+
+def transpose(x: np.ndarray, block: int = 256, add: Optional[np.ndarray] = None) -> np.ndarray:
+    """x.T as a new C-contiguous array, [M, N] -> [N, M], copied in blocks of
+    ``block`` output rows (each block's source columns stay in cache) over threads.
+    With ``add`` [M]: x.T + add in the same pass (x + add[:, None], transposed)."""
+    out = np.empty((x.shape[1], x.shape[0]), x.dtype)
+
+    def work(start, stop):
+        for lo, hi in blocks(start, stop, block):
+            if add is None:
+                out[lo:hi] = x[:, lo:hi].T
+            else:
+                np.add(x[:, lo:hi].T, add, out=out[lo:hi])
+
+    parallel_rows(work, out.shape[0], min_rows=block)
+    return out

@@ -1,0 +1,489 @@
+"""Fast twin of modeling/transformer.py: the two-way transformer as fused passes
+over blocks of image rows, with the cross-attentions' products reassociated.
+
+Dimension letters as in modeling/transformer.py; R rows of a block of image
+locations.
+
+SAM's two cross-attentions pair a few tokens (T, about 5-10) with every image
+location (HW = 4096). The functions below compute exactly Attention.forward
+(same mathematics, different association of the products) with the
+projections moved to the token side, so the [HW, C] image side meets two
+[C, h*T]-sized products instead of two [C, I] projections, and no [HW, I]
+array is ever split into heads. Each is split into its token-side part
+(small) and its image-side part (on rows of image locations), which the fused
+passes of :func:`forward_rows` run block by block. A different association:
+equal within the tolerances (tests/test_fast_vs_reference.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from ..kernels import ops as ref_ops
+from ..modeling.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
+from . import derives, implements, ops, threads
+
+
+class AttentionDerived(NamedTuple):
+    """An Attention's weights transposed, C-contiguous (the fast path's token-side
+    projections run on a few rows, where BLAS reads these a third faster)."""
+    q_t: np.ndarray  # [C, I]
+    k_t: np.ndarray  # [C, I]
+    v_t: np.ndarray  # [C, I]
+    out_t: np.ndarray  # [I, C]
+
+
+@derives(Attention)
+def attention_derived(attn: Attention) -> AttentionDerived:
+    return AttentionDerived(*(np.ascontiguousarray(lin.weight.T)
+                              for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj)))
+
+
+def _proj(linear, weight_t: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """linear(x) on a few rows, reading the kept weight.T: [..., in] -> [..., out]."""
+    return ops.linear(x, linear.weight, linear.bias, weight_t)
+
+
+@implements(Attention)
+def attention(self: Attention, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Replaces Attention.forward in its own association (the decoder's self-attention
+    on the tokens, and any direct call): the projections read the kept weight.T
+    and the softmax is fast ops.softmax_ in place, so equal within the tolerances."""
+    d = self.derived
+    q = ref_ops.separate_heads(_proj(self.q_proj, d.q_t, q), self.num_heads)  # [B, Nq, C] -> [B, h, Nq, D]
+    k = ref_ops.separate_heads(_proj(self.k_proj, d.k_t, k), self.num_heads)  # [B, Nk, C] -> [B, h, Nk, D]
+    v = ref_ops.separate_heads(_proj(self.v_proj, d.v_t, v), self.num_heads)  # [B, Nk, C] -> [B, h, Nk, D]
+    attn = q @ k.swapaxes(-1, -2)  # [B, h, Nq, D] @ [B, h, D, Nk] -> [B, h, Nq, Nk]
+    attn /= q.dtype.type(math.sqrt(q.shape[-1]))
+    ops.softmax_(attn, axis=-1)
+    out = ref_ops.recombine_heads(attn @ v)  # [B, h, Nq, D] -> [B, Nq, I]
+    return _proj(self.out_proj, d.out_t, out)  # -> [B, Nq, C]
+
+
+# ---------------------------------------------------------------------------
+# Tokens attending to the image (steps (2) and the final attention)
+# ---------------------------------------------------------------------------
+def to_image_logit_weights(attn: Attention, q: np.ndarray) -> np.ndarray:
+    """Tokens attending to the image, token side: q [B, T, C] -> qk [B, h*T, C],
+    so that the logits against image rows k_n are qk @ k_n (for each head h,
+    then softmax over n).
+
+    Per head h, with q_h = q W_q^h + b_q^h:
+        q_h . (k_n W_k^h + b_k^h) = (q_h W_k^h^T) . k_n + q_h . b_k^h
+    and the last term is the same for every n, so softmax over n drops it.
+    """
+    b, t, c = q.shape
+    nh, d = attn.num_heads, attn.internal_dim // attn.num_heads
+    qh = _proj(attn.q_proj, attn.derived.q_t, q).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # -> [B, h, T, D]
+    qk = qh @ attn.k_proj.weight.reshape(nh, d, c)  # [B, h, T, D] @ [h, D, C] -> [B, h, T, C]
+    # NOTE(reference): the logits are divided by sqrt(D); done here on the small
+    # side (D = 16 in SAM's cross-attentions: a power of two, so exactly the same).
+    qk /= qk.dtype.type(math.sqrt(d))
+    return qk.reshape(b, nh * t, c)  # -> [B, h*T, C]
+
+
+def to_image_output(attn: Attention, pv: np.ndarray, t: int) -> np.ndarray:
+    """Tokens attending to the image, after the image side: pv [B, h*T, C], the
+    softmax-weighted sums of the image rows v_n (value inputs) -> [B, T, C].
+
+    sum_n p_n (v_n W_v^h + b_v^h) = (sum_n p_n v_n) W_v^h + b_v^h   (sum_n p_n = 1).
+    """
+    b, _, c = pv.shape
+    nh, d = attn.num_heads, attn.internal_dim // attn.num_heads
+    wv = attn.v_proj.weight.reshape(nh, d, c)  # [I, C] -> [h, D, C]
+    out = pv.reshape(b, nh, t, c) @ wv.transpose(0, 2, 1)  # [B, h, T, C] @ [h, C, D] -> [B, h, T, D]
+    out += attn.v_proj.bias.reshape(nh, 1, d)
+    out = ref_ops.recombine_heads(out)  # -> [B, T, I]
+    return _proj(attn.out_proj, attn.derived.out_t, out)  # -> [B, T, C]
+
+
+def attend_to_image(attn: Attention, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """attn(q, k, v) for tokens attending to the image, whole (no fused pass):
+    q [B, T, C]; k, v [Bk, HW, C] with Bk = B or 1 (one image for every prompt) -> [B, T, C]."""
+    b, t, c = q.shape
+    bk, hw, _ = k.shape
+    qk = to_image_logit_weights(attn, q)  # -> [B, h*T, C]
+    if bk == 1:
+        logits = (qk.reshape(-1, c) @ k[0].T).reshape(b, -1, hw)  # [B*h*T, C] @ [C, HW] -> [B, h*T, HW]
+        p = ops.softmax_(logits, axis=-1)
+        pv = (p.reshape(-1, hw) @ v[0]).reshape(b, -1, c)  # [B*h*T, HW] @ [HW, C] -> [B, h*T, C]
+    else:  # one product per prompt (a batched matmul with a transposed operand is slower)
+        logits = np.empty(qk.shape[:2] + (hw,), dtype=qk.dtype)
+        for i in range(b):
+            np.matmul(qk[i], k[i].T, out=logits[i])  # [h*T, C] @ [C, HW] -> [h*T, HW]
+        pv = ops.softmax_(logits, axis=-1) @ v  # [B, h*T, HW] @ [B, HW, C] -> [B, h*T, C]
+    return to_image_output(attn, pv, t)
+
+
+# ---------------------------------------------------------------------------
+# The image attending to the tokens (step (4))
+# ---------------------------------------------------------------------------
+def from_image_token_side(attn: Attention, k: np.ndarray, v: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The image attending to the tokens, token side: k, v [B, T, C] ->
+    kq [B, h*T, C], kb [B, h*T, 1], vo [B, h*T, C], so that for an image row
+    q_n the logits are kq @ q_n + kb (softmax over T within each head) and the
+    output is sum over (h, t) of p_(h,t) vo_(h,t).
+
+    Per head h, with k_h = k W_k^h + b_k^h and v_h = v W_v^h + b_v^h:
+        (q_n W_q^h + b_q^h) . k_h,t = q_n . (W_q^h^T k_h,t) + b_q^h . k_h,t
+        (sum_t p_h,t v_h,t) W_o^h = sum_t p_h,t (v_h,t W_o^h)
+    and b_o is spread as b_o / h over every (h, t) row (each head's p sums to 1).
+    """
+    b, t, c = k.shape
+    nh, d = attn.num_heads, attn.internal_dim // attn.num_heads
+    scale = k.dtype.type(math.sqrt(d))
+    kh = _proj(attn.k_proj, attn.derived.k_t, k).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # -> [B, h, T, D]
+    kq = kh @ attn.q_proj.weight.reshape(nh, d, c)  # [B, h, T, D] @ [h, D, C] -> [B, h, T, C]
+    kq /= scale  # NOTE(reference): logits / sqrt(D), on the small side (exact for D = 16)
+    kb = kh @ attn.q_proj.bias.reshape(nh, d, 1)  # [B, h, T, D] @ [h, D, 1] -> [B, h, T, 1]
+    kb /= scale
+    return kq.reshape(b, nh * t, c), kb.reshape(b, nh * t, 1), from_image_values(attn, v)
+
+
+def from_image_values(attn: Attention, v: np.ndarray) -> np.ndarray:
+    """The value side of from_image_token_side: v [B, T, C] -> vo [B, h*T, C],
+    out_proj applied to each head's projected values, b_o / h on each row."""
+    b, t, c = v.shape
+    nh, d = attn.num_heads, attn.internal_dim // attn.num_heads
+    vh = _proj(attn.v_proj, attn.derived.v_t, v).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # -> [B, h, T, D]
+    wo = attn.derived.out_t.reshape(nh, d, -1)  # [I, C] -> [h, D, C]
+    vo = vh @ wo  # [B, h, T, D] @ [h, D, C] -> [B, h, T, C]
+    vo += attn.out_proj.bias / v.dtype.type(nh)
+    return vo.reshape(b, nh * t, -1)
+
+
+def from_image_rows(attn: Attention, q: np.ndarray, kq: np.ndarray, kb: np.ndarray, vo: np.ndarray,
+                    out: Optional[np.ndarray] = None) -> np.ndarray:
+    """The image attending to the tokens, image side, for one prompt: image rows
+    q [R, C] and that prompt's kq, kb, vo ([h*T, C], [h*T, 1], [h*T, C]) -> [R, C]
+    (written into ``out`` when given)."""
+    logits = kq @ q.T  # [h*T, C] @ [C, R] -> [h*T, R]: image rows along the long axis
+    logits += kb
+    return from_image_logits(attn, logits, vo, out)
+
+
+def from_image_logits(attn: Attention, logits: np.ndarray, vo: np.ndarray,
+                      out: Optional[np.ndarray] = None) -> np.ndarray:
+    """The rest of from_image_rows, from one prompt's logits [h*T, R] (or
+    [h, T, R]), in place: softmax over T within each head, then the sum of
+    vo's rows [h*T, C] they weight -> [R, C] (written into ``out`` when given)."""
+    r = logits.shape[-1]
+    p = ops.softmax_(logits.reshape(attn.num_heads, -1, r), axis=1)  # over T within each head
+    return np.matmul(p.reshape(-1, r).T, vo, out=out)  # [R, h*T] @ [h*T, C] -> [R, C]
+
+
+def attend_from_image(attn: Attention, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """attn(q, k, v) for the image attending to the tokens, whole: q [Bq, HW, C]
+    with Bq = B or 1; k, v [B, T, C] -> [B, HW, C]."""
+    kq, kb, vo = from_image_token_side(attn, k, v)
+    b, bq = k.shape[0], q.shape[0]
+    return np.stack([from_image_rows(attn, q[i if bq > 1 else 0], kq[i], kb[i], vo[i]) for i in range(b)])
+
+
+# ---------------------------------------------------------------------------
+# The transformer: fused passes over blocks of image rows
+# ---------------------------------------------------------------------------
+# Image rows per block of a fused pass. Half of a 64x64 embedding, one block
+# per thread for one prompt: fewer, longer NumPy calls, so the two threads
+# seldom wait for each other's GIL hand-over (about 5 us each on this kind
+# of machine), which costs more here than a block's arrays outgrowing L2.
+# Measured against 512 (alternated in one process, 20 rounds, medians): one
+# prompt 47.7 against 51.0 ms, SamOnnxModel 48.2 against 52.2, 16 prompts
+# 585 against 677.
+ROWS = 2048
+
+
+class Layer0Projections(NamedTuple):
+    """Layer 0's image-side projections, per head, image locations along the last
+    axis, kept with one image: K = k_proj(src + pe), V = v_proj(src) of step (2),
+    Q = q_proj(src + pe) / sqrt(D) of step (4), each [h, D, HW] and read-only.
+    ``weights``: the derived values of the two attentions they were computed
+    with (renewed by every load_state_dict, so a reload renews these too)."""
+    k_t: np.ndarray
+    v_t: np.ndarray
+    q4_t: np.ndarray
+    weights: Tuple[AttentionDerived, AttentionDerived]
+
+
+@dataclass
+class PerImage:
+    """The transformer's work kept with one image shared by every prompt (held by
+    fast/mask_decoder.py's ImageRows): layer 0's projections, computed on first use."""
+    layer0: Optional[Layer0Projections] = None
+
+
+@implements(TwoWayTransformer)
+def two_way_transformer(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe: np.ndarray,
+                        point_embedding: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Replaces TwoWayTransformer.forward: the image sides as rows, then
+    :func:`forward_rows` (within the tolerances). The fused passes read one PE
+    for every prompt, as the official decoder builds it (repeat_interleave);
+    PEs that differ between prompts go to the reference forward."""
+    if image_pe.shape[0] > 1 and not np.array_equal(image_pe, np.broadcast_to(image_pe[:1], image_pe.shape)):
+        return TwoWayTransformer.forward(self, image_embedding, image_pe, point_embedding)
+    bs, c, h, w = image_embedding.shape
+    image_embedding = image_embedding.reshape(bs, c, h * w).transpose(0, 2, 1)  # -> [B, HW, C]
+    image_pe = image_pe.reshape(image_pe.shape[0], c, h * w).transpose(0, 2, 1)  # -> [B, HW, C]
+    with threads.single_threaded_blas():  # the passes bring their own threads
+        return forward_rows(self, image_embedding, image_pe, point_embedding)
+
+
+def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe: np.ndarray,
+                 point_embedding: np.ndarray, per_image: Optional[PerImage] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """TwoWayTransformer.forward on image locations as rows: image_embedding,
+    image_pe [1 or B, HW, C] (only the first PE is read: the official PE is
+    repeated per prompt), point_embedding [B, T, C] -> (queries [B, T, C], keys
+    [B, HW, C]), with the image side in one pass over its rows per layer.
+
+    A batch of 1 on the image side means one image shared by every prompt: it
+    stays [1, HW, C] until the first layer's image-to-token attention makes one
+    copy per prompt (official repeat_interleave's it up front).
+
+    In every layer the token side (a few rows) and the image side (HW rows)
+    meet twice: (2) tokens attend to the image, a softmax over all HW rows;
+    (4) the image attends to the tokens, row by row. Between them only the
+    token side changes. So each pass over blocks of image rows does layer
+    L-1's step (4) and norm4 on the block, then layer L's step (2) for it
+    (or the final attention's), while the block is in cache:
+
+        pass 0:  k = keys + pe;  partial softmax sums of step (2), layer 0
+        pass 1:  keys = norm4(keys + step (4) of layer 0);  k = keys + pe;  step (2) of layer 1
+        pass 2:  keys = norm4(keys + step (4) of layer 1);  k = keys + pe;  final attention
+
+    The softmax over HW is assembled from per-block parts: each block keeps
+    its max m_j, its sum l_j of exp(logit - m_j) and its exp-weighted sum of
+    values o_j; with M = max_j m_j the whole is sum_j exp(m_j - M) o_j /
+    sum_j exp(m_j - M) l_j (as flash attention does). Blocks are fixed by
+    ROWS, not by the number of threads, so threads change nothing.
+    Blocks are spread over threads; BLAS runs single-threaded inside.
+
+    With one image for every prompt and a ``per_image`` record, layer 0's
+    image-side projections, which do not depend on the prompt, are computed
+    once per image and kept there (official association: k_proj, v_proj of
+    step (2) and q_proj of step (4) on the image rows), and pass 0 becomes
+    a small computation on them: see _layer0_cached. Editing a weight array
+    in place (rather than loading weights) does not renew them.
+    """
+    bk, hw, c = image_embedding.shape
+    b, t, _ = point_embedding.shape
+    dtype = point_embedding.dtype
+    rows = min(hw, ROWS)
+    nblocks = -(-hw // rows)
+    pe = image_pe[0]  # [HW, C]
+    keys = image_embedding  # [1 or B, HW, C]: not written; the first step (4) makes [B, HW, C]
+    queries = point_embedding
+    step4 = None  # (_Step4 or _Layer0Step4, norm4) of the layer whose step (4) the next pass runs
+    cached = per_image is not None and bk == 1 and len(self.layers) > 0
+    for i in range(len(self.layers) + 1):
+        if i < len(self.layers):
+            layer = self.layers[i]
+            # (1) self-attention of the tokens
+            if layer.skip_first_layer_pe:  # NOTE(reference): layer 0: no PE, no residual
+                queries = layer.self_attn(q=queries, k=queries, v=queries)
+            else:
+                q = queries + point_embedding
+                queries = queries + layer.self_attn(q=q, k=q, v=queries)
+            queries = layer.norm1(queries)
+            to_image = layer.cross_attn_token_to_image
+        else:
+            to_image = self.final_attn_token_to_image
+        if i == 0 and cached:
+            attn_out, step4 = _layer0_cached(layer, queries, point_embedding, image_embedding[0], pe, per_image)
+        else:
+            out_keys = keys
+            if step4 is not None and keys is image_embedding:  # the first step (4): keys become per prompt
+                out_keys = np.empty((b, hw, c), dtype)
+            attn_out = _pass(to_image, queries + point_embedding, step4, keys, out_keys, pe, rows, nblocks, t)
+            keys = out_keys
+        if i < len(self.layers):
+            queries = layer.norm2(queries + attn_out)
+            # (3) MLP on the tokens
+            queries = layer.norm3(queries + layer.mlp(queries))
+            # (4), token side; the image side runs in the next pass
+            # NOTE(reference): q and k swap roles: the image locations are the queries.
+            if i == 0 and cached:  # step (4) on the image rows' q_proj kept per image
+                step4[0].set_tokens(queries + point_embedding, queries)
+            else:
+                step4 = (_Step4(layer.cross_attn_image_to_token, queries + point_embedding, queries), layer.norm4)
+        else:
+            queries = self.norm_final_attn(queries + attn_out)
+    if keys is image_embedding:  # no step (4) ran (depth 0): the keys are the image embedding itself
+        keys = np.broadcast_to(image_embedding, (b, hw, c)).copy()
+    return queries, keys
+
+
+def _pass(to_image: Attention, q: np.ndarray, step4, keys: np.ndarray, new_keys: np.ndarray,
+          pe: np.ndarray, rows: int, nblocks: int, t: int) -> np.ndarray:
+    """One fused pass over the image rows: the pending step (4) (if any) from
+    keys into new_keys (may be keys), then step (2) of ``to_image`` for the
+    tokens q [B, T, C] -> [B, T, C]."""
+    b, c = q.shape[0], pe.shape[1]
+    hw = pe.shape[0]
+    qk = to_image_logit_weights(to_image, q)  # -> [B, h*T, C]
+    ht = qk.shape[1]
+    m_parts = np.empty((nblocks, b, ht), q.dtype)  # per block: max logit,
+    l_parts = np.empty((nblocks, b, ht), q.dtype)  # sum of exp(logit - max),
+    o_parts = np.empty((nblocks, b, ht, c), q.dtype)  # exp-weighted sum of value rows
+
+    def work(start, stop):
+        for j in range(start, stop):
+            _block(j * rows, min(hw, (j + 1) * rows), j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts)
+
+    threads.parallel_rows(work, nblocks, threads=threads.row_threads())
+    big = m_parts.max(axis=0)  # [B, h*T]
+    w = np.exp(m_parts - big)  # [n, B, h*T]
+    total = np.einsum("nbk,nbk->bk", w, l_parts)  # [B, h*T]
+    pv = np.einsum("nbk,nbkc->bkc", w, o_parts)  # [B, h*T, C]
+    pv /= total[..., None]
+    return to_image_output(to_image, pv, t)  # -> [B, T, C]
+
+
+def _block(lo, hi, j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts) -> None:
+    """Image rows [lo, hi), block j, of a fused pass (see forward_rows): keys
+    [1 or B, HW, C] in, new_keys [B, HW, C] out when the pass runs a step (4).
+    Its [R, C] and [h*T, R] temporaries are this thread's work arrays
+    (threads.scratch): the same every call, so no fresh pages to fault in."""
+    b, ht = qk.shape[:2]
+    pe_blk = pe[lo:hi]  # [R, C]
+    shape, dtype = pe_blk.shape, pe.dtype
+    shared = keys.shape[0] == 1  # one image for every prompt
+    k_rows_in = None  # keys + PE of these rows: computed once for every prompt when the image is shared
+
+    def key_rows(residual):
+        nonlocal k_rows_in
+        if k_rows_in is None or not shared:
+            k_rows_in = np.add(residual, pe_blk, out=threads.scratch("decoder.key_rows", shape, dtype))
+        return k_rows_in
+
+    for p in range(b):
+        residual = keys[0 if shared else p, lo:hi]  # [R, C]
+        if step4 is not None:
+            # (4) of the previous layer: the image rows attend to the tokens, then norm4
+            step, norm = step4
+            attn_out = step(p, lo, hi, key_rows(residual) if step.needs_key_rows else None,
+                            out=threads.scratch("decoder.step4", shape, dtype))  # -> [R, C]
+            v_rows = ops.layer_norm_rows(attn_out, norm.weight, norm.bias, norm.eps, out=new_keys[p, lo:hi],
+                                         add=residual)
+            k_rows = np.add(v_rows, pe_blk, out=attn_out)  # into step (4)'s work array, read by now
+        else:
+            v_rows, k_rows = residual, key_rows(residual)
+        # (2) the tokens attend to these rows: this block's part of the softmax over HW
+        logits = np.matmul(qk[p], k_rows.T, out=threads.scratch("decoder.logits", (ht, hi - lo), dtype))
+        # [h*T, C] @ [C, R] -> [h*T, R]
+        m = logits.max(axis=1)  # [h*T]
+        ops.exp_below_max_(logits, m[:, None])
+        l_parts[j, p] = logits.sum(axis=1)
+        np.matmul(logits, v_rows, out=o_parts[j, p])  # [h*T, R] @ [R, C] -> [h*T, C]
+        m_parts[j, p] = m
+
+
+def _layer0_cached(layer: TwoWayAttentionBlock, queries: np.ndarray, point_embedding: np.ndarray,
+                   src: np.ndarray, pe: np.ndarray, per_image: PerImage):
+    """Layer 0's step (2), and the token side of its step (4), on the image
+    side's projections kept per image: src, pe [HW, C] -> (attn_out [B, T, C],
+    step4 for the next pass). The official association, with the prompt-
+    independent products done once:
+
+        step (2): K = k_proj(src + pe), V = v_proj(src) per head;
+                  softmax(q_h K_h^T / sqrt(D)) V_h, for q = q_proj(queries + PE)
+        step (4): Q = q_proj(src + pe) / sqrt(D) per head (the image rows are
+                  the queries); softmax over T of Q_h k_h^T, k = k_proj(tokens),
+                  then the value side as in from_image_token_side.
+    """
+    to_image, from_image = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+    kept = per_image.layer0
+    if kept is None or kept.weights[0] is not to_image.derived or kept.weights[1] is not from_image.derived:
+        kept = per_image.layer0 = _layer0_projections(layer, src, pe)
+
+    # step (2): the tokens attend to the image
+    b, t, c = queries.shape
+    nh, d = to_image.num_heads, to_image.internal_dim // to_image.num_heads
+    qh = _proj(to_image.q_proj, to_image.derived.q_t, queries + point_embedding)
+    qh = qh.reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # [B, T, I] -> [B, h, T, D]
+    out = np.empty((b, nh, t, d), queries.dtype)
+    scale = queries.dtype.type(math.sqrt(d))
+
+    def work(start, stop):  # one (prompt, head) at a time, spread over threads
+        for i in range(start, stop):
+            p, hd = divmod(i, nh)
+            attn = qh[p, hd] @ kept.k_t[hd]  # [T, D] @ [D, HW] -> [T, HW]
+            attn /= scale
+            ops.softmax_(attn, axis=1)  # over HW
+            np.matmul(attn, kept.v_t[hd].T, out=out[p, hd])  # [T, HW] @ [HW, D] -> [T, D]
+
+    threads.parallel_rows(work, b * nh, threads=threads.row_threads())
+    attn_out = _proj(to_image.out_proj, to_image.derived.out_t, ref_ops.recombine_heads(out))  # -> [B, T, C]
+    return attn_out, (_Layer0Step4(from_image, kept.q4_t), layer.norm4)  # its token side after steps (2)-(3)
+
+
+def _layer0_projections(layer: TwoWayAttentionBlock, src: np.ndarray, pe: np.ndarray) -> Layer0Projections:
+    """Layer 0's image-side projections (see Layer0Projections), computed as
+    W @ x^T from blocks of image rows x [R, C], a block of locations per thread."""
+    to_image, from_image = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+    hw = src.shape[0]
+    k_t = np.empty((to_image.internal_dim, hw), src.dtype)
+    v_t = np.empty((to_image.internal_dim, hw), src.dtype)
+    q4_t = np.empty((from_image.internal_dim, hw), src.dtype)
+    scale = src.dtype.type(math.sqrt(from_image.internal_dim // from_image.num_heads))
+
+    def work(start, stop):
+        for lo, hi in threads.blocks(start, stop, 512):
+            k = src[lo:hi] + pe[lo:hi]  # [R, C]
+            np.matmul(to_image.k_proj.weight, k.T, out=k_t[:, lo:hi])  # [I, C] @ [C, R] -> [I, R]
+            k_t[:, lo:hi] += to_image.k_proj.bias[:, None]
+            np.matmul(to_image.v_proj.weight, src[lo:hi].T, out=v_t[:, lo:hi])
+            v_t[:, lo:hi] += to_image.v_proj.bias[:, None]
+            np.matmul(from_image.q_proj.weight, k.T, out=q4_t[:, lo:hi])
+            q4_t[:, lo:hi] += from_image.q_proj.bias[:, None]
+            q4_t[:, lo:hi] /= scale  # NOTE(reference): logits / sqrt(D): exact for D = 16
+
+    threads.parallel_rows(work, hw, min_rows=512, threads=threads.row_threads())
+    out = []
+    for x, a in ((k_t, to_image), (v_t, to_image), (q4_t, from_image)):
+        x = x.reshape(a.num_heads, -1, hw)  # [I, HW] -> [h, D, HW]
+        x.flags.writeable = False
+        out.append(x)
+    return Layer0Projections(*out, weights=(to_image.derived, from_image.derived))
+
+
+class _Step4:
+    """A layer's step (4), the image attending to the tokens, for the next fused
+    pass: the token side computed once, then called per (prompt, block of rows)
+    with the rows' keys + PE."""
+
+    needs_key_rows = True
+
+    def __init__(self, attn: Attention, q: np.ndarray, v: np.ndarray) -> None:
+        self.attn = attn
+        self.kq, self.kb, self.vo = from_image_token_side(attn, q, v)  # k = q (queries + PE), v (queries)
+
+    def __call__(self, p: int, lo: int, hi: int, k_rows: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+        return from_image_rows(self.attn, k_rows, self.kq[p], self.kb[p], self.vo[p], out)  # -> [R, C]
+
+
+class _Layer0Step4:
+    """Layer 0's step (4) with the image rows' q_proj kept per image (see
+    _layer0_cached): called per (prompt, block of rows); the rows' keys are not needed."""
+
+    needs_key_rows = False
+
+    def __init__(self, attn: Attention, q4_t: np.ndarray) -> None:
+        self.attn = attn
+        self.q4_t = q4_t  # [h, D, HW], scaled by 1/sqrt(D)
+        self.kh = self.vo = None
+
+    def set_tokens(self, q: np.ndarray, v: np.ndarray) -> None:
+        """Token side: k = q (queries + PE), v (queries), both [B, T, C]."""
+        a = self.attn
+        b, t, c = q.shape
+        nh, d = a.num_heads, a.internal_dim // a.num_heads
+        self.kh = _proj(a.k_proj, a.derived.k_t, q).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # -> [B, h, T, D]
+        self.vo = from_image_values(a, v)  # -> [B, h*T, C]
+
+    def __call__(self, p: int, lo: int, hi: int, k_rows: None, out: Optional[np.ndarray] = None) -> np.ndarray:
+        logits = self.kh[p] @ self.q4_t[:, :, lo:hi]  # [h, T, D] @ [h, D, R] -> [h, T, R]
+        return from_image_logits(self.attn, logits, self.vo[p], out)  # -> [R, C]
