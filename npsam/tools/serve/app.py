@@ -17,10 +17,11 @@ Routes (``{sid}`` a session = one browser tab, ``{pid}`` a photo id):
     POST /api/sessions                       a new session: {"session": sid}
     GET  /api/sessions/{sid}/photos/{pid}    the tab's state on the photo (points, box, candidates, kept)
     POST .../prompt                          {"point": [x, y, label]} or {"box": [x0, y0, x1, y1]},
-                                             optional "new": true, "explain": true
+                                             optional "new": true (a new object: no mask fed back)
     POST .../undo  .../redo  .../clear       history
     POST .../pick                            {"index": i}: show candidate i
     POST .../keep                            {"label": "..."}: keep the current mask as an object
+    POST .../explain                         what SAM looks at for the current prompt (attention heat maps)
     DELETE .../objects/{oid}                 forget a kept object
     GET  .../objects/{oid}.png               a kept object's overlay
     POST .../everything                      {"points_per_side": n}: start the automatic mask generator
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import json
 from functools import partial
+from urllib.parse import unquote
 from pathlib import Path
 from typing import Any, Callable
 
@@ -89,7 +91,8 @@ def create_app(server: Server):
     async def photos(request: Request):
         if request.method == "POST":
             data = await _read_body(request, server.library.max_upload_bytes, "upload")
-            photo = await run(server.library.add_upload, data, request.headers.get("x-filename", "upload"))
+            name = unquote(request.headers.get("x-filename", "upload"))
+            photo = await run(server.library.add_upload, data, name)
             return JSONResponse(await run(server.photo_record, photo.id), status_code=201)
         await run(server.library.scan)
         return JSONResponse({"photos": server.library.list()})
@@ -173,6 +176,7 @@ def create_app(server: Server):
         Route(base + "/clear", action(server.clear, False), methods=["POST"]),
         Route(base + "/pick", action(server.pick), methods=["POST"]),
         Route(base + "/keep", action(server.keep), methods=["POST"]),
+        Route(base + "/explain", action(server.explain, False), methods=["POST"]),
         Route(base + "/everything", everything, methods=["POST"]),
         Route(base + "/everything.png", everything_png),
         Route(base + "/objects/{oid:int}.png", object_png),

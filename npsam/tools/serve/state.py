@@ -375,7 +375,7 @@ class Step:
     low_res: Optional[np.ndarray] = None  # [C, 256, 256] logits, fed back as mask_input
     pngs: List[bytes] = field(default_factory=list)  # [C] mask PNGs, what the page shows
     chosen: int = 0
-    mask_input: bool = False  # whether the previous step's mask was fed back
+    mask_input: Optional[np.ndarray] = None  # [1, 256, 256]: the previous step's logits fed back, if any
 
     @property
     def has_mask(self) -> bool:
@@ -579,7 +579,7 @@ class Server:
             "box": step.box,
             "candidates": [{"score": s, "png": data_url(p)} for s, p in zip(step.scores, step.pngs)],
             "chosen": step.chosen if step.has_mask else None,
-            "mask_input": step.mask_input,
+            "mask_input": step.mask_input is not None,
             "kept": [{**k.record(), "png": f"{base}/objects/{k.id}.png"} for k in state.kept],
             "everything": None if state.everything is None else
             {"count": state.everything["count"], "png": f"{base}/everything.png?n={state.everything['serial']}"},
@@ -588,7 +588,7 @@ class Server:
     def prompt(self, sid: str, pid: str, body: Any) -> Dict[str, Any]:
         """Add a point or set the box, then decode: the previous step's chosen
         candidate goes back in as mask_input (unless ``new``)."""
-        body = _check_keys(body, ("point", "box", "new", "explain"), "prompt")
+        body = _check_keys(body, ("point", "box", "new"), "prompt")
         if ("point" in body) == ("box" in body):
             raise ApiError(400, "prompt: expected exactly one of point [x, y, label] or box [x0, y0, x1, y1]")
         session, photo, state = self._open(sid, pid)
@@ -608,36 +608,40 @@ class Server:
             # NOTE(reference): as the official notebooks refine a mask: the low-res
             # logits of the mask shown go back in as mask_input with the new prompt.
             mask_input = previous.low_res[previous.chosen][None] if previous is not None and previous.has_mask else None
-            step = self._decode(entry, points, box, mask_input, photo.size)
-            explain = self._explain(entry, points, box, mask_input, step) if body.get("explain") else None
-            state.push(step)
-            view = self.view(sid, pid, state)
-        if explain is not None:
-            view["explain"] = explain
-        return view
+            state.push(self._decode(entry, points, box, mask_input))
+            return self.view(sid, pid, state)
 
     def _arrays(self, points, box):
         coords = np.array([[p[0], p[1]] for p in points], dtype=np.float64).reshape(-1, 2) if points else None  # [N, 2]
         labels = np.array([p[2] for p in points], dtype=np.int64) if points else None  # [N]
         return coords, labels, (None if box is None else np.array(box, dtype=np.float64))  # [4]
 
-    def _decode(self, entry: Embedding, points, box, mask_input, size) -> Step:
+    def _decode(self, entry: Embedding, points, box, mask_input) -> Step:
         coords, labels, box_array = self._arrays(points, box)
         with self.decoder_lock:
             masks, scores, low_res = entry.predictor.predict(coords, labels, box_array, mask_input,
                                                              multimask_output=True)  # [C, H, W], [C], [C, 256, 256]
         pngs = [mask_png(m) for m in masks]
         return Step(points=points, box=box, scores=[float(s) for s in scores], low_res=low_res, pngs=pngs,
-                    chosen=int(np.argmax(scores)), mask_input=mask_input is not None)
+                    chosen=int(np.argmax(scores)), mask_input=mask_input)
 
-    def _explain(self, entry: Embedding, points, box, mask_input, step: Step) -> Dict[str, Any]:
-        """What SAM looks at: the same prompt again on the reference path, traced;
-        each token-to-image attention's weights for the output tokens, as heat maps."""
+    def explain(self, sid: str, pid: str) -> Dict[str, Any]:
+        """What SAM looks at: the current step's prompt again (same points, box
+        and mask_input) on the reference path, traced; each token-to-image
+        attention's weights for the output tokens, as heat maps over the photo.
+        The masks shown stay the ones the prompt gave (the fast path's)."""
         from ...io.image_io import encode_png
         from ..attention import OUTPUT_TOKENS, attention_heat, decoder_attention
         from ..trace import trace
 
-        coords, labels, box_array = self._arrays(points, box)
+        session, _photo, state = self._open(sid, pid)
+        entry = self.embeddings.ready(pid)
+        with session.lock:
+            step = state.current()
+            if step is None or not step.has_mask:
+                raise ApiError(409, "explain: no prompt yet; click on the photo first")
+        coords, labels, box_array = self._arrays(step.points, step.box)
+        mask_input = step.mask_input
         decoder = self.sam.mask_decoder
         with self.decoder_lock:
             with trace(decoder, inputs=True, select=lambda name: "attn_token_to_image" in name) as recorded:
@@ -659,9 +663,9 @@ class Server:
             out_layers.append({"name": name.split("transformer.", 1)[-1], "maps": maps})
         # The cells' extent in photo pixels (the last row/column may reach past the photo).
         scale = entry.predictor.original_size[1] / w
-        return {"tokens": list(OUTPUT_TOKENS), "layers": out_layers,
-                "extent": [cols * patch * scale, rows * patch * entry.predictor.original_size[0] / h],
-                "candidates": [{"token": i + 1, "score": s} for i, s in enumerate(step.scores)]}
+        return {"explain": {"tokens": list(OUTPUT_TOKENS), "layers": out_layers,
+                            "extent": [cols * patch * scale, rows * patch * entry.predictor.original_size[0] / h],
+                            "candidates": [{"token": i + 1, "score": s} for i, s in enumerate(step.scores)]}}
 
     def undo(self, sid: str, pid: str) -> Dict[str, Any]:
         session, _photo, state = self._open(sid, pid)
