@@ -36,15 +36,19 @@ from ..kernels import ops
 OUTPUT_TOKENS = ("IoU token", "mask token 0 (single mask)", "mask token 1", "mask token 2", "mask token 3")
 
 
-def token_attention(attn_module, q: np.ndarray, k: np.ndarray) -> np.ndarray:
+def token_attention(attn_module, q: np.ndarray, k: np.ndarray, heads: bool = False) -> np.ndarray:
     """softmax(q_proj(q) k_proj(k)^T / sqrt(D)) of one transformer Attention,
-    averaged over its heads: q [B, T, C], k [B, HW, C] -> [B, T, HW]."""
+    averaged over its heads: q [B, T, C], k [B, HW, C] -> [B, T, HW]
+    (``heads=True``: each head's, [B, h, T, HW])."""
     h = attn_module.num_heads
     with fast.reference():
         qp = ops.separate_heads(attn_module.q_proj(q), h)  # [B, T, C] -> [B, T, I] -> [B, h, T, D]
         kp = ops.separate_heads(attn_module.k_proj(k), h)  # [B, HW, C] -> [B, HW, I] -> [B, h, HW, D]
-    logits = qp @ kp.swapaxes(-1, -2) / np.sqrt(qp.shape[-1])  # -> [B, h, T, HW]
-    return ops.softmax(logits, axis=-1).mean(axis=1)  # -> [B, T, HW]
+    # NOTE(reference): Attention.forward divides the product by sqrt(D), then softmaxes.
+    logits = qp @ kp.transpose(0, 1, 3, 2)  # -> [B, h, T, HW]
+    logits = logits / logits.dtype.type(np.sqrt(qp.shape[-1]))
+    attn = ops.softmax(logits, axis=-1)  # [B, h, T, HW]
+    return attn if heads else attn.mean(axis=1)  # -> [B, T, HW]
 
 
 def token_to_image_layers(mask_decoder) -> List[Tuple[str, object]]:

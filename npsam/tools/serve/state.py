@@ -134,9 +134,10 @@ class Photo:
         return encode_png(self.load()), "image/png"
 
 
-def probe_image(path: str, what: str) -> Tuple[Tuple[int, int], str]:
+def probe_image(path: str, what: str, decode: bool = False) -> Tuple[Tuple[int, int], str]:
     """((H, W) upright, format) from the file's header, or an ApiError: 415 when
-    it is not an image, 413 when it has more than MAX_PIXELS pixels."""
+    it is not an image, 413 when it has more than MAX_PIXELS pixels. ``decode``
+    also decodes the pixels (uploads: a truncated file is refused at once)."""
     try:
         from PIL import Image
     except ImportError:
@@ -149,6 +150,8 @@ def probe_image(path: str, what: str) -> Tuple[Tuple[int, int], str]:
             # upright by the EXIF Orientation tag; 5..8 swap width and height.
             if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
                 w, h = h, w
+            if decode and w * h <= MAX_PIXELS:
+                img.load()
     except Exception as error:  # PIL raises many types for bad data
         raise ApiError(415, f"{what} is not an image Pillow can read "
                             f"(expected JPEG, PNG, WebP, BMP, GIF or TIFF): {' '.join(str(error).split())}") from None
@@ -248,7 +251,7 @@ class PhotoLibrary:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         try:
-            size, fmt = probe_image(tmp, f"upload {name!r}")
+            size, fmt = probe_image(tmp, f"upload {name!r}", decode=True)
         except BaseException:
             os.unlink(tmp)
             raise
