@@ -370,7 +370,12 @@ async function everything() {
 }
 
 async function download(path, filename) {
-  const blob = await api("GET", tabPath(path));
+  const response = await fetch(tabPath(path));
+  if (!response.ok) {
+    const type = response.headers.get("Content-Type") || "";
+    throw new Error(type.includes("json") ? (await response.json()).error : `${response.status} ${response.statusText}`);
+  }
+  const blob = await response.blob();
   const a = document.createElement("a");
   a.href = URL.createObjectURL(blob);
   a.download = filename;
