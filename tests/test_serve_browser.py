@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +206,8 @@ def test_click_to_segment_in_the_browser(browser, served, tmp_path):
     every = tab.button("#everything", "window.npsam.view.everything !== null")
     assert every["everything"]["count"] >= 1
     assert tab.page.is_visible("#everything-layer")
+    tab.page.uncheck("#show-everything")
+    assert not tab.page.is_visible("#everything-layer")
 
     # what SAM looks at, for a click on the window
     tab.click(500, 375)
@@ -216,8 +217,10 @@ def test_click_to_segment_in_the_browser(browser, served, tmp_path):
     shot = tmp_path / "serve.png"
     tab.page.screenshot(path=str(shot), full_page=True)
     print(f"screenshot: {shot}")
-    if os.environ.get("NPSAM_SERVE_SCREENSHOT"):  # how docs/serve.png is made
-        shutil.copy(shot, os.environ["NPSAM_SERVE_SCREENSHOT"])
+    if os.environ.get("NPSAM_SERVE_SCREENSHOT"):  # how docs/serve.png is made: 1000 px wide, 256 colours
+        with Image.open(shot) as full:
+            small = full.convert("RGB").resize((1000, round(full.height * 1000 / full.width)), Image.LANCZOS)
+            small.quantize(256).save(os.environ["NPSAM_SERVE_SCREENSHOT"], optimize=True)
 
     # a second tab on another photo sees nothing of the first
     other_tab = Page(context, url)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import socket
+import sys
 import threading
+import time
 from typing import List, Optional, Sequence, Tuple
 
 EXAMPLES = """Examples:
@@ -90,8 +92,6 @@ def start_in_thread(server, host: str = "127.0.0.1", port: int = 0) -> Tuple[str
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True, name="npsam-serve")
     thread.start()
-    import time
-
     while not uv.started and thread.is_alive():
         time.sleep(0.02)
     if not uv.started:
@@ -118,6 +118,9 @@ def run_serve(args: argparse.Namespace) -> int:
     count = len(server.library.list())
     print(f"npsam serve: {count} photo{'s' if count != 1 else ''}; open http://{shown}:{port}/ (Ctrl+C to stop)",
           flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"npsam serve: listening on {args.host}: anyone who can reach this machine can use the app "
+              "and read the photos it serves (there is no login)", file=sys.stderr, flush=True)
     config = uvicorn.Config(create_app(server), log_level="warning", timeout_graceful_shutdown=2)
     try:
         uvicorn.Server(config).run(sockets=[sock])

@@ -394,10 +394,11 @@ class Kept:
     points: List[List[float]]
     box: Optional[List[float]]
     png: bytes
+    color: Tuple[int, int, int]
 
     def record(self) -> Dict[str, Any]:
         return {"id": self.id, "label": self.label, "area": int(np.count_nonzero(self.mask)),
-                "bbox": mask_bbox(self.mask), "score": self.score}
+                "bbox": mask_bbox(self.mask), "score": self.score, "color": "#%02x%02x%02x" % self.color}
 
 
 def mask_bbox(mask: np.ndarray) -> List[int]:
@@ -720,9 +721,9 @@ class Server:
             if step is None or not step.has_mask:
                 raise ApiError(409, "keep: no mask to keep; click on the photo first")
             mask = mask_from_png(step.pngs[step.chosen], photo.size)
-            color = tuple(int(c) for c in _object_color(state.next_id)) + (150,)
+            color = tuple(int(c) for c in _object_color(state.next_id))
             state.kept.append(Kept(state.next_id, label.strip(), mask, step.scores[step.chosen], step.points,
-                                   step.box, mask_png(mask, color)))
+                                   step.box, mask_png(mask, color + (150,)), color))
             state.next_id += 1
             state.push(Step())
             return self.view(sid, pid, state)
@@ -867,6 +868,8 @@ class Server:
 
 
 def _object_color(n: int) -> Tuple[int, int, int]:
+    """Kept object n's colour (n = 1, 2, ...): overlay_masks' colours from the
+    third on (its second is a blue, too close to the current mask's)."""
     from ..overlay import mask_colors
 
-    return mask_colors(n + 1)[n]
+    return mask_colors(n + 2)[n + 1]

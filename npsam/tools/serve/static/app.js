@@ -259,6 +259,7 @@ async function render() {
     const li = document.createElement("li");
     li.innerHTML = "<span class=swatch></span><span class=name></span><span class=area></span><button title='forget'>×</button>";
     li.querySelector(".name").textContent = k.label;
+    li.querySelector(".swatch").style.background = k.color;
     li.querySelector(".area").textContent = `${k.area.toLocaleString()} px`;
     li.querySelector("button").onclick = () => guarded(async () => {
       app.view = await api("DELETE", tabPath(`/objects/${k.id}`));
