@@ -455,3 +455,16 @@ def test_command_line_starts_and_prints_its_address(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "npsam", "serve", str(tmp_path / "missing")],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "no such file or folder" in bad.stderr and "missing" in bad.stderr, bad.stderr
+
+
+def test_wheel_carries_the_page(tmp_path):
+    """pip install . ships static/ (package data): the page works when installed."""
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path)], check=True, capture_output=True, text=True)
+    (wheel,) = tmp_path.glob("npsam-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    static = ROOT / "npsam" / "tools" / "serve" / "static"
+    expected = sorted(str(p.relative_to(ROOT)) for p in static.iterdir())
+    assert len(expected) == 3 and all(name in names for name in expected), (expected, sorted(names)[:20])
