@@ -468,3 +468,26 @@ def test_wheel_carries_the_page(tmp_path):
     static = ROOT / "npsam" / "tools" / "serve" / "static"
     expected = sorted(str(p.relative_to(ROOT)) for p in static.iterdir())
     assert len(expected) == 3 and all(name in names for name in expected), (expected, sorted(names)[:20])
+
+
+def test_palette_pngs_round_trip():
+    """The overlays the page draws: PIL reads what encode_indexed_png writes, and
+    mask_from_png gives back the exact mask (the exports read it)."""
+    from npsam.io.image_io import encode_indexed_png
+    from npsam.tools.serve.state import mask_png
+
+    rng = np.random.default_rng(0)
+    for h, w in ((1, 1), (5, 9), (37, 64), (120, 83)):
+        mask = rng.random((h, w)) > 0.5
+        png = mask_png(mask)
+        rgba = np.array(Image.open(io.BytesIO(png)).convert("RGBA"))
+        assert np.array_equal(rgba[..., 3] > 0, mask) and np.array_equal(mask_from_png(png, (h, w)), mask)
+        index = rng.integers(0, 7, (h, w)).astype(np.uint8)
+        palette = rng.integers(0, 256, (7, 4)).astype(np.uint8)
+        assert np.array_equal(np.array(Image.open(io.BytesIO(encode_indexed_png(index, palette)))), index)
+    with pytest.raises(ValueError, match="palette"):
+        encode_indexed_png(np.zeros((2, 2), bool), np.zeros((2, 3), np.uint8))
+    with pytest.raises(ValueError, match="below 2"):
+        encode_indexed_png(np.full((2, 2), 2, np.uint8), np.zeros((2, 4), np.uint8))
+    with pytest.raises(ValueError, match="bool or uint8"):
+        encode_indexed_png(np.zeros((2, 2), np.int32), np.zeros((2, 4), np.uint8))

@@ -239,6 +239,17 @@ def test_click_to_segment_in_the_browser(browser, served, tmp_path):
         times.append(tab.page.evaluate("window.npsam.timings[window.npsam.timings.length - 1]"))
     p50, p95 = np.percentile(times, 50), np.percentile(times, 95)
     print(f"click-to-mask in the browser over {LATENCY_CLICKS} clicks: p50 {p50:.0f} ms, p95 {p95:.0f} ms")
+
+    # the truck's embedding dropped from the cache (another photo encoded, cache of 1):
+    # the next click re-encodes it and still gives the mask
+    server.embeddings.capacity = 1
+    other_tab.open("groceries.jpg")
+    truck_id = tab.page.evaluate("window.npsam.photo.id")
+    assert server.embeddings.status(truck_id)["state"] == "absent"
+    tab.button("#clear", "window.npsam.view.points.length === 0")
+    again = tab.click(500, 375)
+    assert again["candidates"][again["chosen"]]["score"] == view["candidates"][view["chosen"]]["score"]
+    assert tab.page.is_hidden("#error")
     assert not tab.errors and not other_tab.errors, tab.errors + other_tab.errors
     context.close()
 

@@ -35,7 +35,9 @@ async function api(method, path, body, headers) {
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
     if (type.includes("json")) message = (await response.json()).error || message;
-    throw new Error(message);
+    const error = new Error(message);
+    error.status = response.status;
+    throw error;
   }
   return type.includes("json") ? response.json() : response.blob();
 }
@@ -82,12 +84,27 @@ async function openPhoto(id) {
   const photo = (app.photos || []).find((p) => p.id === id);
   if (!photo) return;
   app.photo = photo;
-  app.ready = false;
   app.view = null;
-  $("stage").classList.add("busy");
-  $("stage").classList.remove("empty");
   $("photo").src = `/api/photos/${id}/image`;
   $("marks").setAttribute("viewBox", `0 0 ${photo.width} ${photo.height}`);
+  $("stage").classList.remove("empty");
+  await embed(photo);
+  if (!app.photo || app.photo.id !== id) return;
+  app.view = await api("GET", tabPath());
+  setReady();
+}
+
+function setReady() {
+  app.ready = true;
+  $("stage").classList.remove("busy");
+  render();
+}
+
+// Compute (or find) the photo's embedding, showing progress; clicks wait until setReady().
+async function embed(photo) {
+  const id = photo.id;
+  app.ready = false;
+  $("stage").classList.add("busy");
   render();
   let status = await api("POST", `/api/photos/${id}/embed`);
   while (app.photo && app.photo.id === id) {
@@ -99,12 +116,7 @@ async function openPhoto(id) {
     await sleep(200);
     status = await api("GET", `/api/photos/${id}`);
   }
-  if (!app.photo || app.photo.id !== id) return;
-  progress(null);
-  app.view = await api("GET", tabPath());
-  app.ready = true;
-  $("stage").classList.remove("busy");
-  render();
+  if (app.photo && app.photo.id === id) progress(null);
 }
 
 async function upload(file) {
@@ -165,7 +177,16 @@ async function onPointerUp(event) {
 }
 
 async function prompt(body, start) {
-  const view = await api("POST", tabPath("/prompt"), body);
+  let view;
+  try {
+    view = await api("POST", tabPath("/prompt"), body);
+  } catch (error) {
+    if (error.status !== 409) throw error;
+    // the embedding was dropped from the server's cache (other photos used since): again
+    await embed(app.photo);
+    setReady();
+    view = await api("POST", tabPath("/prompt"), body);
+  }
   app.view = view;
   await render();
   const ms = performance.now() - (start === undefined ? performance.now() : start);
