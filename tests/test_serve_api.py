@@ -491,3 +491,22 @@ def test_palette_pngs_round_trip():
         encode_indexed_png(np.full((2, 2), 2, np.uint8), np.zeros((2, 4), np.uint8))
     with pytest.raises(ValueError, match="bool or uint8"):
         encode_indexed_png(np.zeros((2, 2), np.int32), np.zeros((2, 4), np.uint8))
+
+
+def test_command_line_errors(capsys, monkeypatch):
+    """A port in use is refused before the model loads; without Starlette the
+    message says what to install."""
+    import socket
+
+    from npsam.tools.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        assert main(["serve", str(IMAGES), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"--port {port}: cannot listen there" in err, err
+    monkeypatch.setitem(sys.modules, "starlette", None)
+    assert main(["serve", str(IMAGES)]) == 2
+    assert 'pip install "npsam[serve]"' in capsys.readouterr().err

@@ -110,9 +110,13 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ImportError('npsam serve needs Starlette and uvicorn: pip install "npsam[serve]"') from None
     from .app import create_app
 
-    server = build_server(args.photos, args.checkpoint, args.model_type, args.cache_size,
-                          args.max_upload_mb * 1024 * 1024, args.points_per_side)
-    sock = bind(args.host, args.port)
+    sock = bind(args.host, args.port)  # first: a port in use is said before the model loads
+    try:
+        server = build_server(args.photos, args.checkpoint, args.model_type, args.cache_size,
+                              args.max_upload_mb * 1024 * 1024, args.points_per_side)
+    except BaseException:
+        sock.close()
+        raise
     port = sock.getsockname()[1]
     shown = f"[{args.host}]" if ":" in args.host else args.host
     count = len(server.library.list())
