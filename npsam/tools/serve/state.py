@@ -416,8 +416,7 @@ class PhotoState:
     pos: int = -1  # index of the current step; -1 before the first prompt
     kept: List[Kept] = field(default_factory=list)
     next_id: int = 1
-    everything: Optional[Dict[str, Any]] = None  # {"count", "png", "records"}
-    jobs: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    everything: Optional[Dict[str, Any]] = None  # {"count", "png", "records", "serial"}
 
     def current(self) -> Optional[Step]:
         return self.steps[self.pos] if self.pos >= 0 else None
@@ -435,17 +434,18 @@ class PhotoState:
 class Session:
     id: str
     photos: "OrderedDict[str, PhotoState]" = field(default_factory=OrderedDict)
-    lock: threading.Lock = field(default_factory=threading.Lock)  # one action at a time per tab
+    lock: threading.RLock = field(default_factory=threading.RLock)  # one action at a time per tab
     jobs: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def photo(self, pid: str) -> PhotoState:
-        state = self.photos.get(pid)
-        if state is None:
-            state = self.photos[pid] = PhotoState()
-            while len(self.photos) > MAX_SESSION_PHOTOS:
-                self.photos.popitem(last=False)
-        self.photos.move_to_end(pid)
-        return state
+        with self.lock:
+            state = self.photos.get(pid)
+            if state is None:
+                state = self.photos[pid] = PhotoState()
+                while len(self.photos) > MAX_SESSION_PHOTOS:
+                    self.photos.popitem(last=False)
+            self.photos.move_to_end(pid)
+            return state
 
 
 class Sessions:
@@ -764,7 +764,7 @@ class Server:
         """The kept objects as a COCO dataset of one image: segmentation as COCO
         RLE (compressed when pycocotools is installed, else uncompressed counts;
         pycocotools reads both), bbox XYWH, area, one category per label."""
-        from ...utils.amg import mask_to_rle
+        from ...utils.amg import mask_to_rle_pytorch
 
         session, photo, state = self._open(sid, pid)
         with session.lock:
@@ -779,7 +779,7 @@ class Server:
         ids = {name: i + 1 for i, name in enumerate(labels)}
         annotations = []
         for n, k in enumerate(kept, 1):
-            rle = mask_to_rle(k.mask[None])[0]  # [1, H, W] -> uncompressed RLE, column-major counts
+            rle = mask_to_rle_pytorch(k.mask[None])[0]  # [1, H, W] -> uncompressed RLE, column-major counts
             annotations.append({
                 "id": n, "image_id": 1, "category_id": ids[k.label],
                 "segmentation": coco_encode_rle(rle) if coco_encode_rle is not None else rle,
