@@ -510,3 +510,18 @@ def test_command_line_errors(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "starlette", None)
     assert main(["serve", str(IMAGES)]) == 2
     assert 'pip install "npsam[serve]"' in capsys.readouterr().err
+
+
+def test_loopback_server_refuses_other_host_names(served):
+    """Listening on 127.0.0.1, the app answers only requests naming a loopback
+    host: a web page elsewhere cannot read it through DNS rebinding."""
+    from npsam.tools.serve import allowed_hosts
+
+    server, _client, _folder, _outside = served
+    local = TestClient(create_app(server, allowed_hosts("127.0.0.1")), base_url="http://127.0.0.1:8000")
+    assert local.get("/api/photos").status_code == 200
+    assert local.get("/api/photos", headers={"Host": "localhost:8000"}).status_code == 200
+    assert local.get("/api/photos", headers={"Host": "attacker.example:8000"}).status_code == 400
+    assert allowed_hosts("0.0.0.0") is None
+    page = local.get("/")
+    assert "default-src 'self'" in page.headers["content-security-policy"]

@@ -75,6 +75,10 @@ class Page:
         self.page = context.new_page()
         self.errors = []
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        # console errors too (a refused Content-Security-Policy, a failed load), but not the
+        # 4xx answers the page asks for on purpose (e.g. a refused upload)
+        self.page.on("console", lambda m: m.type == "error" and "status of 4" not in m.text
+                     and self.errors.append(m.text))
         self.page.goto(url)
         self.page.wait_for_selector("body[data-ready='1']")
 
@@ -82,7 +86,7 @@ class Page:
         options = self.page.eval_on_selector_all("#photo-select option", "os => os.map(o => [o.value, o.textContent])")
         pid = next(v for v, text in options if text.startswith(name + " "))
         self.page.select_option("#photo-select", pid)
-        self.page.wait_for_function("window.npsam.ready", timeout=TIMEOUT_MS)
+        self.page.wait_for_function("() => window.npsam.ready", timeout=TIMEOUT_MS)
 
     def screen(self, x: float, y: float):
         box = self.page.locator("#marks").bounding_box()
@@ -94,7 +98,7 @@ class Page:
 
     def _after(self, act, count_before: int) -> dict:
         act()
-        self.page.wait_for_function(f"window.npsam.timings.length > {count_before}")
+        self.page.wait_for_function(f"() => window.npsam.timings.length > {count_before}")
         return self.view()
 
     def click(self, x: float, y: float, button: str = "left", shift: bool = False) -> dict:
@@ -122,7 +126,7 @@ class Page:
 
     def button(self, selector: str, until: str) -> dict:
         self.page.click(selector)
-        self.page.wait_for_function(until, timeout=TIMEOUT_MS)
+        self.page.wait_for_function(f"() => {until}", timeout=TIMEOUT_MS)
         return self.view()
 
     def download(self, selector: str, folder: Path) -> Path:
@@ -158,7 +162,7 @@ def test_click_to_segment_in_the_browser(browser, served, tmp_path):
     # another candidate
     other = (view["chosen"] + 1) % 3
     tab.page.click(f"#candidates .candidate:nth-child({other + 1})")
-    tab.page.wait_for_function(f"window.npsam.view.chosen === {other}")
+    tab.page.wait_for_function(f"() => window.npsam.view.chosen === {other}")
     assert iou(read_png_mask(tab.download("#export-mask", tmp_path)), segment[other]) >= MASK_IOU
 
     # a background click (right button) refines it, with the shown mask fed back

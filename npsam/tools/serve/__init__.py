@@ -80,6 +80,14 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def allowed_hosts(host: str) -> Optional[List[str]]:
+    """The Host headers to accept: the loopback names when listening on a
+    loopback address (no DNS rebinding from a web page), else any."""
+    from .app import LOOPBACK_HOSTS
+
+    return LOOPBACK_HOSTS if host in LOOPBACK_HOSTS else None
+
+
 def start_in_thread(server, host: str = "127.0.0.1", port: int = 0) -> Tuple[str, "object", threading.Thread]:
     """Run the app on a background thread: (url, uvicorn server, thread). Stop
     it with ``uv.should_exit = True; thread.join()`` (tests, scripts/load_serve.py)."""
@@ -88,7 +96,7 @@ def start_in_thread(server, host: str = "127.0.0.1", port: int = 0) -> Tuple[str
     from .app import create_app
 
     sock = bind(host, port)
-    config = uvicorn.Config(create_app(server), log_level="warning", timeout_graceful_shutdown=2)
+    config = uvicorn.Config(create_app(server, allowed_hosts(host)), log_level="warning", timeout_graceful_shutdown=2)
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True, name="npsam-serve")
     thread.start()
@@ -125,7 +133,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"npsam serve: listening on {args.host}: anyone who can reach this machine can use the app "
               "and read the photos it serves (there is no login)", file=sys.stderr, flush=True)
-    config = uvicorn.Config(create_app(server), log_level="warning", timeout_graceful_shutdown=2)
+    config = uvicorn.Config(create_app(server, allowed_hosts(args.host)), log_level="warning",
+                            timeout_graceful_shutdown=2)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:

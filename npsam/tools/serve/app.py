@@ -37,21 +37,29 @@ import json
 from functools import partial
 from urllib.parse import unquote
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 from .state import ApiError, Server
 
 STATIC = Path(__file__).resolve().parent / "static"
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
+# The page loads nothing but this server's files, and images from it, data: and blob: URLs.
+CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+                           "connect-src 'self'; object-src 'none'; frame-ancestors 'none'; base-uri 'none'")
 WORKER_THREADS = 8  # request threads at once (decoder calls are serialized by a lock anyway)
 MAX_JSON_BYTES = 64 * 1024
 
 
-def create_app(server: Server):
-    """The Starlette application serving ``server``."""
+def create_app(server: Server, allowed_hosts: Optional[Sequence[str]] = None):
+    """The Starlette application serving ``server``. ``allowed_hosts``: the Host
+    headers accepted (npsam serve gives the loopback names when it listens on
+    127.0.0.1, so that a web page cannot reach it through DNS rebinding)."""
     try:
         import anyio
         from starlette.applications import Starlette
         from starlette.exceptions import HTTPException
+        from starlette.middleware import Middleware
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
         from starlette.requests import Request
         from starlette.responses import FileResponse, JSONResponse, Response
         from starlette.routing import Mount, Route
@@ -83,7 +91,8 @@ def create_app(server: Server):
         return request.path_params["sid"], request.path_params["pid"]
 
     async def index(request: Request):
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache",
+                                                            "Content-Security-Policy": CONTENT_SECURITY_POLICY})
 
     async def config(request: Request):
         return JSONResponse(server.config())
@@ -186,7 +195,9 @@ def create_app(server: Server):
         Route("/api/sessions/{sid}/jobs/{jid}", job),
         Mount("/static", app=StaticFiles(directory=str(STATIC)), name="static"),
     ]
-    app = Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error})
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))] if allowed_hosts else []
+    app = Starlette(routes=routes, middleware=middleware,
+                    exception_handlers={ApiError: api_error, HTTPException: http_error})
     app.state.server = server
     return app
 
