@@ -315,13 +315,18 @@ def test_everything(served):
     wait_ready(client, pid)
     sid = new_session(client)
     base = f"/api/sessions/{sid}/photos/{pid}"
+    alone = client.post(base + "/prompt", json={"point": [400, 260, 1], "new": True}).json()["candidates"]
     job = client.post(base + "/everything", json={"points_per_side": 4})
     assert job.status_code == 202
     jid = job.json()["id"]
     deadline = time.monotonic() + 120
+    clicks = 0
     while (state := client.get(f"/api/sessions/{sid}/jobs/{jid}").json())["state"] not in ("done", "error"):
         assert time.monotonic() < deadline
-        time.sleep(0.1)
+        # clicks meanwhile (everything runs on its own decoder copy): the same answers
+        view = client.post(base + "/prompt", json={"point": [400, 260, 1], "new": True}).json()
+        assert view["candidates"] == alone
+        clicks += 1
     assert state["state"] == "done" and state["done"] == state["total"] == 1 and state["count"] >= 1, state
     view = client.get(base).json()
     assert view["everything"]["count"] == state["count"]
