@@ -443,6 +443,10 @@ async function main() {
   await listPhotos();
   render();
   document.body.dataset.ready = "1";
+  if (app.photos.length === 1) { // npsam serve PHOTO: open it at once
+    $("photo-select").value = app.photos[0].id;
+    await openPhoto(app.photos[0].id);
+  }
 }
 
 guarded(main);
