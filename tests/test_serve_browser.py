@@ -268,3 +268,20 @@ def test_bad_upload_shows_a_message(browser, served, tmp_path):
     tab.page.wait_for_selector("#error:not([hidden])")
     assert "not an image" in tab.page.inner_text("#error")
     context.close()
+
+
+def test_one_photo_opens_at_once(browser):
+    server = build_server([str(IMAGES / "dog.jpg")])
+    url, uv, thread = start_in_thread(server, "127.0.0.1", 0)
+    try:
+        context = browser.new_context()
+        tab = Page(context, url)
+        tab.page.wait_for_function("() => window.npsam.ready", timeout=TIMEOUT_MS)
+        assert tab.page.evaluate("window.npsam.photo.name") == "dog.jpg"
+        view = tab.click(400, 260)
+        assert len(view["candidates"]) == 3 and not tab.errors, tab.errors
+        context.close()
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=30)
+        server.close()
