@@ -310,7 +310,7 @@ def test_uploads(served, tmp_path):
 
 
 def test_everything(served):
-    _server, client, _folder, _outside = served
+    server, client, _folder, _outside = served
     pid = photo_id(client, "sub/dog.jpg")
     wait_ready(client, pid)
     sid = new_session(client)
@@ -333,6 +333,21 @@ def test_everything(served):
     png = client.get(view["everything"]["png"])
     index = np.array(Image.open(io.BytesIO(png.content)))
     assert index.shape == (534, 800) and 1 <= len(np.unique(index)) - 1 <= state["count"]
+    # keep them all, then export: the generator's masks as COCO annotations
+    from pycocotools import mask as mask_utils
+
+    assert "run 'everything'" in error_of(client.post(f"/api/sessions/{new_session(client)}/photos/{pid}/everything/keep",
+                                                      json={}), 409)
+    kept = client.post(base + "/everything/keep", json={}).json()["kept"]
+    assert len(kept) == state["count"] and {k["label"] for k in kept} == {"everything"}
+    records = server.sessions.get(sid).photos[pid].everything["records"]
+    coco = client.get(base + "/objects.json").json()
+    assert [a["area"] for a in coco["annotations"]] == [r["area"] for r in records]
+    assert [a["bbox"] for a in coco["annotations"]] == [r["bbox"] for r in records]
+    from npsam.utils.amg import rle_to_mask
+
+    for a, r in zip(coco["annotations"], records):
+        assert np.array_equal(mask_utils.decode(a["segmentation"]).astype(bool), rle_to_mask(r["segmentation"]))
     # another tab has no everything result and cannot read this job
     other = new_session(client)
     error_of(client.get(f"/api/sessions/{other}/jobs/{jid}"), 404)

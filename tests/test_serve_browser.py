@@ -212,6 +212,11 @@ def test_click_to_segment_in_the_browser(browser, served, tmp_path):
     assert tab.page.is_visible("#everything-layer")
     tab.page.uncheck("#show-everything")
     assert not tab.page.is_visible("#everything-layer")
+    kept_all = tab.button("#keep-everything", f"window.npsam.view.kept.length === {2 + every['everything']['count']}")
+    assert [k["label"] for k in kept_all["kept"][2:]] == ["everything"] * every["everything"]["count"]
+    for k in kept_all["kept"][2:]:  # forget them again, for the screenshot
+        tab.page.click("#kept li:nth-child(3) button")
+        tab.page.wait_for_function(f"() => !window.npsam.view.kept.some(o => o.id === {k['id']})")
 
     # what SAM looks at, for a click on the window
     tab.click(500, 375)

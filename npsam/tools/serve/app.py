@@ -27,6 +27,7 @@ Routes (``{sid}`` a session = one browser tab, ``{pid}`` a photo id):
     POST .../everything                      {"points_per_side": n}: start the automatic mask generator
     GET  /api/sessions/{sid}/jobs/{jid}      its progress
     GET  .../everything.png                  its masks, one colour each
+    POST .../everything/keep                 {"label": "..."}: keep all its masks as objects
     GET  .../mask.png                        export: the current mask, 1-bit PNG at the photo's size
     GET  .../objects.json                    export: the kept objects, COCO JSON with RLE
 """
@@ -188,6 +189,7 @@ def create_app(server: Server, allowed_hosts: Optional[Sequence[str]] = None):
         Route(base + "/explain", action(server.explain, False), methods=["POST"]),
         Route(base + "/everything", everything, methods=["POST"]),
         Route(base + "/everything.png", everything_png),
+        Route(base + "/everything/keep", action(server.keep_everything), methods=["POST"]),
         Route(base + "/objects/{oid:int}.png", object_png),
         Route(base + "/objects/{oid:int}", forget, methods=["DELETE"]),
         Route(base + "/mask.png", mask_export),

@@ -54,6 +54,7 @@ MAX_STEPS = 16  # undo levels per photo and tab
 MAX_SESSIONS = 32  # tabs remembered; the least recently used is forgotten beyond this
 MAX_SESSION_PHOTOS = 4  # photos with prompts per tab
 MAX_LABEL = 100  # characters of an object's label
+MAX_KEPT = 255  # kept objects per photo and tab
 MAX_POINTS = 64  # points per prompt
 EVERYTHING_MAX_SIDE = 64  # largest points_per_side of "everything"
 # NOTE(reference): the notebooks' show_mask colour [30, 144, 255] at alpha 0.6.
@@ -387,18 +388,32 @@ class Step:
 
 @dataclass
 class Kept:
+    """A kept object: its mask as an uncompressed RLE (a few kB, where the
+    [H, W] mask would take H*W bytes), with area and XYWH bbox."""
+
     id: int
     label: str
-    mask: np.ndarray  # [H, W] bool
+    rle: Dict[str, Any]  # {"size": [H, W], "counts": [...]}, column-major, as mask_to_rle_pytorch
+    area: int
+    bbox: List[int]
     score: float
     points: List[List[float]]
     box: Optional[List[float]]
     png: bytes
     color: Tuple[int, int, int]
 
+    @classmethod
+    def of_mask(cls, oid: int, label: str, mask: np.ndarray, score: float, points, box) -> "Kept":
+        from ...utils.amg import mask_to_rle_pytorch
+
+        color = tuple(int(c) for c in _object_color(oid))
+        rle = mask_to_rle_pytorch(mask[None])[0]  # [1, H, W] -> uncompressed RLE
+        return cls(oid, label, rle, int(np.count_nonzero(mask)), mask_bbox(mask), float(score), points, box,
+                   mask_png(mask, color + (150,)), color)
+
     def record(self) -> Dict[str, Any]:
-        return {"id": self.id, "label": self.label, "area": int(np.count_nonzero(self.mask)),
-                "bbox": mask_bbox(self.mask), "score": self.score, "color": "#%02x%02x%02x" % self.color}
+        return {"id": self.id, "label": self.label, "area": self.area, "bbox": self.bbox, "score": self.score,
+                "color": "#%02x%02x%02x" % self.color}
 
 
 def mask_bbox(mask: np.ndarray) -> List[int]:
@@ -720,13 +735,41 @@ class Server:
             step = state.current()
             if step is None or not step.has_mask:
                 raise ApiError(409, "keep: no mask to keep; click on the photo first")
+            self._check_room(state, 1)
             mask = mask_from_png(step.pngs[step.chosen], photo.size)
-            color = tuple(int(c) for c in _object_color(state.next_id))
-            state.kept.append(Kept(state.next_id, label.strip(), mask, step.scores[step.chosen], step.points,
-                                   step.box, mask_png(mask, color + (150,)), color))
+            state.kept.append(Kept.of_mask(state.next_id, label.strip(), mask, step.scores[step.chosen],
+                                           step.points, step.box))
             state.next_id += 1
             state.push(Step())
             return self.view(sid, pid, state)
+
+    def keep_everything(self, sid: str, pid: str, body: Any) -> Dict[str, Any]:
+        """Keep every mask of the last "everything" run as objects (label
+        "everything" unless given), e.g. to export them as COCO JSON."""
+        from ...utils.amg import rle_to_mask
+
+        body = _check_keys(body, ("label",), "keep everything")
+        label = body.get("label", "everything")
+        if not isinstance(label, str) or not label.strip() or len(label) > MAX_LABEL:
+            raise ApiError(400, f"keep everything: expected a label of 1 to {MAX_LABEL} characters, got {label!r:.60}")
+        session, _photo, state = self._open(sid, pid)
+        with session.lock:
+            if state.everything is None:
+                raise ApiError(409, "keep everything: run 'everything' on this photo first")
+            records = state.everything["records"]
+            self._check_room(state, len(records))
+            for r in records:  # the generator's point is a foreground click
+                point = [float(v) for v in r["point_coords"][0]] + [1]
+                state.kept.append(Kept.of_mask(state.next_id, label.strip(), rle_to_mask(r["segmentation"]),
+                                               r["predicted_iou"], [point], None))
+                state.next_id += 1
+            return self.view(sid, pid, state)
+
+    @staticmethod
+    def _check_room(state: PhotoState, more: int) -> None:
+        if len(state.kept) + more > MAX_KEPT:
+            raise ApiError(422, f"keep: at most {MAX_KEPT} objects per photo; {len(state.kept)} kept, "
+                                f"{more} more asked (export and forget some first)")
 
     def forget(self, sid: str, pid: str, oid: int) -> Dict[str, Any]:
         session, _photo, state = self._open(sid, pid)
@@ -764,8 +807,6 @@ class Server:
         """The kept objects as a COCO dataset of one image: segmentation as COCO
         RLE (compressed when pycocotools is installed, else uncompressed counts;
         pycocotools reads both), bbox XYWH, area, one category per label."""
-        from ...utils.amg import mask_to_rle_pytorch
-
         session, photo, state = self._open(sid, pid)
         with session.lock:
             kept = list(state.kept)
@@ -779,11 +820,10 @@ class Server:
         ids = {name: i + 1 for i, name in enumerate(labels)}
         annotations = []
         for n, k in enumerate(kept, 1):
-            rle = mask_to_rle_pytorch(k.mask[None])[0]  # [1, H, W] -> uncompressed RLE, column-major counts
             annotations.append({
                 "id": n, "image_id": 1, "category_id": ids[k.label],
-                "segmentation": coco_encode_rle(rle) if coco_encode_rle is not None else rle,
-                "area": int(np.count_nonzero(k.mask)), "bbox": mask_bbox(k.mask), "iscrowd": 0,
+                "segmentation": coco_encode_rle(k.rle) if coco_encode_rle is not None else k.rle,
+                "area": k.area, "bbox": k.bbox, "iscrowd": 0,
                 "predicted_iou": k.score, "point_coords": [p[:2] for p in k.points],
                 "point_labels": [p[2] for p in k.points], "box": k.box,
             })

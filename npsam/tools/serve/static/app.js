@@ -293,11 +293,11 @@ async function render() {
   if (view && view.everything) {
     if (every.getAttribute("src") !== view.everything.png) every.src = view.everything.png;
     every.hidden = !$("show-everything").checked;
-    $("show-everything-label").hidden = false;
+    $("everything-row").hidden = false;
     $("everything-count").textContent = `${view.everything.count} masks`;
   } else {
     every.hidden = true;
-    $("show-everything-label").hidden = true;
+    $("everything-row").hidden = true;
   }
   $("undo").disabled = !(ready && view.can_undo);
   $("redo").disabled = !(ready && view.can_redo);
@@ -426,6 +426,7 @@ async function main() {
   $("keep").onclick = () => guarded(() => action("keep", { label: $("label").value }));
   $("everything").onclick = () => guarded(everything);
   $("show-everything").onchange = () => render();
+  $("keep-everything").onclick = () => guarded(() => action("everything/keep", { label: "everything" }));
   $("export-mask").onclick = () => guarded(() => download("/mask.png", `${stem()}_mask.png`));
   $("export-coco").onclick = () => guarded(() => download("/objects.json", `${stem()}_objects.json`));
   $("explain-toggle").onchange = (e) => {
