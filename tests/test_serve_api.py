@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 from starlette.testclient import TestClient
 
@@ -545,3 +547,29 @@ def test_loopback_server_refuses_other_host_names(served):
     assert allowed_hosts("0.0.0.0") is None
     page = local.get("/")
     assert "default-src 'self'" in page.headers["content-security-policy"]
+
+
+@given(x=st.floats(-1e4, 1e4, allow_nan=False), y=st.floats(-1e4, 1e4, allow_nan=False),
+       w=st.integers(1, 5000), h=st.integers(1, 5000), label=st.sampled_from([0, 1]))
+def test_point_check_accepts_exactly_the_photo(x, y, w, h, label):
+    from npsam.tools.serve.state import ApiError, check_point
+
+    inside = 0 <= x <= w and 0 <= y <= h
+    try:
+        assert check_point([x, y, label], (h, w)) == [x, y, label] and inside
+    except ApiError as error:
+        assert not inside and error.status == 422 and "outside the photo" in error.message
+
+
+@given(box=st.lists(st.floats(-100, 2000, allow_nan=False), min_size=4, max_size=4),
+       w=st.integers(1, 1800), h=st.integers(1, 1800))
+def test_box_check_accepts_exactly_ordered_boxes_in_the_photo(box, w, h):
+    from npsam.tools.serve.state import ApiError, check_box
+
+    x0, y0, x1, y1 = box
+    ordered = x0 <= x1 and y0 <= y1
+    inside = 0 <= x0 and x1 <= w and 0 <= y0 and y1 <= h
+    try:
+        assert check_box(box, (h, w)) == box and ordered and inside
+    except ApiError as error:
+        assert (error.status, not ordered or not inside) == ((400, True) if not ordered else (422, True))
