@@ -423,7 +423,7 @@ def test_explain_attention_is_the_decoders(served):
 
     # the attention weights are the ones the module used
     predictor = server.embeddings.ready(pid).predictor
-    decoder = server.sam.mask_decoder
+    decoder = predictor.model.mask_decoder
     with trace(decoder, inputs=True) as recorded:
         predictor.predict(np.array([[500.0, 375.0]]), np.array([1]))
     for (name, attn), (_, module) in zip(decoder_attention(decoder, recorded),
@@ -442,7 +442,7 @@ def test_embedding_cache_drops_the_least_recently_used(served):
     server, _client, _folder, _outside = served
     library = PhotoLibrary([str(IMAGES / "dog.jpg"), str(IMAGES / "groceries.jpg")])
     try:
-        cache = Embeddings(server.sam, capacity=1)
+        cache = Embeddings(server.sam, capacity=1, make_decoder=lambda: server.everything_sam)
         dog, groceries = (library.get(p["id"]) for p in library.list())
         for photo in (dog, groceries):
             cache.request(photo)

@@ -51,8 +51,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_server(photos: Sequence[str], checkpoint: Optional[Sequence[str]] = None, model_type: Optional[str] = None,
                  cache_size: int = 8, max_upload_bytes: int = 20 * 1024 * 1024, points_per_side: int = 32):
-    """A ``state.Server``: the model (loaded once), a second prompt encoder and
-    mask decoder on the same weights for "everything", the photo library."""
+    """A ``state.Server``: the model (loaded once), the maker of decoder-only
+    copies sharing its weights (one per cached photo, one for "everything"),
+    the photo library."""
     from ...build_sam import sam_model_registry
     from ..cli import CliError, load_model
     from .state import PhotoLibrary, Server
@@ -61,9 +62,12 @@ def build_server(photos: Sequence[str], checkpoint: Optional[Sequence[str]] = No
     if not sam.has_image_encoder:
         raise CliError("npsam serve needs an image encoder: --checkpoint must include the encoder's weights")
     decoder_only = {k: v for k, v in sam.state_dict().items() if not k.startswith("image_encoder.")}
-    everything_sam = sam_model_registry[model["model_type"]](checkpoint=decoder_only)
+
+    def make_decoder():  # the same weight arrays; its own derived values and per-image work
+        return sam_model_registry[model["model_type"]](checkpoint=decoder_only)
+
     library = PhotoLibrary(photos, max_upload_bytes)
-    return Server(sam, everything_sam, library, cache_size, points_per_side, model)
+    return Server(sam, make_decoder, library, cache_size, points_per_side, model)
 
 
 def bind(host: str, port: int) -> socket.socket:

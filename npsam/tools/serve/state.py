@@ -14,11 +14,13 @@
   everything, exports) over those three, with the locks that make them safe.
 
 Threads: the model is not thread-safe (the mask decoder keeps per-image work
-between calls), so every interactive decoder call holds ``decoder_lock``;
-embeddings are computed one at a time by their own worker thread (the image
-encoder is a separate module), and "everything" runs one job at a time on its
-own copy of the prompt encoder and mask decoder, so that neither blocks the
-clicks.
+between calls). Each cached photo therefore gets its own prompt encoder and
+mask decoder (the weights' arrays are shared; only values derived from them
+are not: a few MB), and its decoder calls take turns on the photo's lock.
+Clicks on two photos do not wait for each other nor undo each other's
+per-image work. Embeddings are computed one at a time by their own worker
+thread (the image encoder is a separate module), and "everything" runs one
+job at a time on a decoder of its own, so that neither blocks the clicks.
 
 Dimension letters: H, W photo height and width; C candidate masks (3);
 N points.
@@ -279,7 +281,8 @@ class Embedding:
     total: int = 0
     seconds: float = 0.0
     error: str = ""
-    predictor: Any = None  # a SamPredictor holding the embedding (set_embedding), once ready
+    predictor: Any = None  # a SamPredictor on the photo's own decoder, holding the embedding, once ready
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the photo's decoder calls take turns
 
     def status(self) -> Dict[str, Any]:
         out = {"state": self.state, "done": self.done, "total": self.total, "seconds": round(self.seconds, 3)}
@@ -290,14 +293,16 @@ class Embedding:
 
 class Embeddings:
     """Image embeddings, computed in one background thread, at most ``capacity``
-    kept (the least recently used dropped first)."""
+    kept (the least recently used dropped first). ``make_decoder()`` builds the
+    prompt encoder and mask decoder each photo gets (a decoder-only Sam)."""
 
-    def __init__(self, sam, capacity: int) -> None:
+    def __init__(self, sam, capacity: int, make_decoder: Callable[[], Any]) -> None:
         from ...predictor import SamPredictor
 
         if capacity < 1:
             raise ValueError(f"capacity: expected at least 1 photo, got {capacity}")
         self.sam = sam
+        self.make_decoder = make_decoder
         self.capacity = capacity
         self._encoder = SamPredictor(sam)
         self._entries: "OrderedDict[str, Embedding]" = OrderedDict()
@@ -348,7 +353,7 @@ class Embeddings:
             self._encoder.set_image(image, progress=progress)
             features = self._encoder.get_image_embedding()  # [1, 256, 64, 64]
             self._encoder.reset_image()
-            predictor = SamPredictor(self.sam)
+            predictor = SamPredictor(self.make_decoder())
             predictor.set_embedding(features, image.shape[:2])
             # Read-only: the decoder then knows the array cannot have changed
             # between two clicks and keeps its per-image work.
@@ -539,21 +544,21 @@ def _check_keys(body: Any, allowed: Sequence[str], what: str) -> Dict[str, Any]:
 # The actions
 # ---------------------------------------------------------------------------
 class Server:
-    """The API's actions. ``sam`` needs an image encoder; ``everything_sam`` (a
-    second prompt encoder + mask decoder on the same weights) serves "everything"."""
+    """The API's actions. ``sam`` needs an image encoder; ``make_decoder()``
+    builds a prompt encoder + mask decoder on the same weights (a decoder-only
+    Sam): one per cached photo, one for "everything"."""
 
-    def __init__(self, sam, everything_sam, library: PhotoLibrary, cache_size: int = 8,
+    def __init__(self, sam, make_decoder: Callable[[], Any], library: PhotoLibrary, cache_size: int = 8,
                  points_per_side: int = 32, model: Optional[Dict[str, Any]] = None) -> None:
         if not sam.has_image_encoder:
             raise ValueError("npsam serve needs an image encoder: --checkpoint must include the encoder's weights")
         self.sam = sam
-        self.everything_sam = everything_sam
+        self.everything_sam = make_decoder()
         self.library = library
-        self.embeddings = Embeddings(sam, cache_size)
+        self.embeddings = Embeddings(sam, cache_size, make_decoder)
         self.sessions = Sessions()
         self.points_per_side = points_per_side
         self.model = model or {}
-        self.decoder_lock = threading.Lock()
         self._jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="npsam-everything")
 
     def close(self) -> None:
@@ -637,7 +642,7 @@ class Server:
 
     def _decode(self, entry: Embedding, points, box, mask_input) -> Step:
         coords, labels, box_array = self._arrays(points, box)
-        with self.decoder_lock:
+        with entry.lock:
             masks, scores, low_res = entry.predictor.predict(coords, labels, box_array, mask_input,
                                                              multimask_output=True)  # [C, H, W], [C], [C, 256, 256]
         pngs = [mask_png(m) for m in masks]
@@ -661,8 +666,8 @@ class Server:
                 raise ApiError(409, "explain: no prompt yet; click on the photo first")
         coords, labels, box_array = self._arrays(step.points, step.box)
         mask_input = step.mask_input
-        decoder = self.sam.mask_decoder
-        with self.decoder_lock:
+        decoder = entry.predictor.model.mask_decoder  # the photo's own
+        with entry.lock:
             with trace(decoder, inputs=True, select=lambda name: "attn_token_to_image" in name) as recorded:
                 entry.predictor.predict(coords, labels, box_array, mask_input, multimask_output=True)
             layers = decoder_attention(decoder, recorded)  # [(name, [1, T, HW])]
