@@ -284,7 +284,16 @@ def test_one_photo_opens_at_once(browser):
         tab.page.wait_for_function("() => window.npsam.ready", timeout=TIMEOUT_MS)
         assert tab.page.evaluate("window.npsam.photo.name") == "dog.jpg"
         view = tab.click(400, 260)
-        assert len(view["candidates"]) == 3 and not tab.errors, tab.errors
+        assert len(view["candidates"]) == 3
+        # two clicks in quick succession: answered in order, the second refining the first
+        n = tab.page.evaluate("window.npsam.timings.length")
+        for x, y in ((300, 200), (500, 300)):
+            tab.page.mouse.click(*tab.screen(x, y))
+        tab.page.wait_for_function(f"() => window.npsam.timings.length === {n + 2}")
+        view = tab.view()
+        assert [[round(p[0]), round(p[1])] for p in view["points"]] == [[400, 260], [300, 200], [500, 300]]
+        assert view["step"] == 3 and view["mask_input"]
+        assert not tab.errors, tab.errors
         context.close()
     finally:
         uv.should_exit = True

@@ -176,7 +176,20 @@ async function onPointerUp(event) {
   await guarded(() => prompt(body, start));
 }
 
-async function prompt(body, start) {
+// Actions on the tab's state go one after the other, in the order they were made
+// (a quick second click waits for the first answer, never overtakes it).
+let chain = Promise.resolve();
+function serial(fn) {
+  const run = chain.then(fn);
+  chain = run.catch(() => {});
+  return run;
+}
+
+function prompt(body, start) {
+  return serial(() => promptNow(body, start));
+}
+
+async function promptNow(body, start) {
   let view;
   try {
     view = await api("POST", tabPath("/prompt"), body);
@@ -196,10 +209,12 @@ async function prompt(body, start) {
   return view;
 }
 
-async function action(name, body) {
-  app.view = await api("POST", tabPath(`/${name}`), body);
-  await render();
-  if ($("explain-toggle").checked) explain();
+function action(name, body) {
+  return serial(async () => {
+    app.view = await api("POST", tabPath(`/${name}`), body);
+    await render();
+    if ($("explain-toggle").checked) explain();
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -282,10 +297,10 @@ async function render() {
     li.querySelector(".name").textContent = k.label;
     li.querySelector(".swatch").style.background = k.color;
     li.querySelector(".area").textContent = `${k.area.toLocaleString()} px`;
-    li.querySelector("button").onclick = () => guarded(async () => {
+    li.querySelector("button").onclick = () => guarded(() => serial(async () => {
       app.view = await api("DELETE", tabPath(`/objects/${k.id}`));
       render();
-    });
+    }));
     list.append(li);
   }
   // everything
