@@ -4,8 +4,8 @@ against SamPredictor called directly on the same model."""
 
 from __future__ import annotations
 
+import base64
 import io
-import json
 import os
 import re
 import shutil
@@ -24,7 +24,7 @@ from starlette.testclient import TestClient
 
 from npsam.io.image_io import load_image
 from npsam.predictor import SamPredictor
-from npsam.tools.attention import decoder_attention, token_attention
+from npsam.tools.attention import decoder_attention, token_attention, token_to_image_layers
 from npsam.tools.serve import build_server
 from npsam.tools.serve.app import create_app
 from npsam.tools.serve.state import Embeddings, PhotoLibrary, mask_from_png
@@ -196,7 +196,7 @@ def test_prompts_give_what_the_predictor_gives(served):
     assert view["box"] == [425, 600, 700, 875] and view["points"] == [] and not view["mask_input"]
     assert [c["score"] for c in view["candidates"]] == [float(s) for s in scores3]
     for c, m in zip(view["candidates"], masks3):  # the shown candidates are the predictor's masks
-        png = __import__("base64").b64decode(c["png"].split(",", 1)[1])
+        png = base64.b64decode(c["png"].split(",", 1)[1])
         assert np.array_equal(mask_from_png(png, (1200, 1800)), m)
 
 
@@ -215,7 +215,7 @@ def test_history_pick_keep_and_coco(served):
     other = (second["chosen"] + 1) % 3
     picked = client.post(base + "/pick", json={"index": other}).json()
     assert picked["chosen"] == other
-    shown = mask_from_png(__import__("base64").b64decode(picked["candidates"][other]["png"].split(",", 1)[1]),
+    shown = mask_from_png(base64.b64decode(picked["candidates"][other]["png"].split(",", 1)[1]),
                           (1200, 1800))
     assert np.array_equal(png_mask(client.get(base + "/mask.png").content), shown)
     undone = client.post(base + "/undo").json()
@@ -412,7 +412,7 @@ def test_explain_attention_is_the_decoders(served):
     explain = client.post(base + "/explain").json()["explain"]
     assert len(explain["tokens"]) == 5 and [l["name"] for l in explain["layers"]] == [
         "layers.0.cross_attn_token_to_image", "layers.1.cross_attn_token_to_image", "final_attn_token_to_image"]
-    maps = [[np.array(Image.open(io.BytesIO(__import__("base64").b64decode(m.split(",", 1)[1])))) for m in l["maps"]]
+    maps = [[np.array(Image.open(io.BytesIO(base64.b64decode(m.split(",", 1)[1])))) for m in l["maps"]]
             for l in explain["layers"]]
     # truck.jpg is 1800x1200 -> 1024x683 in the input frame -> 64 x 43 cells of 16 pixels
     assert all(m.shape == (43, 64, 4) for row in maps for m in row)
@@ -426,9 +426,7 @@ def test_explain_attention_is_the_decoders(served):
     decoder = predictor.model.mask_decoder
     with trace(decoder, inputs=True) as recorded:
         predictor.predict(np.array([[500.0, 375.0]]), np.array([1]))
-    for (name, attn), (_, module) in zip(decoder_attention(decoder, recorded),
-                                         [(n, m) for n, m in __import__("npsam.tools.attention", fromlist=["x"])
-                                          .token_to_image_layers(decoder)]):
+    for (name, attn), (_, module) in zip(decoder_attention(decoder, recorded), token_to_image_layers(decoder)):
         record = recorded[name]
         q, k, v = record.inputs
         per_head = token_attention(module, q, k, heads=True)  # [1, h, T, HW]

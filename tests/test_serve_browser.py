@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from npsam.io.image_io import load_image
 from npsam.tools.cli import main as npsam_main
 from npsam.tools.serve import build_server, start_in_thread
 from npsam.tools.serve.state import mask_from_png
