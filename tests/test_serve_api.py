@@ -571,3 +571,30 @@ def test_box_check_accepts_exactly_ordered_boxes_in_the_photo(box, w, h):
         assert check_box(box, (h, w)) == box and ordered and inside
     except ApiError as error:
         assert (error.status, not ordered or not inside) == ((400, True) if not ordered else (422, True))
+
+
+def test_logits_budget_drops_the_oldest_steps_logits(served):
+    """With a budget of two steps' logits, older steps keep their masks (undo,
+    export) but refining from them starts without a previous mask."""
+    server, client, _folder, _outside = served
+    pid = photo_id(client, "truck.jpg")
+    wait_ready(client, pid)
+    sid = new_session(client)
+    base = f"/api/sessions/{sid}/photos/{pid}"
+    saved = server.logits.limit
+    try:
+        first = client.post(base + "/prompt", json={"point": [500, 375, 1], "new": True}).json()
+        refining = (3 + 1) * 256 * 256 * 4  # a refining step's float32 logits: [3, 256, 256] + mask_input [1, 256, 256]
+        server.logits.limit = 2 * refining  # the two steps below fit; every older one loses its logits
+        client.post(base + "/prompt", json={"point": [560, 300, 0]})
+        client.post(base + "/prompt", json={"point": [620, 330, 0]})
+        assert server.logits.used <= server.logits.limit
+        back = client.post(base + "/undo").json()
+        back = client.post(base + "/undo").json()  # the first click: its logits dropped, its masks kept
+        assert back["candidates"] == first["candidates"]
+        assert "too old" in error_of(client.post(base + "/explain"), 409)
+        again = client.post(base + "/prompt", json={"point": [560, 300, 0]}).json()
+        assert not again["mask_input"] and again["points"] == [[500, 375, 1], [560, 300, 0]]
+        assert client.get(base + "/mask.png").status_code == 200
+    finally:
+        server.logits.limit = saved

@@ -55,6 +55,11 @@ MAX_UPLOADS = 64  # uploads kept; the oldest is forgotten beyond this
 MAX_STEPS = 16  # undo levels per photo and tab
 MAX_SESSIONS = 32  # tabs remembered; the least recently used is forgotten beyond this
 MAX_SESSION_PHOTOS = 4  # photos with prompts per tab
+# Logits kept for refining (each prompt's [3, 256, 256] candidates and the
+# [1, 256, 256] mask it was given: about 1 MB), over all tabs; beyond this the
+# oldest prompts keep only their masks (shown, picked, kept, exported as ever,
+# but a click refining one starts without a previous mask).
+LOGITS_BUDGET_BYTES = 256 * 1024 * 1024
 MAX_LABEL = 100  # characters of an object's label
 MAX_KEPT = 255  # kept objects per photo and tab
 MAX_POINTS = 64  # points per prompt
@@ -385,6 +390,8 @@ class Step:
     pngs: List[bytes] = field(default_factory=list)  # [C] mask PNGs, what the page shows
     chosen: int = 0
     mask_input: Optional[np.ndarray] = None  # [1, 256, 256]: the previous step's logits fed back, if any
+    used_mask_input: bool = False
+    logits_dropped: bool = False  # by LogitsBudget: masks only
 
     @property
     def has_mask(self) -> bool:
@@ -543,6 +550,31 @@ def _check_keys(body: Any, allowed: Sequence[str], what: str) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------
 # The actions
 # ---------------------------------------------------------------------------
+class LogitsBudget:
+    """Bounds the memory of the steps' logits over all tabs: the least recently
+    made steps lose theirs first."""
+
+    def __init__(self, limit: int = LOGITS_BUDGET_BYTES) -> None:
+        self.limit = limit
+        self.used = 0
+        self._steps: "OrderedDict[int, Step]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _size(step: Step) -> int:
+        return sum(a.nbytes for a in (step.low_res, step.mask_input) if a is not None)
+
+    def add(self, step: Step) -> None:
+        with self._lock:
+            self._steps[id(step)] = step
+            self.used += self._size(step)
+            while self.used > self.limit and len(self._steps) > 1:
+                _, old = self._steps.popitem(last=False)
+                self.used -= self._size(old)
+                old.low_res = old.mask_input = None
+                old.logits_dropped = True
+
+
 class Server:
     """The API's actions. ``sam`` needs an image encoder; ``make_decoder()``
     builds a prompt encoder + mask decoder on the same weights (a decoder-only
@@ -556,6 +588,7 @@ class Server:
         self.everything_sam = make_decoder()
         self.library = library
         self.embeddings = Embeddings(sam, cache_size, make_decoder)
+        self.logits = LogitsBudget()
         self.sessions = Sessions()
         self.points_per_side = points_per_side
         self.model = model or {}
@@ -603,7 +636,7 @@ class Server:
             "box": step.box,
             "candidates": [{"score": s, "png": data_url(p)} for s, p in zip(step.scores, step.pngs)],
             "chosen": step.chosen if step.has_mask else None,
-            "mask_input": step.mask_input is not None,
+            "mask_input": step.used_mask_input,
             "kept": [{**k.record(), "png": f"{base}/objects/{k.id}.png"} for k in state.kept],
             "everything": None if state.everything is None else
             {"count": state.everything["count"], "png": f"{base}/everything.png?n={state.everything['serial']}"},
@@ -631,8 +664,12 @@ class Server:
                 box = previous.box
             # NOTE(reference): as the official notebooks refine a mask: the low-res
             # logits of the mask shown go back in as mask_input with the new prompt.
-            mask_input = previous.low_res[previous.chosen][None] if previous is not None and previous.has_mask else None
-            state.push(self._decode(entry, points, box, mask_input))
+            mask_input = None
+            if previous is not None and previous.has_mask and previous.low_res is not None:
+                mask_input = previous.low_res[previous.chosen][None]  # [C, 256, 256] -> [1, 256, 256]
+            step = self._decode(entry, points, box, mask_input)
+            self.logits.add(step)
+            state.push(step)
             return self.view(sid, pid, state)
 
     def _arrays(self, points, box):
@@ -647,7 +684,7 @@ class Server:
                                                              multimask_output=True)  # [C, H, W], [C], [C, 256, 256]
         pngs = [mask_png(m) for m in masks]
         return Step(points=points, box=box, scores=[float(s) for s in scores], low_res=low_res, pngs=pngs,
-                    chosen=int(np.argmax(scores)), mask_input=mask_input)
+                    chosen=int(np.argmax(scores)), mask_input=mask_input, used_mask_input=mask_input is not None)
 
     def explain(self, sid: str, pid: str) -> Dict[str, Any]:
         """What SAM looks at: the current step's prompt again (same points, box
@@ -664,8 +701,11 @@ class Server:
             step = state.current()
             if step is None or not step.has_mask:
                 raise ApiError(409, "explain: no prompt yet; click on the photo first")
+            mask_input = step.mask_input  # read before the budget may drop it
+            if step.logits_dropped or (step.used_mask_input and mask_input is None):
+                raise ApiError(409, "explain: this prompt is too old to run again (its logits were dropped "
+                                    "to bound memory); click again")
         coords, labels, box_array = self._arrays(step.points, step.box)
-        mask_input = step.mask_input
         decoder = entry.predictor.model.mask_decoder  # the photo's own
         with entry.lock:
             with trace(decoder, inputs=True, select=lambda name: "attn_token_to_image" in name) as recorded:
