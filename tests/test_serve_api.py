@@ -307,8 +307,16 @@ def test_uploads(served, tmp_path):
     huge = io.BytesIO()
     Image.new("L", (8000, 6000)).save(huge, format="PNG")  # 48 million pixels, a small file
     assert "pixels" in error_of(client.post("/api/photos", content=huge.getvalue()), 413)
+    # a format browsers do not show (TIFF) is sent to the page as a PNG of the same pixels
+    pixels = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    tiff = io.BytesIO()
+    Image.fromarray(pixels).save(tiff, format="TIFF")
+    tiff_record = client.post("/api/photos", content=tiff.getvalue(), headers={"X-Filename": "scan.tif"}).json()
+    shown = client.get(f"/api/photos/{tiff_record['id']}/image")
+    assert shown.headers["content-type"] == "image/png"
+    assert np.array_equal(np.array(Image.open(io.BytesIO(shown.content))), pixels)
     # nothing half-written is left in the upload folder
-    assert sorted(p.name for p in server.library.upload_dir.iterdir()) == [record["id"]]
+    assert sorted(p.name for p in server.library.upload_dir.iterdir()) == sorted([record["id"], tiff_record["id"]])
 
 
 def test_everything(served):
