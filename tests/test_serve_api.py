@@ -606,3 +606,11 @@ def test_logits_budget_drops_the_oldest_steps_logits(served):
         assert client.get(base + "/mask.png").status_code == 200
     finally:
         server.logits.limit = saved
+
+
+def test_a_bug_is_answered_as_json_too(served, monkeypatch):
+    server, _client, _folder, _outside = served
+    client = TestClient(create_app(server), raise_server_exceptions=False)
+    monkeypatch.setattr(server, "config", lambda: 1 / 0)
+    error = error_of(client.get("/api/config"), 500)
+    assert error.startswith("internal error (ZeroDivisionError)")

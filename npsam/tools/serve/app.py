@@ -170,6 +170,11 @@ def create_app(server: Server, allowed_hosts: Optional[Sequence[str]] = None):
         return JSONResponse({"error": message}, status_code=error.status_code,
                             headers=getattr(error, "headers", None))
 
+    async def server_error(request: Request, error: Exception):
+        # a bug, not a bad request: said as JSON too, so that the page can show it
+        text = " ".join(str(error).split())[:300] or type(error).__name__
+        return JSONResponse({"error": f"internal error ({type(error).__name__}): {text}"}, status_code=500)
+
     base = "/api/sessions/{sid}/photos/{pid}"
     routes = [
         Route("/", index),
@@ -199,7 +204,7 @@ def create_app(server: Server, allowed_hosts: Optional[Sequence[str]] = None):
     ]
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))] if allowed_hosts else []
     app = Starlette(routes=routes, middleware=middleware,
-                    exception_handlers={ApiError: api_error, HTTPException: http_error})
+                    exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error})
     app.state.server = server
     return app
 
