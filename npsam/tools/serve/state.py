@@ -16,11 +16,13 @@
 Threads: the model is not thread-safe (the mask decoder keeps per-image work
 between calls). Each cached photo therefore gets its own prompt encoder and
 mask decoder (the weights' arrays are shared; only values derived from them
-are not: a few MB), and its decoder calls take turns on the photo's lock.
-Clicks on two photos do not wait for each other nor undo each other's
-per-image work. Embeddings are computed one at a time by their own worker
-thread (the image encoder is a separate module), and "everything" runs one
-job at a time on a decoder of its own, so that neither blocks the clicks.
+are not: a few MB), so that clicks on two photos do not undo each other's
+per-image work. Decoder calls still take turns on one lock, ``decoder_lock``,
+"everything" taking it batch by batch: the fast layer's BLAS thread setting
+is process-wide, and two decoders running at once can round differently
+(1-ulp differences seen with a mask_input), so that an answer would depend on
+what else ran. Embeddings are computed one at a time by their own worker
+thread, beside the clicks (the UI stays responsive while a photo is encoded).
 
 Dimension letters: H, W photo height and width; C candidate masks (3);
 N points.
@@ -287,7 +289,6 @@ class Embedding:
     seconds: float = 0.0
     error: str = ""
     predictor: Any = None  # a SamPredictor on the photo's own decoder, holding the embedding, once ready
-    lock: threading.Lock = field(default_factory=threading.Lock)  # the photo's decoder calls take turns
 
     def status(self) -> Dict[str, Any]:
         out = {"state": self.state, "done": self.done, "total": self.total, "seconds": round(self.seconds, 3)}
@@ -589,6 +590,7 @@ class Server:
         self.library = library
         self.embeddings = Embeddings(sam, cache_size, make_decoder)
         self.logits = LogitsBudget()
+        self.decoder_lock = threading.Lock()
         self.sessions = Sessions()
         self.points_per_side = points_per_side
         self.model = model or {}
@@ -679,7 +681,7 @@ class Server:
 
     def _decode(self, entry: Embedding, points, box, mask_input) -> Step:
         coords, labels, box_array = self._arrays(points, box)
-        with entry.lock:
+        with self.decoder_lock:
             masks, scores, low_res = entry.predictor.predict(coords, labels, box_array, mask_input,
                                                              multimask_output=True)  # [C, H, W], [C], [C, 256, 256]
         pngs = [mask_png(m) for m in masks]
@@ -707,7 +709,7 @@ class Server:
                                     "to bound memory); click again")
         coords, labels, box_array = self._arrays(step.points, step.box)
         decoder = entry.predictor.model.mask_decoder  # the photo's own
-        with entry.lock:
+        with self.decoder_lock:
             with trace(decoder, inputs=True, select=lambda name: "attn_token_to_image" in name) as recorded:
                 entry.predictor.predict(coords, labels, box_array, mask_input, multimask_output=True)
             layers = decoder_attention(decoder, recorded)  # [(name, [1, T, HW])]
@@ -924,6 +926,13 @@ class Server:
             # The photo's embedding is already computed: the generator's one crop
             # (crop_n_layers=0, the whole photo) takes it instead of set_image.
             generator.predictor.set_image = lambda crop: generator.predictor.set_embedding(features, crop.shape[:2])
+            batch = generator.predictor.predict_batch
+
+            def locked_batch(*args, **kwargs):  # a click waits for one batch at most
+                with self.decoder_lock:
+                    return batch(*args, **kwargs)
+
+            generator.predictor.predict_batch = locked_batch
             records = generator.generate(photo.load())
             # One palette PNG: each pixel names the smallest mask covering it
             # (masks drawn largest first, as overlay_masks and show_anns do).
