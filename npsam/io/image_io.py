@@ -139,3 +139,39 @@ def save_png(path, array) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def encode_indexed_png(indices, palette) -> bytes:
+    """The bytes of a palette PNG: ``indices`` [H, W] (bool, or uint8 below
+    len(palette)) naming for each pixel an RGBA colour of ``palette`` [K, 4]
+    uint8 (K <= 256). A bool mask with a transparent colour 0 makes a mask
+    overlay a browser draws as it is; bool indices are written 1 bit per pixel."""
+    indices = np.asarray(indices)
+    palette = np.asarray(palette)
+    if palette.dtype != np.uint8 or palette.ndim != 2 or palette.shape[1] != 4 or not 1 <= palette.shape[0] <= 256:
+        raise ValueError(f"palette: expected [K, 4] uint8 RGBA colours with 1 <= K <= 256, "
+                         f"got {palette.dtype} of shape {palette.shape}")
+    if indices.ndim != 2 or indices.shape[0] == 0 or indices.shape[1] == 0:
+        raise ValueError(f"indices: expected a non-empty [H, W] array, got shape {indices.shape}")
+    if indices.dtype == np.bool_:
+        if palette.shape[0] < 2:
+            raise ValueError("palette: a bool mask needs 2 colours (False, True), got 1")
+        bit_depth, rows = 1, np.packbits(indices, axis=1)  # [H, W] -> [H, ceil(W / 8)]
+    elif indices.dtype == np.uint8:
+        if int(indices.max()) >= palette.shape[0]:
+            raise ValueError(f"indices: expected values below {palette.shape[0]} (the palette's size), "
+                             f"got {int(indices.max())}")
+        bit_depth, rows = 8, indices
+    else:
+        raise ValueError(f"indices: expected bool or uint8, got {indices.dtype}")
+    height, width = indices.shape
+    raw = np.concatenate([np.zeros((height, 1), dtype=np.uint8), rows], axis=1)  # [H, 1 + row bytes], filter 0
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 3, 0, 0, 0)  # colour type 3: palette
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"PLTE", palette[:, :3].tobytes())
+        + _png_chunk(b"tRNS", palette[:, 3].tobytes())
+        + _png_chunk(b"IDAT", zlib.compress(np.ascontiguousarray(raw).tobytes(), 1))
+        + _png_chunk(b"IEND", b"")
+    )

@@ -710,6 +710,7 @@ SUBCOMMANDS = [
                module="npsam.io.convert"),
     Subcommand("explain", "explain a prediction step by step", module="npsam.tools.explain"),
     Subcommand("crosscheck", "compare npsam with other implementations", module="npsam.tools.crosscheck"),
+    Subcommand("serve", "click to segment in the browser, and see what SAM looks at", module="npsam.tools.serve"),
 ]
 
 MAIN_EXAMPLES = """Examples:

@@ -68,11 +68,16 @@ def overlay_masks(image: np.ndarray, masks: Sequence[np.ndarray], alpha: float =
     """
     out = _check_image(image).copy()
     order = sorted(range(len(masks)), key=lambda i: -int(np.count_nonzero(masks[i])))
-    for rank, i in enumerate(order):
-        hue = (rank * 0.618033988749895) % 1.0
-        color = tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(hue, 0.85, 1.0))
+    for i, color in zip(order, mask_colors(len(order))):
         out = tint(out, masks[i], color, alpha)
     return out
+
+
+def mask_colors(n: int) -> list:
+    """The colours overlay_masks gives its n masks, in drawing order (largest
+    mask first): hues spaced by the golden ratio, saturation 0.85."""
+    return [tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb((rank * 0.618033988749895) % 1.0, 0.85, 1.0))
+            for rank in range(n)]
 
 
 def _disc(image: np.ndarray, x: float, y: float, radius: float, color: Color) -> None:
