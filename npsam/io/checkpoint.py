@@ -561,32 +561,32 @@ def _load_legacy(path: str, file_size: int) -> object:
             return storages[key]
 
         def next_pickle(what: str) -> bytes:
-            return _one_pickle(f, file_size, f"checkpoint {_show(path)}: {what}")
+            return _one_pickle(f, file_size, f"checkpoint {path!r}: {what}")
 
         if RestrictedUnpickler.loads(next_pickle("magic number")) != _LEGACY_MAGIC_NUMBER:
-            raise CheckpointError(f"checkpoint {_show(path)}: a pickle, but not a torch.save file (wrong magic number)")
+            raise CheckpointError(f"checkpoint {path!r}: a pickle, but not a torch.save file (wrong magic number)")
         protocol = RestrictedUnpickler.loads(next_pickle("protocol version"))
         if protocol != _LEGACY_PROTOCOL_VERSION:
-            raise CheckpointError(f"checkpoint {_show(path)}: legacy protocol {_show(protocol)}, expected 1001")
+            raise CheckpointError(f"checkpoint {path!r}: legacy protocol {_show(protocol)}, expected 1001")
         sys_info = RestrictedUnpickler.loads(next_pickle("system information"))
         little = not isinstance(sys_info, dict) or sys_info.get("little_endian", True) is not False
         object_pickle = next_pickle("the state_dict")
         RestrictedUnpickler.loads(object_pickle, declare_storage)
         keys = RestrictedUnpickler.loads(next_pickle("storage keys"))
         if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages):
-            raise CheckpointError(f"checkpoint {_show(path)}: storage key list does not match the tensors")
+            raise CheckpointError(f"checkpoint {path!r}: storage key list does not match the tensors")
         for key in map(str, keys):
             flat = storages[key]  # [numel]
             count = f.read(8)
             if len(count) != 8:
-                raise CheckpointError(f"checkpoint {_show(path)}: truncated before storage {_show(key)}")
+                raise CheckpointError(f"checkpoint {path!r}: truncated before storage {_show(key)}")
             (numel,) = struct.unpack("<q" if little else ">q", count)
             if numel != flat.size:
                 raise CheckpointError(
-                    f"checkpoint {_show(path)}: storage {_show(key)} declares {flat.size} elements, its record {numel}"
+                    f"checkpoint {path!r}: storage {_show(key)} declares {flat.size} elements, its record {numel}"
                 )
             if little:
-                _read_exact_into(f, flat, f"checkpoint {_show(path)} storage {_show(key)}")
+                _read_exact_into(f, flat, f"checkpoint {path!r} storage {_show(key)}")
             else:
                 flat[...] = _read_exact_into(
                     f, np.empty(numel, flat.dtype.newbyteorder(">")), f"storage {_show(key)}"
@@ -711,7 +711,7 @@ def _reading(label: str, path: str, load):
     seek, OverflowError, MemoryError, RecursionError, UnicodeDecodeError, ...);
     a caller gets the one error type, with the original as its cause.
     """
-    shown = _show(path)
+    shown = repr(path)  # the caller's path, whole (repr escapes what a terminal should not see)
     try:
         return load()
     except CheckpointError as e:
@@ -722,9 +722,26 @@ def _reading(label: str, path: str, load):
             message = message[len(prefix):] if message.startswith(prefix) else message
         raise type(e)(f"{label} {shown}: {message}") from None
     except Exception as e:
-        raise CheckpointError(
-            f"{label} {shown}: corrupt or unsupported file ({type(e).__name__}: {_clip(e, 200)})"
-        ) from e
+        raise CheckpointError(f"{label} {shown}: {_what_went_wrong(e)} ({type(e).__name__}: {_clip(e, 200)})") from e
+
+
+def _what_went_wrong(e: Exception) -> str:
+    import lzma
+    import zlib
+
+    if isinstance(e, (zipfile.BadZipFile, zipfile.LargeZipFile)):
+        return "not a readable zip (truncated or corrupt?)"
+    if isinstance(e, (NotImplementedError, RuntimeError)) and not isinstance(e, RecursionError):
+        return "a zip feature npsam does not read (encryption, an unknown compression method or version)"
+    if isinstance(e, (zlib.error, lzma.LZMAError, EOFError)):
+        return "corrupt compressed data"
+    if isinstance(e, (MemoryError, OverflowError)):
+        return "sizes beyond what can be read (a corrupt or hostile file)"
+    if isinstance(e, RecursionError):
+        return "structures nested too deeply (a corrupt or hostile file)"
+    if isinstance(e, UnicodeError):
+        return "text that is not valid (a corrupt file)"
+    return "corrupt or unsupported file"
 
 
 # --------------------------------------------------------------------------
