@@ -149,7 +149,10 @@ def read_state_dict(checkpoint: Union[PathLike, Sequence[PathLike]]) -> Dict[str
         sd = _read_one(path)
         overlap = sorted(set(sd) & set(merged))
         if overlap:
-            raise ValueError(f"checkpoint: {os.fspath(path)} repeats keys of an earlier file: {_preview(overlap)}")
+            from .io.checkpoint import show_name
+
+            raise ValueError(f"checkpoint: {os.fspath(path)} repeats keys of an earlier file: "
+                             f"{_preview([show_name(k) for k in overlap])}")
         merged.update(sd)
     return merged
 
@@ -191,14 +194,16 @@ def check_state_dict(sam: Sam, state_dict: Dict[str, np.ndarray]) -> None:
         k for k in expected
         if k not in state_dict and k not in optional and k.split(".", 1)[0] in present_parts
     )
-    unexpected = sorted(k for k in state_dict if k not in expected)
+    from .io.checkpoint import show_name
+
+    unexpected = sorted(show_name(k) for k in state_dict if k not in expected)
     mismatched = sorted(
         f"{k}: expected {list(expected[k])}, got {list(np.shape(state_dict[k]))}"
         for k in state_dict if k in expected and tuple(np.shape(state_dict[k])) != expected[k]
     )
     if not present_parts:
         raise ValueError(f"checkpoint: no keys of {', '.join(PARTS)} found for model {sam.model_type!r} "
-                         f"(got {len(state_dict)} keys: {_preview(sorted(state_dict))})")
+                         f"(got {len(state_dict)} keys: {_preview(sorted(map(show_name, state_dict)))})")
     if missing or unexpected or mismatched:
         lines = [f"checkpoint does not fit model {sam.model_type!r}:"]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
@@ -223,9 +228,9 @@ def check_weight_values(state_dict: Dict[str, np.ndarray], n: int = 5) -> None:
     scores or empty masks with confident scores, never a useful result.
     Lists at most ``n`` keys per problem, then "and N more".
     """
-    from .io.checkpoint import CheckpointError, preview
+    from .io.checkpoint import CheckpointError, preview, show_name
 
-    not_arrays = sorted(k for k, v in state_dict.items() if not isinstance(v, np.ndarray))
+    not_arrays = sorted(show_name(k) for k, v in state_dict.items() if not isinstance(v, np.ndarray))
     if not_arrays:
         raise CheckpointError(f"checkpoint: {len(not_arrays)} entries are not NumPy arrays: {preview(not_arrays, n)}")
     not_float, not_finite = [], []
@@ -234,10 +239,10 @@ def check_weight_values(state_dict: Dict[str, np.ndarray], n: int = 5) -> None:
         if array.dtype.kind != "f":
             if array.dtype.kind in "iu" and key.rsplit(".", 1)[-1] in INTEGER_BUFFERS:
                 continue
-            not_float.append(f"{key} ({array.dtype})")
+            not_float.append(f"{show_name(key)} ({array.dtype})")
         elif array.size and not (np.isfinite(array.min()) and np.isfinite(array.max())):
             # (min and max propagate NaN and reach +-inf: two reductions, no temporary array)
-            not_finite.append(key)
+            not_finite.append(show_name(key))
     problems = []
     if not_float:
         problems.append(f"{len(not_float)} keys hold integer or bool values where SAM's weights are floating point: "

@@ -52,6 +52,7 @@ __all__ = [
     "unwrap_state_dict",
     "detect_format",
     "preview",
+    "show_name",
 ]
 
 
@@ -92,6 +93,12 @@ def _show(value) -> str:
         return _REPR.repr(value)
     except Exception:  # a stand-in whose repr fails: its type is enough
         return f"<{type(value).__name__}>"
+
+
+def show_name(name) -> str:
+    """A key read from a file, for a message: as it is when it is short and
+    printable (official keys always are), else quoted, escaped and truncated."""
+    return name if isinstance(name, str) and name.isprintable() and len(name) <= 200 else _show(name)
 
 
 def preview(items: Sequence[str], n: int = 5) -> str:
@@ -496,7 +503,7 @@ def _load_zip(path: str, file_size: int) -> object:
             pkl = member.read(_MAX_PICKLE_BYTES + 1)
         if len(pkl) > _MAX_PICKLE_BYTES:
             raise CheckpointError(f"checkpoint: {_show(pkl_name)} is longer than {_MAX_PICKLE_BYTES} bytes")
-        pkl = _one_pickle(io.BytesIO(pkl), len(pkl), f"checkpoint {_show(pkl_name)}")
+        pkl = _one_pickle(io.BytesIO(pkl), len(pkl), _show(pkl_name))
 
         storage_bytes = _Budget(file_size, "storages")  # stored storages: together at most the file
         inflated_bytes = _Budget(_MAX_INFLATION * file_size, "compressed storages")
@@ -718,7 +725,7 @@ def _reading(label: str, path: str, load):
         message = str(e)
         if shown in message:
             raise
-        for prefix in ("checkpoint: ", "safetensors: "):
+        for prefix in ("checkpoint: ", "safetensors: ", "onnx file: "):
             message = message[len(prefix):] if message.startswith(prefix) else message
         raise type(e)(f"{label} {shown}: {message}") from None
     except Exception as e:

@@ -28,7 +28,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from npsam import __version__
-from npsam.io.checkpoint import CheckpointError, load_safetensors, load_torch_checkpoint, save_safetensors
+from npsam.io.checkpoint import CheckpointError, load_safetensors, load_torch_checkpoint, save_safetensors, show_name
 
 __all__ = [
     "PARTS",
@@ -214,7 +214,7 @@ def check_state_dict(
     for key in sorted(state_dict):
         got = tuple(state_dict[key].shape)
         if key not in expected:
-            unexpected.append(key)
+            unexpected.append(show_name(key))  # from the file: escaped if need be
         elif got != tuple(expected[key]):
             mismatched.append(f"{key} {list(got)} (expected {list(expected[key])})")
     if missing or unexpected or mismatched:
