@@ -335,24 +335,26 @@ _MEMO_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
 class _BoundedReader:
     """A file seen up to ``end``: ``read(n)`` never asks for more than is left
     (a length of 2**62 in the file becomes a short read, not an allocation),
-    ``readline`` stops after ``_MAX_LINE`` bytes."""
+    ``readline`` stops after ``_MAX_LINE`` bytes. Keeps its own position (a
+    buffered file's tell() is a system call, and genops asks once per opcode)."""
 
     def __init__(self, f, end: int) -> None:
-        self.f, self.end = f, end
+        self.f, self.end, self.pos = f, end, f.tell()
 
     def tell(self) -> int:
-        return self.f.tell()
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        return self.f.seek(pos, whence)
+        return self.pos
 
     def read(self, n: int = -1) -> bytes:
-        left = max(0, self.end - self.f.tell())
-        return self.f.read(left if n is None or n < 0 or n > left else n)
+        left = max(0, self.end - self.pos)
+        data = self.f.read(left if n is None or n < 0 or n > left else n)
+        self.pos += len(data)
+        return data
 
     def readline(self, n: int = -1) -> bytes:
-        left = max(0, min(self.end - self.f.tell(), _MAX_LINE))
-        return self.f.readline(left if n is None or n < 0 or n > left else n)
+        left = max(0, min(self.end - self.pos, _MAX_LINE))
+        data = self.f.readline(left if n is None or n < 0 or n > left else n)
+        self.pos += len(data)
+        return data
 
 
 def _one_pickle(f, end: int, what: str) -> bytes:
@@ -374,7 +376,7 @@ def _one_pickle(f, end: int, what: str) -> bytes:
         if reader.tell() - start >= _MAX_PICKLE_BYTES:
             raise CheckpointError(f"{what}: a pickle longer than {_MAX_PICKLE_BYTES} bytes") from None
         raise CheckpointError(f"{what}: truncated or corrupt pickle ({_clip(e)})") from None
-    stop = f.tell()
+    stop = reader.tell()
     f.seek(start)
     data = f.read(stop - start)
     if len(data) != stop - start:
