@@ -23,9 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from hypothesis import HealthCheck, given, seed, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
 
-from fuzz_readers import GOOD_OUTCOMES, READERS, Worker, failure_message, mutate, mutations, write_seeds  # noqa: E402
+from fuzz_readers import GOOD_OUTCOMES, READERS, Worker, failure_message, mutants, write_seeds  # noqa: E402
 
 
 def fuzz(worker: Worker, family: str, sources, cases: int, random_seed: int, keep: Path) -> int:
@@ -34,10 +34,9 @@ def fuzz(worker: Worker, family: str, sources, cases: int, random_seed: int, kee
 
     @seed(random_seed)
     @settings(max_examples=cases, database=None, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(source=st.sampled_from(sources), ops=mutations())
-    def check(source, ops):
+    @given(data=mutants(family, sources))
+    def check(data):
         nonlocal failures
-        data = mutate(source, ops)
         result = worker.run(family, data)
         if result["outcome"] not in GOOD_OUTCOMES:
             failures += 1

@@ -5,7 +5,11 @@ scripts/fuzz_readers.py (as long as asked). For each reader (torch zip,
 legacy torch pickle, safetensors, ONNX) a few small valid seed files are
 written; hypothesis draws a seed and a list of mutations (bit flips, bytes
 and little-endian integers set to boundary values such as 2**31 or 2**63,
-insertions, deletions, truncation, copies of one span over another); the
+insertions, deletions, truncation, copies of one span over another), applied
+to the whole file or, structure-aware, to one member of a zip (written again
+with right checksums) or to a safetensors header (its bytes or its JSON
+values, the length prefix fixed); a fifth family is random pickle opcode
+streams naming dangerous and allowed globals (in a torch.save zip). The
 mutated file is read by a worker process (tests/fuzz_worker.py) whose
 address space and per-case time are capped. The only acceptable outcomes are
 "loaded" and "refused" (a CheckpointError).
@@ -18,6 +22,7 @@ reported as the case's failure and replaced.
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import os
 import select
@@ -31,9 +36,11 @@ from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "fuzz_worker.py"
-READERS = ("torch_zip", "torch_legacy", "safetensors", "onnx")
-# The worker's reader for each seed family ("torch" reads zip and legacy files alike).
-WORKER_READER = {"torch_zip": "torch", "torch_legacy": "torch", "safetensors": "safetensors", "onnx": "onnx"}
+READERS = ("torch_zip", "torch_legacy", "safetensors", "onnx", "pickle")
+# The worker's reader for each family ("torch" reads zip and legacy files alike;
+# "pickle": malicious pickles in a torch.save zip).
+WORKER_READER = {"torch_zip": "torch", "torch_legacy": "torch", "safetensors": "safetensors", "onnx": "onnx",
+                 "pickle": "torch"}
 GOOD_OUTCOMES = ("loaded", "refused")
 
 # Values a length, count, size or index in a file might be set to.
@@ -73,6 +80,7 @@ def write_seeds(folder) -> Dict[str, List[Path]]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     seeds: Dict[str, List[Path]] = {r: [] for r in READERS}
+    seeds["pickle"].append(folder / "plain_zip.pth")  # unused: pickles are generated whole
     tensors = _torch_seed_tensors()
     for name, obj in {"plain": tensors, "wrapped": {"model": collections.OrderedDict(tensors), "epoch": 3}}.items():
         for legacy in (False, True):
@@ -202,6 +210,136 @@ def mutate(data: bytes, ops) -> bytes:
     return bytes(buf)
 
 
+# Structure-aware mutations: a zip's checksums and a safetensors header's
+# length prefix are fixed after the mutation, so that the mutant reaches the
+# unpickler or the header parser instead of stopping at a CRC or length check.
+
+def _rezip(data: bytes, member_ops) -> bytes:
+    """Mutate one member of a zip (chosen by fraction) and write the zip again, checksums right."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        members = [(info.filename, z.read(info.filename)) for info in z.infolist()]
+    which, ops = member_ops
+    pkl = [i for i, (name, _) in enumerate(members) if name.endswith("data.pkl")]
+    index = pkl[0] if which < 0.6 and pkl else int(which * len(members)) % len(members)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for i, (name, content) in enumerate(members):
+            z.writestr(name, mutate(content, ops) if i == index else content)
+    return out.getvalue()
+
+
+def _reheader(data: bytes, ops) -> bytes:
+    """Mutate a safetensors header's bytes; the length prefix follows."""
+    n = int.from_bytes(data[:8], "little")
+    header = mutate(data[8:8 + n], ops)
+    return len(header).to_bytes(8, "little") + header + data[8 + n:]
+
+
+_json_values = st.one_of(
+    st.sampled_from(BOUNDARY), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.none(), st.booleans(),
+    st.sampled_from(["F32", "BF16", "F16", "I64", "BOOL", "F8_E4M3", "", "\x1b[2J\x00", "x" * 300]),
+    st.lists(st.sampled_from(BOUNDARY), max_size=5), st.just([[[[1]]]]), st.just({"a": "b"}), st.just({}),
+)
+
+
+def _rejson(data: bytes, edits) -> bytes:
+    """Replace values in a safetensors header's JSON (chosen by fraction), then write it back."""
+    import json
+
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+
+    def slots(node, out):
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            out.append((node, key))
+            slots(value, out)
+        return out
+
+    for where, value in edits:
+        places = slots(header, [])
+        if places:
+            node, key = places[int(where * len(places))]
+            node[key] = copy.deepcopy(value)  # (st.just values are shared between draws)
+    blob = json.dumps(header).encode()
+    return len(blob).to_bytes(8, "little") + blob + data[8 + n:]
+
+
+@st.composite
+def mutants(draw, family: str, sources) -> bytes:
+    """One mutated file of a family: raw bytes, or structure-aware for zips and safetensors."""
+    source = draw(st.sampled_from(sources))
+    if family == "pickle":
+        return draw(hostile_pickles())
+    if family == "torch_zip" and draw(st.booleans()):
+        return _rezip(source, (draw(_position), draw(mutations())))
+    if family == "safetensors":
+        target = draw(st.sampled_from(["file", "header", "json"]))
+        if target == "header":
+            return _reheader(source, draw(mutations()))
+        if target == "json":
+            return _rejson(source, draw(st.lists(st.tuples(_position, _json_values), min_size=1, max_size=3)))
+    return mutate(source, draw(mutations()))
+
+
+# --------------------------------------------------------------------------
+# Malicious pickles: random opcode streams that name dangerous and allowed
+# globals, call them (REDUCE, NEWOBJ, OBJ, INST), BUILD on them, reach the
+# memo and the extension registry. A payload creates MARKER if it ever runs.
+# --------------------------------------------------------------------------
+
+MARKER_ENV = "NPSAM_FUZZ_MARKER"
+MARKER = Path(tempfile.gettempdir()) / f"npsam-fuzz-payload-ran-{os.getpid()}"  # the worker checks it after each case
+DANGEROUS = [("os", "system"), ("posix", "system"), ("builtins", "eval"), ("builtins", "exec"),
+             ("__builtin__", "eval"), ("builtins", "getattr"), ("builtins", "setattr"), ("builtins", "__import__"),
+             ("subprocess", "call"), ("functools", "partial"), ("operator", "attrgetter"), ("copyreg", "_reconstructor"),
+             ("builtins", "object"), ("torch", "load"), ("npsam.io.checkpoint", "_SAFE_GLOBALS"),
+             ("numpy", "load"), ("pickle", "loads")]
+ALLOWED = [("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"), ("torch", "FloatStorage"),
+           ("torch", "BFloat16Storage"), ("collections", "OrderedDict"), ("torch.cuda", "HalfStorage")]
+
+
+def _unicode(text: str) -> bytes:
+    raw = text.encode()
+    return b"X" + len(raw).to_bytes(4, "little") + raw
+
+
+def hostile_pickles():
+    marker = str(MARKER)
+    payloads = [f"touch {marker}", f"open({marker!r}, 'w').close()", "name", "BFloat16Storage", "storage", "0", "cpu"]
+    glob = st.sampled_from(DANGEROUS + ALLOWED)
+    op = st.one_of(
+        glob.map(lambda g: b"c" + f"{g[0]}\n{g[1]}\n".encode()),
+        glob.map(lambda g: _unicode(g[0]) + _unicode(g[1]) + b"\x93"),  # STACK_GLOBAL
+        glob.map(lambda g: b"(" + b"i" + f"{g[0]}\n{g[1]}\n".encode()),  # INST
+        st.sampled_from(payloads).map(_unicode),
+        st.integers(-(2**31), 2**31 - 1).map(lambda v: b"J" + v.to_bytes(4, "little", signed=True)),
+        st.integers(0, 255).map(lambda v: b"K" + bytes([v])),
+        st.integers(0, 8).map(lambda v: b"q" + bytes([v])),  # BINPUT
+        st.integers(0, 8).map(lambda v: b"h" + bytes([v])),  # BINGET
+        st.integers(0, 255).map(lambda v: b"\x82" + bytes([v])),  # EXT1
+        st.sampled_from([b"(", b"t", b"\x85", b"\x86", b"\x87", b"}", b"]", b")", b"a", b"e", b"s", b"u", b"R", b"b",
+                         b"\x81", b"\x92", b"o", b"Q", b"N", b"\x88", b"\x89", b"0", b"2", b"1", b"\x94", b"l", b"d"]),
+    )
+    return st.lists(op, min_size=1, max_size=24).map(lambda ops: b"\x80\x04" + b"".join(ops) + b".").map(_in_zip)
+
+
+def _in_zip(pkl: bytes) -> bytes:
+    """A pickle as the data.pkl of a torch.save zip with one 48-byte storage "0"."""
+    import io
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", pkl)
+        z.writestr("archive/byteorder", "little")
+        z.writestr("archive/data/0", bytes(48))
+    return out.getvalue()
+
+
 # --------------------------------------------------------------------------
 # The worker pool (one worker)
 # --------------------------------------------------------------------------
@@ -215,6 +353,7 @@ class Worker:
         self.case_seconds = case_seconds
         self.env = dict(os.environ, NPSAM_FUZZ_CASE_SECONDS=str(case_seconds), NPSAM_FUZZ_ADDRESS_SPACE=str(address_space),
                         OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(REPO))
+        self.env[MARKER_ENV] = str(MARKER)
         self.counts: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.process = None
         self.serial = 0

@@ -13,7 +13,8 @@ Outcomes: "loaded"; "refused" (a CheckpointError); anything else is a
 failure: "error" (another exception type reached the caller), "unbounded" (a
 CheckpointError caused by MemoryError or RecursionError: the reader tried
 before checking), "timeout", "poisoned" (a good float32 checkpoint no longer
-reads correctly after the case).
+reads correctly after the case), "payload ran" (the file $NPSAM_FUZZ_MARKER,
+which the malicious pickles' payloads create, exists after the case).
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ def main() -> int:
         if reader == "hang":
             while True:
                 pass
+        if reader == "payload":
+            open(marker, "w").close()
+            return None
         return convert.read_state_dict(path)
 
     def poisoned() -> str:
@@ -91,6 +95,7 @@ def main() -> int:
             return "a good float32 checkpoint reads differently after this case"
         return ""
 
+    marker = os.environ.get("NPSAM_FUZZ_MARKER", "")
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
     signal.signal(signal.SIGALRM, _on_timer)
     count = 0
@@ -116,6 +121,9 @@ def main() -> int:
             outcome = "error"
             detail = "".join(traceback.format_exception(type(e), e, e.__traceback__))[-3000:]
         count += 1
+        if marker and os.path.exists(marker):
+            os.unlink(marker)
+            outcome, detail = "payload ran", f"the case created {marker}: code named by the file ran"
         if outcome in ("loaded", "refused") and count % POISON_CHECK_EVERY == 0:
             problem = poisoned()
             if problem:
