@@ -181,6 +181,19 @@ def long_length_pickles() -> dict:
     }
 
 
+def many_opcodes_pickle(n: int = (1 << 22) + 10) -> bytes:
+    """n one-byte EMPTY_DICT opcodes: 1 byte each in the file, 64 bytes each in memory."""
+    return b"\x80\x02" + b"}" * n + b"."
+
+
+def deflated_pkl_bomb_zip(n: int = 1 << 21) -> bytes:
+    """A data.pkl of n bytes deflated to a few kilobytes (far more than 16 times the file)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", b"\x80\x02" + b"}" * n + b".")
+    return buffer.getvalue()
+
+
 def huge_list_pid_pickle(n: int = 100_000) -> bytes:
     """A persistent id that is a list of n integers: its error message must stay short."""
     return b"\x80\x02](" + b"K\x01" * n + b"eQ."
@@ -250,4 +263,5 @@ def onnx_cases() -> dict:
         "dims of 2**63": (field(1, 7) + field(7, field(5, varint(1 << 3) + varint(2**63) + field(2, 1))), "negative dims"),
         "dims of 2**62 x 8": (field(1, 7) + field(7, field(5, field(1, varint(2**62) + varint(8)) + field(2, 1))), "the file holds 0"),
         "string not UTF-8": (field(1, 7) + field(2, b"\xff\xfe") + field(7, b""), "not UTF-8"),
+        "600,000 empty nodes": (field(1, 7) + field(7, b"\x0a\x00" * 600_000), "more than 524288 nodes"),
     }

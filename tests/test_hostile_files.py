@@ -47,6 +47,9 @@ def torch_cases() -> dict:
         "stride 2**63": (hostile.torch_zip(hostile.huge_size_pickle((2,), (2**63,)), {"0": bytes(48)}), "tensor stride"),
         "size 2**65": (hostile.torch_zip(hostile.huge_size_pickle((2**65,), (1,)), {"0": bytes(48)}), "tensor size"),
         "33 dimensions": (hostile.torch_zip(hostile.huge_size_pickle((1,) * 33, (1,) * 33), {"0": bytes(48)}), "at most 32"),
+        "4 million one-byte dicts": (hostile.torch_zip(hostile.many_opcodes_pickle()), "opcodes in one pickle"),
+        "legacy: 4 million one-byte dicts": (hostile.legacy_file(hostile.many_opcodes_pickle()), "opcodes in one pickle"),
+        "data.pkl deflated 500 to 1": (hostile.deflated_pkl_bomb_zip(), "16 times the file"),
     }
     for name, pkl in hostile.long_length_pickles().items():
         expected = "memo index" if "PUT" in name else "frame of" if "FRAME" in name else "truncated or corrupt pickle"

@@ -70,7 +70,11 @@ class UnsafeCheckpointError(CheckpointError):
 
 # A file sets every size, length and count below; each is checked against the
 # file's real size and these limits before anything is allocated.
-_MAX_PICKLE_BYTES = 1 << 28  # one data.pkl / legacy pickle: 256 MiB (SAM ViT-H's is 60 kB)
+_MAX_PICKLE_BYTES = 1 << 26  # one data.pkl / legacy pickle: 64 MiB (SAM ViT-H's is 60 kB)
+# Opcodes of one pickle: each may build an object (an empty dict is one byte in
+# the file and 64 in memory), so their number bounds what unpickling costs.
+# A state_dict needs about 20 per tensor.
+_MAX_PICKLE_OPCODES = 1 << 22
 _MAX_LINE = 1 << 16  # a text-opcode argument (GLOBAL module and name, ...)
 _MAX_NDIM = 32  # NumPy 1.x's limit; SAM's tensors have at most 4 dimensions
 _MAX_DIM = 1 << 62  # one size or stride (elements), before any product
@@ -360,7 +364,8 @@ class _BoundedReader:
 def _one_pickle(f, end: int, what: str) -> bytes:
     """The bytes of the pickle at ``f``'s position, checked opcode by opcode
     (``pickletools.genops``) before anything unpickles them: every length
-    within the file, memo indices sequential, at most ``_MAX_PICKLE_BYTES``.
+    within the file, memo indices sequential, at most ``_MAX_PICKLE_BYTES``
+    and ``_MAX_PICKLE_OPCODES``.
     Leaves ``f`` just after the pickle's STOP."""
     start = f.tell()
     reader = _BoundedReader(f, min(end, start + _MAX_PICKLE_BYTES))
@@ -370,6 +375,8 @@ def _one_pickle(f, end: int, what: str) -> bytes:
                 raise CheckpointError(f"{what}: memo index {_show(arg)} at byte {pos - start} is out of sequence")
             if opcode.name == "FRAME" and arg > end - reader.tell():
                 raise CheckpointError(f"{what}: a frame of {arg} bytes at byte {pos - start} runs past the end")
+            if count >= _MAX_PICKLE_OPCODES:
+                raise CheckpointError(f"{what}: more than {_MAX_PICKLE_OPCODES} opcodes in one pickle")
     except ValueError as e:  # genops: unknown opcode, short argument, no STOP, bad text argument
         if isinstance(e, CheckpointError):
             raise
@@ -503,8 +510,9 @@ def _load_zip(path: str, file_size: int) -> object:
             raise CheckpointError(f"checkpoint: byteorder file says {_show(byteorder)}, expected 'little' or 'big'")
         with archive.open(pkl_name) as member:
             pkl = member.read(_MAX_PICKLE_BYTES + 1)
-        if len(pkl) > _MAX_PICKLE_BYTES:
-            raise CheckpointError(f"checkpoint: {_show(pkl_name)} is longer than {_MAX_PICKLE_BYTES} bytes")
+        if len(pkl) > min(_MAX_PICKLE_BYTES, _MAX_INFLATION * file_size):
+            raise CheckpointError(f"checkpoint: {_show(pkl_name)} is longer than {_MAX_PICKLE_BYTES} bytes "
+                                  f"or {_MAX_INFLATION} times the file")
         pkl = _one_pickle(io.BytesIO(pkl), len(pkl), _show(pkl_name))
 
         storage_bytes = _Budget(file_size, "storages")  # stored storages: together at most the file
@@ -582,9 +590,9 @@ def _load_legacy(path: str, file_size: int) -> object:
         object_pickle = next_pickle("the state_dict")
         RestrictedUnpickler.loads(object_pickle, declare_storage)
         keys = RestrictedUnpickler.loads(next_pickle("storage keys"))
-        if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages):
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or sorted(keys) != sorted(storages):
             raise CheckpointError(f"checkpoint {path!r}: storage key list does not match the tensors")
-        for key in map(str, keys):
+        for key in keys:
             flat = storages[key]  # [numel]
             count = f.read(8)
             if len(count) != 8:

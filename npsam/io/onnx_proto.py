@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -107,7 +107,25 @@ class Model:
 MAX_DEPTH = 16  # graphs inside attributes inside nodes inside graphs (If, Loop, Scan)
 MAX_NDIM = 32  # a tensor's dims; SAM's weights have at most 4
 
+# Python objects built from one file: nodes, attributes, tensors, names and
+# list items. A node can be 2 bytes in the file and a kilobyte in memory, so
+# their number, not the file's size, bounds what parsing costs (and its time:
+# about 5 us each). MobileSAM's TinyViT export builds about 10,000.
+MAX_OBJECTS = 1 << 19
+
 WIRE_VARINT, WIRE_I64, WIRE_LEN, WIRE_I32 = 0, 1, 2, 5
+
+
+class _Objects:
+    """What one parse may still build (see MAX_OBJECTS)."""
+
+    def __init__(self, left: int = MAX_OBJECTS) -> None:
+        self.left = left
+
+    def take(self, n: int = 1) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise _error(f"more than {MAX_OBJECTS} nodes, attributes, tensors, names and values in one model")
 
 
 def _error(message: str) -> CheckpointError:
@@ -166,15 +184,37 @@ def _fields(buf: memoryview, wires: dict[int, tuple[int, ...]], message: str) ->
         yield number, wire, value
 
 
-def _packed_varints(wire: int, value) -> list[int]:
+def _packed_varints(wire: int, value, objects: "_Objects") -> list[int]:
     """A repeated int field: either one unpacked varint or a packed run."""
     if wire == WIRE_VARINT:
+        objects.take()
         return [_signed(value)]
+    objects.take(sum(1 for b in value if b < 0x80))  # one value ends at each byte below 0x80
     out, pos = [], 0
     while pos < len(value):
         v, pos = _varint(value, pos)
         out.append(_signed(v))
     return out
+
+
+def _packed_int64s(wire: int, value) -> np.ndarray:
+    """A repeated int field of a tensor as an int64 array, decoded in NumPy: a
+    packed run of millions of values costs 8 bytes each, not a Python int each."""
+    if wire == WIRE_VARINT:
+        return np.array([value], dtype=np.uint64).view(np.int64)
+    b = np.frombuffer(value, dtype=np.uint8)
+    if b.size == 0:
+        return np.zeros(0, np.int64)
+    if b[-1] >= 0x80:
+        raise _error("a packed run of varints ends inside a varint")
+    ends = np.flatnonzero(b < 0x80)  # the last byte of each varint
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    lengths = ends - starts + 1
+    if lengths.max() > 10:
+        raise _error("a varint longer than 10 bytes in a packed run")
+    shift = (np.arange(b.size) - np.repeat(starts, lengths)) * 7  # bit position of each byte's 7 bits
+    parts = (b & 0x7F).astype(np.uint64) << shift.astype(np.uint64)  # bits beyond 64 drop, as in protobuf
+    return np.bitwise_or.reduceat(parts, starts).view(np.int64)  # two's complement, as _signed
 
 
 def _packed_fixed(wire: int, value, dtype: str) -> np.ndarray:
@@ -208,14 +248,18 @@ _TENSOR_WIRES = {1: _PACKED_INT, 2: (WIRE_VARINT,), 4: (WIRE_I32, WIRE_LEN), 5: 
                  13: (WIRE_LEN,), 14: (WIRE_VARINT,)}
 
 
-def parse_tensor(buf: memoryview) -> Tensor:
+def parse_tensor(buf: memoryview, objects: Optional[_Objects] = None) -> Tensor:
     """TensorProto -> Tensor. External data raises CheckpointError."""
+    objects = objects or _Objects()
+    objects.take()
     name, data_type, dims = "", 0, []
     raw = None
     typed: dict[int, list] = {}  # field number -> list of arrays (float_data, int32_data, ...)
     for number, wire, value in _fields(buf, _TENSOR_WIRES, "TensorProto"):
         if number == 1:  # dims
-            dims += _packed_varints(wire, value)
+            if wire == WIRE_LEN and sum(1 for b in value if b < 0x80) > MAX_NDIM:
+                raise _error(f"tensor {_show(name)}: more than {MAX_NDIM} dims")
+            dims += _packed_varints(wire, value, objects)
             if len(dims) > MAX_NDIM:
                 raise _error(f"tensor {_show(name)}: more than {MAX_NDIM} dims")
         elif number == 2:  # data_type
@@ -229,7 +273,7 @@ def parse_tensor(buf: memoryview) -> Tensor:
         elif number == 10:  # double_data
             typed.setdefault(10, []).append(_packed_fixed(wire, value, "<f8"))
         elif number in (5, 7, 11):  # int32_data, int64_data, uint64_data
-            typed.setdefault(number, []).append(np.array(_packed_varints(wire, value), dtype=np.int64))
+            typed.setdefault(number, []).append(_packed_int64s(wire, value))
         elif number == 13:  # external_data
             raise _error(f"tensor {_show(name)}: external data is not supported (expected the weights inside the file)")
         elif number == 14 and value == 1:  # data_location = EXTERNAL
@@ -274,8 +318,10 @@ _ATTRIBUTE_WIRES = {1: (WIRE_LEN,), 20: (WIRE_VARINT,), 2: (WIRE_I32,), 3: (WIRE
                     10: (WIRE_LEN,), 11: (WIRE_LEN,)}
 
 
-def parse_attribute(buf: memoryview, depth: int = 0) -> Attribute:
+def parse_attribute(buf: memoryview, depth: int = 0, objects: Optional[_Objects] = None) -> Attribute:
     """AttributeProto -> Attribute (single values, lists, tensors and graphs)."""
+    objects = objects or _Objects()
+    objects.take()
     name, attr_type = "", 0
     scalar: Any = None
     floats: list[float] = []
@@ -295,19 +341,22 @@ def parse_attribute(buf: memoryview, depth: int = 0) -> Attribute:
         elif number == 4:  # s
             scalar = _text(value)
         elif number == 5:  # t
-            scalar = parse_tensor(value)
+            scalar = parse_tensor(value, objects)
         elif number == 6:  # g
-            scalar = parse_graph(value, depth + 1)
+            scalar = parse_graph(value, depth + 1, objects)
         elif number == 7:  # floats
-            floats += [float(x) for x in _packed_fixed(wire, value, "<f4")]
+            run = _packed_fixed(wire, value, "<f4")
+            objects.take(run.size)
+            floats += run.tolist()
         elif number == 8:  # ints
-            ints += _packed_varints(wire, value)
+            ints += _packed_varints(wire, value, objects)
         elif number == 9:  # strings
+            objects.take()
             strings.append(_text(value))
         elif number == 10:  # tensors
-            tensors.append(parse_tensor(value))
+            tensors.append(parse_tensor(value, objects))
         elif number == 11:  # graphs
-            graphs.append(parse_graph(value, depth + 1))
+            graphs.append(parse_graph(value, depth + 1, objects))
     lists = {ATTR_FLOATS: floats, ATTR_INTS: ints, ATTR_STRINGS: strings,
              ATTR_TENSORS: tensors, ATTR_GRAPHS: graphs}
     value = lists[attr_type] if attr_type in lists else scalar
@@ -317,16 +366,20 @@ def parse_attribute(buf: memoryview, depth: int = 0) -> Attribute:
 _NODE_WIRES = {1: (WIRE_LEN,), 2: (WIRE_LEN,), 3: (WIRE_LEN,), 4: (WIRE_LEN,), 5: (WIRE_LEN,), 7: (WIRE_LEN,)}
 
 
-def parse_node(buf: memoryview, depth: int = 0) -> Node:
+def parse_node(buf: memoryview, depth: int = 0, objects: Optional[_Objects] = None) -> Node:
     """NodeProto -> Node."""
+    objects = objects or _Objects()
+    objects.take()
     name = op_type = domain = ""
     inputs: list[str] = []
     outputs: list[str] = []
     attributes: dict[str, Attribute] = {}
     for number, _, value in _fields(buf, _NODE_WIRES, "NodeProto"):
         if number == 1:
+            objects.take()
             inputs.append(_text(value))
         elif number == 2:
+            objects.take()
             outputs.append(_text(value))
         elif number == 3:
             name = _text(value)
@@ -335,7 +388,7 @@ def parse_node(buf: memoryview, depth: int = 0) -> Node:
         elif number == 7:
             domain = _text(value)
         elif number == 5:
-            attr = parse_attribute(value, depth)
+            attr = parse_attribute(value, depth, objects)
             attributes[attr.name] = attr
     return Node(name=name, op_type=op_type, domain=domain, inputs=tuple(inputs),
                 outputs=tuple(outputs), attributes=attributes)
@@ -351,10 +404,12 @@ def _value_info_name(buf: memoryview) -> str:
 _GRAPH_WIRES = {1: (WIRE_LEN,), 2: (WIRE_LEN,), 5: (WIRE_LEN,), 11: (WIRE_LEN,), 12: (WIRE_LEN,), 13: (WIRE_LEN,)}
 
 
-def parse_graph(buf: memoryview, depth: int = 0) -> Graph:
+def parse_graph(buf: memoryview, depth: int = 0, objects: Optional[_Objects] = None) -> Graph:
     """GraphProto -> Graph (a subgraph of an attribute is one level deeper)."""
     if depth > MAX_DEPTH:
         raise _error(f"graphs nested more than {MAX_DEPTH} deep")
+    objects = objects or _Objects()
+    objects.take()
     name = ""
     nodes: list[Node] = []
     initializers: list[Tensor] = []
@@ -363,17 +418,14 @@ def parse_graph(buf: memoryview, depth: int = 0) -> Graph:
     value_info: list[str] = []
     for number, _, value in _fields(buf, _GRAPH_WIRES, "GraphProto"):
         if number == 1:
-            nodes.append(parse_node(value, depth))
+            nodes.append(parse_node(value, depth, objects))
         elif number == 2:
             name = _text(value)
         elif number == 5:
-            initializers.append(parse_tensor(value))
-        elif number == 11:
-            inputs.append(_value_info_name(value))
-        elif number == 12:
-            outputs.append(_value_info_name(value))
-        elif number == 13:
-            value_info.append(_value_info_name(value))
+            initializers.append(parse_tensor(value, objects))
+        elif number in (11, 12, 13):
+            objects.take()
+            {11: inputs, 12: outputs, 13: value_info}[number].append(_value_info_name(value))
         elif number == 15:
             raise _error(f"graph {_show(name)}: sparse initializers are not supported")
     return Graph(name=name, nodes=nodes, initializers=initializers, inputs=inputs,
@@ -386,6 +438,7 @@ _MODEL_WIRES = {1: (WIRE_VARINT,), 2: (WIRE_LEN,), 3: (WIRE_LEN,), 7: (WIRE_LEN,
 def parse_model(data: bytes) -> Model:
     """ModelProto bytes -> Model."""
     buf = memoryview(data)
+    objects = _Objects()
     ir_version, producer_name, producer_version = 0, "", ""
     opset_import: dict[str, int] = {}
     metadata: dict[str, str] = {}
@@ -398,8 +451,9 @@ def parse_model(data: bytes) -> Model:
         elif number == 3:
             producer_version = _text(value)
         elif number == 7:
-            graph = parse_graph(value)
+            graph = parse_graph(value, 0, objects)
         elif number == 8:  # OperatorSetIdProto: domain = 1, version = 2
+            objects.take()
             domain, version = "", 0
             for n, _, v in _fields(value, {1: (WIRE_LEN,), 2: (WIRE_VARINT,)}, "OperatorSetIdProto"):
                 if n == 1:
@@ -408,6 +462,7 @@ def parse_model(data: bytes) -> Model:
                     version = _signed(v)
             opset_import[domain] = version
         elif number == 14:  # StringStringEntryProto: key = 1, value = 2
+            objects.take()
             entry = {n: _text(v) for n, _, v in _fields(value, {1: (WIRE_LEN,), 2: (WIRE_LEN,)}, "StringStringEntryProto")
                      if n in (1, 2)}
             metadata[entry.get(1, "")] = entry.get(2, "")
