@@ -7,6 +7,7 @@ file with load_safetensors; the time printed covers that import and the read
 The machine's load changes the figures: compare runs made back to back.
 
     python scripts/time_weight_load.py --runs 15
+    python scripts/time_weight_load.py --runs 15 --root /path/to/an/older/checkout
 """
 
 from __future__ import annotations
@@ -34,13 +35,15 @@ print(t1 - t0)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--root", type=Path, default=ROOT,
+                        help="the checkout whose npsam is timed (default: this one), e.g. an older commit's")
     args = parser.parse_args(argv)
     for name in FILES:
         path = ROOT / "npsam" / "weights" / name
         times = []
         for _ in range(args.runs):
             out = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True,
-                                 cwd=ROOT, check=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+                                 cwd=args.root, check=True, env={"PYTHONPATH": str(args.root), "PATH": ""})
             times.append(float(out.stdout))
         print(f"{name}: median {1000 * statistics.median(times):.1f} ms, "
               f"min {1000 * min(times):.1f} ms over {args.runs} fresh processes")
