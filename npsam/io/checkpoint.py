@@ -655,7 +655,7 @@ def load_torch_checkpoint(path) -> Dict[str, np.ndarray]:
     file states is checked against it before anything is allocated.
     """
     path = os.fspath(path)
-    file_size = os.path.getsize(path)  # a missing file: OSError, as open() would raise
+    file_size = _file_size(path)
 
     def load():
         with open(path, "rb") as f:
@@ -717,6 +717,14 @@ def describe_unknown(path, head: bytes) -> str:
     """The message for a file that is no weights format npsam reads."""
     return (f"{_show(os.fspath(path))} is not a torch.save checkpoint (zip or pickle), a safetensors file "
             f"or an ONNX file: {_is_instead(None, head)}")
+
+
+def _file_size(path: str) -> int:
+    """The size of a regular file; a missing file or a folder raises OSError, as open() would:
+    that is the caller's path, not a problem of the file's content."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(21, "Is a directory (expected a weights file)", path)
+    return os.path.getsize(path)
 
 
 def _reading(label: str, path: str, load):
@@ -789,7 +797,7 @@ def load_safetensors(path) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
     Any failure is a :class:`CheckpointError` naming the file.
     """
     path = os.fspath(path)
-    file_size = os.path.getsize(path)  # a missing file: OSError, as open() would raise
+    file_size = _file_size(path)
     return _reading("safetensors", path, lambda: _load_safetensors(path, file_size))
 
 
