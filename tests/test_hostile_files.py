@@ -1,7 +1,7 @@
 """Regression tests for the hostile and broken weight files of issue 19.
 
 Every case in tests/hostile.py is read in a capped worker process (2 GB of
-address space, 10 s; tests/fuzz_worker.py) and must give one CheckpointError
+address space, 60 s; tests/fuzz_worker.py) and must give one CheckpointError
 naming what is wrong, never another exception, a blow-up or a poisoned
 process; then in process for what the error says. Valid files that were
 refused or mis-read (0-d bfloat16), weights that load but cannot be right
@@ -47,8 +47,8 @@ def torch_cases() -> dict:
         "stride 2**63": (hostile.torch_zip(hostile.huge_size_pickle((2,), (2**63,)), {"0": bytes(48)}), "tensor stride"),
         "size 2**65": (hostile.torch_zip(hostile.huge_size_pickle((2**65,), (1,)), {"0": bytes(48)}), "tensor size"),
         "33 dimensions": (hostile.torch_zip(hostile.huge_size_pickle((1,) * 33, (1,) * 33), {"0": bytes(48)}), "at most 32"),
-        "4 million one-byte dicts": (hostile.torch_zip(hostile.many_opcodes_pickle()), "opcodes in one pickle"),
-        "legacy: 4 million one-byte dicts": (hostile.legacy_file(hostile.many_opcodes_pickle()), "opcodes in one pickle"),
+        "a million one-byte dicts": (hostile.torch_zip(hostile.many_opcodes_pickle()), "opcodes in one pickle"),
+        "legacy: a million one-byte dicts": (hostile.legacy_file(hostile.many_opcodes_pickle()), "opcodes in one pickle"),
         "data.pkl deflated 500 to 1": (hostile.deflated_pkl_bomb_zip(), "16 times the file"),
     }
     for name, pkl in hostile.long_length_pickles().items():
@@ -68,7 +68,10 @@ def worker(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hostile")
     good = folder / "good.pth"
     good.write_bytes(hostile.float32_checkpoint())
-    worker = Worker(good, folder)
+    # 60 s per file, not the fuzzer's 10: the largest files here take a few
+    # seconds on a busy machine before their limit is reached; what is tested
+    # is the clean refusal.
+    worker = Worker(good, folder, case_seconds=60)
     yield worker
     worker.close()
 

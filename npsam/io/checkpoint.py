@@ -70,11 +70,12 @@ class UnsafeCheckpointError(CheckpointError):
 
 # A file sets every size, length and count below; each is checked against the
 # file's real size and these limits before anything is allocated.
-_MAX_PICKLE_BYTES = 1 << 26  # one data.pkl / legacy pickle: 64 MiB (SAM ViT-H's is 60 kB)
+_MAX_PICKLE_BYTES = 1 << 26  # one data.pkl / legacy pickle: 64 MiB (SAM ViT-H's is 75 kB)
 # Opcodes of one pickle: each may build an object (an empty dict is one byte in
-# the file and 64 in memory), so their number bounds what unpickling costs.
-# A state_dict needs about 20 per tensor.
-_MAX_PICKLE_OPCODES = 1 << 22
+# the file and 64 in memory), and each costs the pre-check a few microseconds,
+# so their number bounds what reading costs. A state_dict needs about 32 per
+# tensor (SAM ViT-H's, 596 tensors: 19,083 opcodes, 75 kB).
+_MAX_PICKLE_OPCODES = 1 << 20
 _MAX_LINE = 1 << 16  # a text-opcode argument (GLOBAL module and name, ...)
 _MAX_NDIM = 32  # NumPy 1.x's limit; SAM's tensors have at most 4 dimensions
 _MAX_DIM = 1 << 62  # one size or stride (elements), before any product

@@ -111,7 +111,7 @@ MAX_NDIM = 32  # a tensor's dims; SAM's weights have at most 4
 # list items. A node can be 2 bytes in the file and a kilobyte in memory, so
 # their number, not the file's size, bounds what parsing costs (and its time:
 # about 5 us each). MobileSAM's TinyViT export builds about 10,000.
-MAX_OBJECTS = 1 << 19
+MAX_OBJECTS = 1 << 18
 
 WIRE_VARINT, WIRE_I64, WIRE_LEN, WIRE_I32 = 0, 1, 2, 5
 
