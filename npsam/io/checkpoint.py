@@ -32,7 +32,6 @@ import json
 import math
 import os
 import pickle
-import pickletools
 import reprlib
 import struct
 import sys
@@ -368,6 +367,8 @@ def _one_pickle(f, end: int, what: str) -> bytes:
     within the file, memo indices sequential, at most ``_MAX_PICKLE_BYTES``
     and ``_MAX_PICKLE_OPCODES``.
     Leaves ``f`` just after the pickle's STOP."""
+    import pickletools  # (only torch files need it: not imported on the safetensors path)
+
     start = f.tell()
     reader = _BoundedReader(f, min(end, start + _MAX_PICKLE_BYTES))
     try:
