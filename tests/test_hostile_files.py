@@ -247,11 +247,14 @@ def test_names_from_a_file_reach_the_terminal_escaped(tmp_path, decoder_state):
 # --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["BUILD on torch.FloatStorage", "RuntimeError (encrypted entry)", "zlib.error",
-                                  "zip: BINBYTES8 2**62", "1000 zip entries alias one storage"])
+                                  "zip: BINBYTES8 2**62", "1000 zip entries alias one storage", "text"])
 def test_command_line_gives_one_line_and_status_2(tmp_path, capsys, name):
     from npsam.tools.cli import main
 
-    data, expected = CASES["torch", name]
+    if name == "text":  # a text file named .pth: told by its content
+        data, expected = b"this is not a checkpoint\n", "looks like text"
+    else:
+        data, expected = CASES["torch", name]
     src = tmp_path / "bad.pth"
     src.write_bytes(data)
     for argv, prog in ((["convert", str(src), str(tmp_path / "out.safetensors")], "npsam convert"),
