@@ -19,7 +19,8 @@ import torch
 
 import hostile
 from fuzz_readers import Worker
-from npsam.build_sam import random_state_dict, sam_model_registry
+from random_weights import random_state_dict
+from npsam.build_sam import sam_model_registry
 from npsam.io.checkpoint import (
     CheckpointError,
     UnsafeCheckpointError,
