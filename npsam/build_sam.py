@@ -7,7 +7,8 @@
 torch), or a list of them whose keys are merged (e.g. the shipped encoder and
 decoder files). Each of the three parts (image_encoder, prompt_encoder,
 mask_decoder) must be either complete or absent; anything else raises one
-ValueError listing every missing, unexpected and mis-shaped key.
+ValueError listing every missing, unexpected and mis-shaped key. Every weight
+must be floating point and finite (``check_weight_values``).
 
 Dimension letters: none; shapes appear only as (official key -> shape) tables.
 """
@@ -148,25 +149,33 @@ def read_state_dict(checkpoint: Union[PathLike, Sequence[PathLike]]) -> Dict[str
         sd = _read_one(path)
         overlap = sorted(set(sd) & set(merged))
         if overlap:
-            raise ValueError(f"checkpoint: {os.fspath(path)} repeats keys of an earlier file: {_preview(overlap)}")
+            from .io.checkpoint import show_name
+
+            raise ValueError(f"checkpoint: {os.fspath(path)} repeats keys of an earlier file: "
+                             f"{_preview([show_name(k) for k in overlap])}")
         merged.update(sd)
     return merged
 
 
 def _read_one(path: PathLike) -> Dict[str, np.ndarray]:
+    """One file, its format told by its content (not its name)."""
+    from .io.checkpoint import CheckpointError, describe_unknown, detect_format, load_safetensors, load_torch_checkpoint
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint: no such file: {path}")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:4] == b"PK\x03\x04" or head[:2] == b"\x80\x02":  # torch.save zip, or legacy pickle
-        from .io.checkpoint import load_torch_checkpoint
-
+        head = f.read(16)
+    kind = detect_format(head, os.path.getsize(path))
+    if kind in ("zip", "pickle"):  # torch.save, zip or legacy
         return load_torch_checkpoint(path)
-    from .io.checkpoint import load_safetensors
-
-    tensors, _metadata = load_safetensors(path)
-    return tensors
+    if kind == "safetensors":
+        tensors, _metadata = load_safetensors(path)
+        return tensors
+    if kind == "onnx":
+        raise CheckpointError(f"checkpoint: {path!r} is an ONNX export; convert it first "
+                              "('npsam convert model.onnx model.safetensors') and load the safetensors file")
+    raise CheckpointError(f"checkpoint: {describe_unknown(path, head)}")
 
 
 def is_folded_bn(state_dict: Dict[str, np.ndarray]) -> bool:
@@ -185,14 +194,16 @@ def check_state_dict(sam: Sam, state_dict: Dict[str, np.ndarray]) -> None:
         k for k in expected
         if k not in state_dict and k not in optional and k.split(".", 1)[0] in present_parts
     )
-    unexpected = sorted(k for k in state_dict if k not in expected)
+    from .io.checkpoint import show_name
+
+    unexpected = sorted(show_name(k) for k in state_dict if k not in expected)
     mismatched = sorted(
         f"{k}: expected {list(expected[k])}, got {list(np.shape(state_dict[k]))}"
         for k in state_dict if k in expected and tuple(np.shape(state_dict[k])) != expected[k]
     )
     if not present_parts:
         raise ValueError(f"checkpoint: no keys of {', '.join(PARTS)} found for model {sam.model_type!r} "
-                         f"(got {len(state_dict)} keys: {_preview(sorted(state_dict))})")
+                         f"(got {len(state_dict)} keys: {_preview(sorted(map(show_name, state_dict)))})")
     if missing or unexpected or mismatched:
         lines = [f"checkpoint does not fit model {sam.model_type!r}:"]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
@@ -200,6 +211,46 @@ def check_state_dict(sam: Sam, state_dict: Dict[str, np.ndarray]) -> None:
             if items:
                 lines.append(f"  {len(items)} {title}: {_preview(items)}")
         raise ValueError("\n".join(lines))
+
+
+# NOTE(reference): the only integer entries of an official state_dict are
+# BatchNorm's num_batches_tracked counters (MobileSAM's unfused Conv2d_BN).
+INTEGER_BUFFERS = ("num_batches_tracked",)
+
+
+def check_weight_values(state_dict: Dict[str, np.ndarray], n: int = 5) -> None:
+    """Weights that load but cannot be right: refused, naming the keys.
+
+    Every weight must be floating point (float16, float32, float64; bfloat16
+    is widened to float32 when read), converted to the model's dtype when
+    loaded; integer and bool arrays are refused (only ``num_batches_tracked``
+    is an integer). Every value must be finite: a NaN or infinity gives NaN
+    scores or empty masks with confident scores, never a useful result.
+    Lists at most ``n`` keys per problem, then "and N more".
+    """
+    from .io.checkpoint import CheckpointError, preview, show_name
+
+    not_arrays = sorted(show_name(k) for k, v in state_dict.items() if not isinstance(v, np.ndarray))
+    if not_arrays:
+        raise CheckpointError(f"checkpoint: {len(not_arrays)} entries are not NumPy arrays: {preview(not_arrays, n)}")
+    not_float, not_finite = [], []
+    for key in sorted(state_dict):
+        array = state_dict[key]
+        if array.dtype.kind != "f":
+            if array.dtype.kind in "iu" and key.rsplit(".", 1)[-1] in INTEGER_BUFFERS:
+                continue
+            not_float.append(f"{show_name(key)} ({array.dtype})")
+        elif array.size and not (np.isfinite(array.min()) and np.isfinite(array.max())):
+            # (min and max propagate NaN and reach +-inf: two reductions, no temporary array)
+            not_finite.append(show_name(key))
+    problems = []
+    if not_float:
+        problems.append(f"{len(not_float)} keys hold integer or bool values where SAM's weights are floating point: "
+                        f"{preview(not_float, n)}")
+    if not_finite:
+        problems.append(f"{len(not_finite)} keys hold NaN or infinite values: {preview(not_finite, n)}")
+    if problems:
+        raise CheckpointError("checkpoint: " + "; ".join(problems))
 
 
 def _preview(items: Sequence[str], n: int = 12) -> str:
@@ -217,6 +268,7 @@ def _build_sam(model_type: str, checkpoint=None, dtype=np.float32) -> Sam:
     sam = build_modules(config, folded_bn=folded)
     if state_dict is not None:
         check_state_dict(sam, state_dict)
+        check_weight_values(state_dict)
         sam.load_state_dict(state_dict, dtype=dtype)
     return sam
 

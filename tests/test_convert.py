@@ -315,7 +315,7 @@ def corrupt_sources(folder, vit_t_state) -> dict:
     (folder / "truncated.pt").write_bytes(data[: len(data) // 2])
     cases["truncated"] = (folder / "truncated.pt", "not a readable zip")
     (folder / "text.pt").write_text("hello, I am not a checkpoint\n")
-    cases["text"] = (folder / "text.pt", "not a PyTorch checkpoint, safetensors or ONNX file")
+    cases["text"] = (folder / "text.pt", "is not a torch.save checkpoint (zip or pickle), a safetensors file or an ONNX file: the file looks like text")
     with zipfile.ZipFile(good) as zin, zipfile.ZipFile(folder / "nopkl.pt", "w") as zout:
         for info in zin.infolist():
             if not info.filename.endswith("data.pkl"):
@@ -328,7 +328,7 @@ def corrupt_sources(folder, vit_t_state) -> dict:
     cases["short storage"] = (folder / "short.pt", "truncated or corrupt")
     header = json.dumps({"a": {"dtype": "F32", "shape": [1024], "data_offsets": [0, 4096]}}).encode()
     (folder / "lying.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
-    cases["lying safetensors"] = (folder / "lying.safetensors", "past the data")
+    cases["lying safetensors"] = (folder / "lying.safetensors", "file not fully covered")
     marker = folder / "pwned"
     evil = (b"\x80\x02cposix\nsystem\nX" + len(f"touch {marker}").to_bytes(4, "little")
             + f"touch {marker}".encode() + b"\x85R.")

@@ -27,15 +27,17 @@ is a view ``(storage_offset, size, stride)`` of it, as in PyTorch.
 from __future__ import annotations
 
 import collections
+import io
 import json
 import math
 import os
 import pickle
+import reprlib
 import struct
 import sys
 import tempfile
 import zipfile
-from typing import Dict, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -47,6 +49,9 @@ __all__ = [
     "load_safetensors",
     "save_safetensors",
     "unwrap_state_dict",
+    "detect_format",
+    "preview",
+    "show_name",
 ]
 
 
@@ -56,6 +61,62 @@ class CheckpointError(ValueError):
 
 class UnsafeCheckpointError(CheckpointError):
     """The pickle names a global that a tensor checkpoint never needs."""
+
+
+# --------------------------------------------------------------------------
+# Bounds, and values from a file shown safely
+# --------------------------------------------------------------------------
+
+# A file sets every size, length and count below; each is checked against the
+# file's real size and these limits before anything is allocated.
+_MAX_PICKLE_BYTES = 1 << 26  # one data.pkl / legacy pickle: 64 MiB (SAM ViT-H's is 75 kB)
+# Opcodes of one pickle: each may build an object (an empty dict is one byte in
+# the file and 64 in memory), and each costs the pre-check a few microseconds,
+# so their number bounds what reading costs. A state_dict needs about 32 per
+# tensor (SAM ViT-H's, 596 tensors: 19,083 opcodes, 75 kB).
+_MAX_PICKLE_OPCODES = 1 << 20
+_MAX_LINE = 1 << 16  # a text-opcode argument (GLOBAL module and name, ...)
+_MAX_NDIM = 32  # NumPy 1.x's limit; SAM's tensors have at most 4 dimensions
+_MAX_DIM = 1 << 62  # one size or stride (elements), before any product
+# NOTE(reference): torch.save writes storages uncompressed (ZIP_STORED). A zip
+# rewritten by another tool may deflate them; their claimed sizes may then add
+# up to at most this multiple of the file's size.
+_MAX_INFLATION = 16
+
+# Values read from a file are shown through this: quoted and escaped (no raw
+# control or NUL bytes reach a terminal), and short (a 100,000-element list is
+# shown as its first few elements, never formatted whole).
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxtuple, _REPR.maxlist, _REPR.maxdict, _REPR.maxset = 3, 6, 6, 4, 4
+_REPR.maxstring, _REPR.maxlong, _REPR.maxother = 80, 40, 80
+
+
+def _show(value) -> str:
+    """A file-supplied value for a message: repr, escaped and truncated."""
+    try:
+        return _REPR.repr(value)
+    except Exception:  # a stand-in whose repr fails: its type is enough
+        return f"<{type(value).__name__}>"
+
+
+def show_name(name) -> str:
+    """A key read from a file, for a message: as it is when it is short and
+    printable (official keys always are), else quoted, escaped and truncated."""
+    return name if isinstance(name, str) and name.isprintable() and len(name) <= 200 else _show(name)
+
+
+def preview(items: Sequence[str], n: int = 5) -> str:
+    """'a, b, c and 7 more': at most n items of a list built from a file."""
+    shown = ", ".join(items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _clip(text, n: int = 300) -> str:
+    """Another library's message, made safe to print: one line of at most n
+    characters, control characters escaped (such messages quote file contents)."""
+    text = " ".join(str(text)[: 4 * n].split())
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 # --------------------------------------------------------------------------
@@ -79,12 +140,31 @@ _STORAGE_DTYPES = {
 }
 
 
-class _StorageType:
+class _Immutable:
+    """Base of the stand-ins a pickle can name: shared by every load in the
+    process, so nothing a file does may change them. The pickle opcode BUILD
+    (``obj.__setstate__(state)``, else ``obj.__dict__.update(state)`` and
+    ``setattr``) is refused, and so is any attribute assignment."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name, value):
+        raise CheckpointError(f"checkpoint: the pickle tries to set {_show(name)} on {self!r}, a shared stand-in")
+
+    __delattr__ = __setattr__
+
+    def __setstate__(self, state):
+        raise CheckpointError(f"checkpoint: the pickle applies BUILD to {self!r}, which a tensor checkpoint never does")
+
+
+class _StorageType(_Immutable):
     """Stand-in for ``torch.FloatStorage`` and friends: just a name and a dtype."""
 
+    __slots__ = ("name", "dtype")
+
     def __init__(self, name: str) -> None:
-        self.name = name
-        self.dtype = _STORAGE_DTYPES[name]
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "dtype", _STORAGE_DTYPES[name])
 
     @property
     def is_bfloat16(self) -> bool:
@@ -94,6 +174,42 @@ class _StorageType:
         return f"torch.{self.name}"
 
 
+class _Callable(_Immutable):
+    """Stand-in for a function or class a checkpoint may call (REDUCE): calls
+    ``function``, and cannot be changed by the file (a bare function could:
+    BUILD with a slot state sets ``__defaults__``)."""
+
+    __slots__ = ("qualname", "function")
+
+    def __init__(self, qualname: str, function) -> None:
+        object.__setattr__(self, "qualname", qualname)
+        object.__setattr__(self, "function", function)
+
+    def __call__(self, *args, **kwargs):
+        return self.function(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return self.qualname
+
+
+class _Budget:
+    """Bytes a load may still materialise: storages (together at most the
+    file's size) or the tensors built from one storage (twice its bytes, plus
+    a little): a pickle of a few kilobytes must not turn one 4 MiB storage
+    into a thousand 4 MiB tensors."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.left, self.what = limit, what
+
+    def spend(self, nbytes: int, key) -> None:
+        if nbytes > self.left:
+            raise CheckpointError(
+                f"checkpoint: {self.what} for storage {_show(key)} ({nbytes} bytes) exceed what the file can hold: "
+                "storages or tensors alias one another (a corrupt or hostile file)"
+            )
+        self.left -= nbytes
+
+
 class _Storage:
     """One storage, already read into a flat NumPy array (raw dtype)."""
 
@@ -101,14 +217,27 @@ class _Storage:
         self.key = key
         self.storage_type = storage_type
         self.data = data  # [numel]
+        self.budget = _Budget(2 * data.nbytes + 1024, "tensors")  # tensors built from it
 
 
 def _check_int_tuple(value, what: str) -> Tuple[int, ...]:
-    if not isinstance(value, (tuple, list)) or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) > _MAX_NDIM
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _MAX_DIM for v in value)
     ):
-        raise CheckpointError(f"tensor {what}: expected a tuple of non-negative ints, got {value!r}")
+        raise CheckpointError(
+            f"tensor {what}: expected a tuple of at most {_MAX_NDIM} non-negative ints below 2**62, got {_show(value)}"
+        )
     return tuple(value)
+
+
+def _bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32, exactly (bfloat16 is the top half of a float32).
+    In place on a uint32 copy, so that a 0-d array stays a 0-d array."""
+    wide = bits.astype(np.uint32)  # same shape, 0-d included
+    wide <<= 16
+    return wide.view(np.float32)
 
 
 def _contiguous_strides(size: Tuple[int, ...]) -> Tuple[int, ...]:
@@ -128,7 +257,12 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     size = _check_int_tuple(size, "size")
     stride = _check_int_tuple(stride, "stride")
     if len(size) != len(stride):
-        raise CheckpointError(f"tensor in storage {storage.key!r}: size {size} and stride {stride} differ in length")
+        raise CheckpointError(
+            f"tensor in storage {_show(storage.key)}: size {size} and stride {stride} differ in length"
+        )
+    # A dimension of size 1 is never stepped along: its stride is irrelevant (and
+    # may be anything in a file; NumPy would overflow on 2**63).
+    stride = tuple(s if n > 1 else 0 for n, s in zip(size, stride))
     flat = storage.data  # [numel]
     numel = math.prod(size)  # Python ints: no overflow, whatever the file claims
     if numel == 0:
@@ -138,17 +272,19 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
         extent = storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1
         if extent > flat.size:
             raise CheckpointError(
-                f"storage {storage.key!r} holds {flat.size} elements but its tensor (offset {storage_offset}, "
+                f"storage {_show(storage.key)} holds {flat.size} elements but its tensor (offset {storage_offset}, "
                 f"size {size}, stride {stride}) needs {extent}: the checkpoint is truncated or corrupt"
             )
         if numel > flat.size:
             # Only broadcast (stride-0) views are larger than their storage; a
             # state_dict never holds one, and a hostile file could ask for terabytes.
             raise CheckpointError(
-                f"storage {storage.key!r}: a tensor of size {size} ({numel} elements) from a storage of "
+                f"storage {_show(storage.key)}: a tensor of size {size} ({numel} elements) from a storage of "
                 f"{flat.size} elements (broadcast views are not supported)"
             )
-        if storage_offset == 0 and numel == flat.size and stride == _contiguous_strides(size):
+        storage.budget.spend(numel * flat.itemsize, storage.key)
+        contiguous = tuple(s if n > 1 else 0 for n, s in zip(size, _contiguous_strides(size)))
+        if storage_offset == 0 and numel == flat.size and stride == contiguous:
             array = flat.reshape(size)  # [numel] -> size, the whole storage, no copy
         else:
             item = flat.itemsize
@@ -157,7 +293,7 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
             )  # [numel] -> size
             array = view.copy()  # a contiguous array that owns its data
     if storage.storage_type.is_bfloat16:
-        array = (array.astype(np.uint32) << 16).view(np.float32)  # bfloat16 bits -> float32, exact
+        array = _bfloat16_to_float32(array)  # bfloat16 bits -> float32, exact
     return array
 
 
@@ -180,16 +316,81 @@ def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
 
 # (module, name) -> the local object the pickle gets instead. Nothing else resolves.
 _SAFE_GLOBALS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
+    (module, name): _Callable(f"{module}.{name}", function)
+    for (module, name), function in {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
+    }.items()
 }
 for _name in _STORAGE_DTYPES:
     _SAFE_GLOBALS[("torch", _name)] = _StorageType(_name)
     # NOTE(reference): old writers (PyTorch < 1.0) named CUDA storages torch.cuda.*Storage.
     _SAFE_GLOBALS[("torch.cuda", _name)] = _SAFE_GLOBALS[("torch", _name)]
+
+# Opcodes whose argument is a memo index: a pickle written by Python numbers
+# its memo entries 0, 1, 2, ..., so an index beyond the opcodes read so far is
+# a lie (and the C unpickler would grow its memo table to that size).
+_MEMO_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
+
+
+class _BoundedReader:
+    """A file seen up to ``end``: ``read(n)`` never asks for more than is left
+    (a length of 2**62 in the file becomes a short read, not an allocation),
+    ``readline`` stops after ``_MAX_LINE`` bytes. Keeps its own position (a
+    buffered file's tell() is a system call, and genops asks once per opcode)."""
+
+    def __init__(self, f, end: int) -> None:
+        self.f, self.end, self.pos = f, end, f.tell()
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self.end - self.pos)
+        data = self.f.read(left if n is None or n < 0 or n > left else n)
+        self.pos += len(data)
+        return data
+
+    def readline(self, n: int = -1) -> bytes:
+        left = max(0, min(self.end - self.pos, _MAX_LINE))
+        data = self.f.readline(left if n is None or n < 0 or n > left else n)
+        self.pos += len(data)
+        return data
+
+
+def _one_pickle(f, end: int, what: str) -> bytes:
+    """The bytes of the pickle at ``f``'s position, checked opcode by opcode
+    (``pickletools.genops``) before anything unpickles them: every length
+    within the file, memo indices sequential, at most ``_MAX_PICKLE_BYTES``
+    and ``_MAX_PICKLE_OPCODES``.
+    Leaves ``f`` just after the pickle's STOP."""
+    import pickletools  # (only torch files need it: not imported on the safetensors path)
+
+    start = f.tell()
+    reader = _BoundedReader(f, min(end, start + _MAX_PICKLE_BYTES))
+    try:
+        for count, (opcode, arg, pos) in enumerate(pickletools.genops(reader)):
+            if opcode.name in _MEMO_OPCODES and not (isinstance(arg, int) and 0 <= arg <= count):
+                raise CheckpointError(f"{what}: memo index {_show(arg)} at byte {pos - start} is out of sequence")
+            if opcode.name == "FRAME" and arg > end - reader.tell():
+                raise CheckpointError(f"{what}: a frame of {arg} bytes at byte {pos - start} runs past the end")
+            if count >= _MAX_PICKLE_OPCODES:
+                raise CheckpointError(f"{what}: more than {_MAX_PICKLE_OPCODES} opcodes in one pickle")
+    except ValueError as e:  # genops: unknown opcode, short argument, no STOP, bad text argument
+        if isinstance(e, CheckpointError):
+            raise
+        if reader.tell() - start >= _MAX_PICKLE_BYTES:
+            raise CheckpointError(f"{what}: a pickle longer than {_MAX_PICKLE_BYTES} bytes") from None
+        raise CheckpointError(f"{what}: truncated or corrupt pickle ({_clip(e)})") from None
+    stop = reader.tell()
+    f.seek(start)
+    data = f.read(stop - start)
+    if len(data) != stop - start:
+        raise CheckpointError(f"{what}: the file changed while it was read")
+    return data
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -198,9 +399,14 @@ class RestrictedUnpickler(pickle.Unpickler):
     ``find_class`` is the only path by which a pickle reaches a Python object
     it did not build itself (GLOBAL, STACK_GLOBAL, INST and the copyreg
     extension codes all go through it), so refusing there means nothing named
-    by the file is imported or called. ``persistent_load`` turns a
-    ``('storage', storage_type, key, location, numel[, view_metadata])`` id
-    into a :class:`_Storage` by calling ``read_storage(key, storage_type, numel)``.
+    by the file is imported or called. The stand-ins are immutable (BUILD on
+    them is refused), so a file cannot change what later loads get.
+    ``persistent_load`` turns a ``('storage', storage_type, key, location,
+    numel[, view_metadata])`` id into a :class:`_Storage` by calling
+    ``read_storage(key, storage_type, numel)``.
+
+    Give it the bytes of one pickle already checked by :func:`_one_pickle`
+    (``RestrictedUnpickler.loads``), never an open file.
     """
 
     def __init__(self, file, read_storage=None) -> None:
@@ -208,16 +414,20 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._read_storage = read_storage
         self._storages: Dict[str, _Storage] = {}
 
+    @classmethod
+    def loads(cls, data: bytes, read_storage=None):
+        return cls(io.BytesIO(data), read_storage).load()
+
     def load(self):
         try:
             return super().load()
         except CheckpointError:
             raise
         except (EOFError, pickle.UnpicklingError, struct.error) as e:
-            raise CheckpointError(f"checkpoint: truncated or corrupt pickle: {e}") from None
+            raise CheckpointError(f"checkpoint: truncated or corrupt pickle: {_clip(e)}") from None
         except (TypeError, AttributeError, IndexError, KeyError, ValueError, RecursionError) as e:
             # E.g. an allowed stand-in called with the wrong arguments: a malformed file, never code.
-            raise CheckpointError(f"checkpoint: malformed pickle ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"checkpoint: malformed pickle ({type(e).__name__}: {_clip(e)})") from None
 
     def find_class(self, module: str, name: str):
         found = _SAFE_GLOBALS.get((module, name))
@@ -228,7 +438,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             elif module.startswith("torch.nn.") or module.startswith("segment_anything") or module.startswith("mobile_sam"):
                 hint = " (this looks like a whole pickled model; save model.state_dict() instead)"
             raise UnsafeCheckpointError(
-                f"checkpoint: the pickle asks for the global '{module}.{name}', which a tensor checkpoint "
+                f"checkpoint: the pickle asks for the global {_show(f'{module}.{name}')}, which a tensor checkpoint "
                 f"never needs; refusing to load it (npsam never imports or calls code named by a checkpoint){hint}"
             )
         return found
@@ -237,15 +447,15 @@ class RestrictedUnpickler(pickle.Unpickler):
         if self._read_storage is None:
             raise CheckpointError("checkpoint: a persistent id where none is allowed")
         if not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] not in ("storage", b"storage"):
-            raise CheckpointError(f"checkpoint: persistent id {pid!r:.200} is not a ('storage', ...) tuple")
+            raise CheckpointError(f"checkpoint: persistent id {_show(pid)} is not a ('storage', ...) tuple")
         storage_type, key, numel = pid[1], pid[2], pid[4]
         view_metadata = pid[5] if len(pid) == 6 else None
         if not isinstance(storage_type, _StorageType):
-            raise CheckpointError(f"checkpoint: persistent id names storage type {storage_type!r}")
+            raise CheckpointError(f"checkpoint: persistent id names storage type {_show(storage_type)}")
         if isinstance(key, bytes):
-            key = key.decode("ascii")
-        if not isinstance(key, str) or not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
-            raise CheckpointError(f"checkpoint: malformed storage persistent id {pid!r:.200}")
+            key = key.decode("ascii", "backslashreplace")
+        if not isinstance(key, str) or not isinstance(numel, int) or isinstance(numel, bool) or not 0 <= numel < _MAX_DIM:
+            raise CheckpointError(f"checkpoint: malformed storage persistent id {_show(pid)}")
         if view_metadata is not None:
             # NOTE(reference): storage views were written only by PyTorch < 0.4.
             raise CheckpointError("checkpoint: storage views (PyTorch < 0.4) are not supported")
@@ -254,7 +464,9 @@ class RestrictedUnpickler(pickle.Unpickler):
             self._storages[key] = _Storage(key, storage_type, data)
         storage = self._storages[key]
         if storage.storage_type.name != storage_type.name:
-            raise CheckpointError(f"checkpoint: storage {key!r} used as both {storage.storage_type} and {storage_type}")
+            raise CheckpointError(
+                f"checkpoint: storage {_show(key)} used as both {storage.storage_type} and {storage_type}"
+            )
         return storage
 
 
@@ -286,104 +498,119 @@ def _data_pkl_name(names) -> str:
     return found[0]
 
 
-def _load_zip(path: str) -> object:
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise CheckpointError(f"checkpoint {path!r}: not a readable zip (truncated or corrupt?): {e}") from None
+def _load_zip(path: str, file_size: int) -> object:
+    archive = zipfile.ZipFile(path)
     with archive, open(path, "rb") as raw:
         names = archive.namelist()
         pkl_name = _data_pkl_name(names)
         prefix = pkl_name[: -len("data.pkl")]
         byteorder = "little"
         if prefix + "byteorder" in names:
-            byteorder = archive.read(prefix + "byteorder").decode("ascii", "replace").strip()
+            with archive.open(prefix + "byteorder") as member:
+                byteorder = member.read(16).decode("ascii", "replace").strip()
         if byteorder not in ("little", "big"):
-            raise CheckpointError(f"checkpoint: byteorder file says {byteorder!r}, expected 'little' or 'big'")
+            raise CheckpointError(f"checkpoint: byteorder file says {_show(byteorder)}, expected 'little' or 'big'")
+        with archive.open(pkl_name) as member:
+            pkl = member.read(_MAX_PICKLE_BYTES + 1)
+        if len(pkl) > min(_MAX_PICKLE_BYTES, _MAX_INFLATION * file_size):
+            raise CheckpointError(f"checkpoint: {_show(pkl_name)} is longer than {_MAX_PICKLE_BYTES} bytes "
+                                  f"or {_MAX_INFLATION} times the file")
+        pkl = _one_pickle(io.BytesIO(pkl), len(pkl), _show(pkl_name))
+
+        storage_bytes = _Budget(file_size, "storages")  # stored storages: together at most the file
+        inflated_bytes = _Budget(_MAX_INFLATION * file_size, "compressed storages")
+        seen_offsets = set()
 
         def read_storage(key: str, storage_type: _StorageType, numel: int) -> np.ndarray:
             name = f"{prefix}data/{key}"
             try:
                 info = archive.getinfo(name)
             except KeyError:
-                raise CheckpointError(f"checkpoint: storage {name!r} is missing from the zip") from None
+                raise CheckpointError(f"checkpoint: storage {_show(name)} is missing from the zip") from None
+            if info.header_offset in seen_offsets:
+                raise CheckpointError(
+                    f"checkpoint: zip entry {_show(name)} aliases the data of another entry (same offset "
+                    f"{info.header_offset}): a corrupt or hostile zip"
+                )
+            seen_offsets.add(info.header_offset)
             dtype = storage_type.dtype
             if byteorder != sys.byteorder:
                 dtype = dtype.newbyteorder()
             nbytes = numel * dtype.itemsize
             if info.file_size < nbytes:
                 raise CheckpointError(
-                    f"checkpoint: storage {name!r} has {info.file_size} bytes but declares {numel} elements "
+                    f"checkpoint: storage {_show(name)} has {info.file_size} bytes but declares {numel} elements "
                     f"of {storage_type} ({nbytes} bytes): truncated or corrupt"
                 )
-            flat = np.empty(numel, dtype=dtype)  # [numel]
             if info.compress_type == zipfile.ZIP_STORED:
+                storage_bytes.spend(nbytes, key)
                 # torch writes storages uncompressed: read them straight from the file.
                 raw.seek(info.header_offset)
                 header = raw.read(30)
                 if len(header) != 30 or header[:4] != _ZIP_MAGIC:
-                    raise CheckpointError(f"checkpoint: corrupt zip entry for {name!r}")
+                    raise CheckpointError(f"checkpoint: corrupt zip entry for {_show(name)}")
                 name_len, extra_len = struct.unpack("<HH", header[26:30])
-                raw.seek(info.header_offset + 30 + name_len + extra_len)
-                _read_exact_into(raw, flat, f"checkpoint storage {name!r}")
+                start = info.header_offset + 30 + name_len + extra_len
+                if start + nbytes > file_size:
+                    raise CheckpointError(f"checkpoint: storage {_show(name)} runs past the end of the file")
+                flat = np.empty(numel, dtype=dtype)  # [numel]
+                raw.seek(start)
+                _read_exact_into(raw, flat, f"checkpoint storage {_show(name)}")
             else:
+                inflated_bytes.spend(nbytes, key)
+                flat = np.empty(numel, dtype=dtype)  # [numel]
                 with archive.open(name) as member:
-                    _read_exact_into(member, flat, f"checkpoint storage {name!r}")
+                    _read_exact_into(member, flat, f"checkpoint storage {_show(name)}")
             return flat.astype(storage_type.dtype, copy=False)  # to native byte order
 
-        try:
-            with archive.open(pkl_name) as f:
-                return RestrictedUnpickler(f, read_storage).load()
-        except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError) as e:
-            raise CheckpointError(f"checkpoint {path!r}: corrupt data.pkl: {e}") from None
+        return RestrictedUnpickler.loads(pkl, read_storage)
 
 
-def _load_legacy(path: str) -> object:
+def _load_legacy(path: str, file_size: int) -> object:
     """The legacy format. Its storages follow the object pickle, so the object is
     unpickled twice: once to learn each storage's type and size (the tensors
     built then are discarded), and again once the storages are read."""
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
         storages: Dict[str, np.ndarray] = {}  # key -> [numel], in the order the pickle names them
+        declared = _Budget(file_size, "storages")
 
         def declare_storage(key: str, storage_type: _StorageType, numel: int) -> np.ndarray:
-            if numel * storage_type.dtype.itemsize > size:
-                raise CheckpointError(
-                    f"checkpoint {path!r}: storage {key!r} declares {numel} elements, more than the file holds: "
-                    "truncated or corrupt"
-                )
+            declared.spend(numel * storage_type.dtype.itemsize, key)
             storages[key] = np.empty(numel, dtype=storage_type.dtype)  # [numel], filled below
             return storages[key]
 
-        try:
-            if RestrictedUnpickler(f).load() != _LEGACY_MAGIC_NUMBER:
-                raise CheckpointError(f"checkpoint {path!r}: a pickle, but not a torch.save file (wrong magic number)")
-            protocol = RestrictedUnpickler(f).load()
-            if protocol != _LEGACY_PROTOCOL_VERSION:
-                raise CheckpointError(f"checkpoint {path!r}: legacy protocol {protocol!r}, expected 1001")
-            sys_info = RestrictedUnpickler(f).load()
-            little = not isinstance(sys_info, dict) or sys_info.get("little_endian", True)
-            object_start = f.tell()
-            RestrictedUnpickler(f, declare_storage).load()
-            keys = RestrictedUnpickler(f).load()
-        except (EOFError, pickle.UnpicklingError, struct.error) as e:
-            raise CheckpointError(f"checkpoint {path!r}: truncated or corrupt legacy checkpoint: {e}") from None
-        if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages):
+        def next_pickle(what: str) -> bytes:
+            return _one_pickle(f, file_size, f"checkpoint {path!r}: {what}")
+
+        if RestrictedUnpickler.loads(next_pickle("magic number")) != _LEGACY_MAGIC_NUMBER:
+            raise CheckpointError(f"checkpoint {path!r}: a pickle, but not a torch.save file (wrong magic number)")
+        protocol = RestrictedUnpickler.loads(next_pickle("protocol version"))
+        if protocol != _LEGACY_PROTOCOL_VERSION:
+            raise CheckpointError(f"checkpoint {path!r}: legacy protocol {_show(protocol)}, expected 1001")
+        sys_info = RestrictedUnpickler.loads(next_pickle("system information"))
+        little = not isinstance(sys_info, dict) or sys_info.get("little_endian", True) is not False
+        object_pickle = next_pickle("the state_dict")
+        RestrictedUnpickler.loads(object_pickle, declare_storage)
+        keys = RestrictedUnpickler.loads(next_pickle("storage keys"))
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or sorted(keys) != sorted(storages):
             raise CheckpointError(f"checkpoint {path!r}: storage key list does not match the tensors")
-        for key in map(str, keys):
+        for key in keys:
             flat = storages[key]  # [numel]
             count = f.read(8)
             if len(count) != 8:
-                raise CheckpointError(f"checkpoint {path!r}: truncated before storage {key!r}")
+                raise CheckpointError(f"checkpoint {path!r}: truncated before storage {_show(key)}")
             (numel,) = struct.unpack("<q" if little else ">q", count)
             if numel != flat.size:
-                raise CheckpointError(f"checkpoint {path!r}: storage {key!r} declares {flat.size} elements, its record {numel}")
+                raise CheckpointError(
+                    f"checkpoint {path!r}: storage {_show(key)} declares {flat.size} elements, its record {numel}"
+                )
             if little:
-                _read_exact_into(f, flat, f"checkpoint {path!r} storage {key!r}")
+                _read_exact_into(f, flat, f"checkpoint {path!r} storage {_show(key)}")
             else:
-                flat[...] = _read_exact_into(f, np.empty(numel, flat.dtype.newbyteorder(">")), f"storage {key!r}")
-        f.seek(object_start)
-        return RestrictedUnpickler(f, lambda key, storage_type, numel: storages[key]).load()
+                flat[...] = _read_exact_into(
+                    f, np.empty(numel, flat.dtype.newbyteorder(">")), f"storage {_show(key)}"
+                )
+        return RestrictedUnpickler.loads(object_pickle, lambda key, storage_type, numel: storages[key])
 
 
 def unwrap_state_dict(obj) -> Dict[str, np.ndarray]:
@@ -404,11 +631,12 @@ def unwrap_state_dict(obj) -> Dict[str, np.ndarray]:
         obj = obj[inner[0]]
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint: expected a dict of tensors (a state_dict), got {type(obj).__name__}")
-    bad = [f"{k!r}: {type(v).__name__}" for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, np.ndarray)]
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, np.ndarray)]
     if bad:
+        shown = ", ".join(f"{_show(k)}: {type(obj[k]).__name__}" for k in bad[:5])
         raise CheckpointError(
             f"checkpoint: expected a dict of tensors (a state_dict), got {len(bad)} other entries: "
-            + ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+            + shown + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         )
     state_dict = dict(obj)
     if state_dict and all(k.startswith("module.") for k in state_dict):
@@ -423,20 +651,124 @@ def load_torch_checkpoint(path) -> Dict[str, np.ndarray]:
     float64 and integer/bool tensors keep their dtype; bfloat16 becomes float32
     (exactly). Raises :class:`UnsafeCheckpointError` for a pickle naming any
     global outside the tensor-checkpoint allow-list and :class:`CheckpointError`
-    (a ValueError) for anything else that is not a readable state_dict.
+    (a ValueError) naming the file for anything else that is not a readable
+    state_dict, whatever went wrong inside (a corrupt zip, a lying length, ...).
+    The cost is bounded by the file's size: every size, length and count the
+    file states is checked against it before anything is allocated.
     """
     path = os.fspath(path)
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head.startswith(_ZIP_MAGIC):
-        obj = _load_zip(path)
-    elif head.startswith(b"\x80"):  # a pickle (PROTO opcode): the legacy format
-        obj = _load_legacy(path)
-    else:
-        raise CheckpointError(
-            f"checkpoint {path!r}: not a torch.save file (expected a zip or a pickle, the file starts {head[:8]!r})"
-        )
-    return unwrap_state_dict(obj)
+    file_size = _file_size(path)
+
+    def load():
+        with open(path, "rb") as f:
+            head = f.read(16)
+        kind = detect_format(head, file_size)
+        if kind == "zip":
+            return unwrap_state_dict(_load_zip(path, file_size))
+        if kind == "pickle":
+            return unwrap_state_dict(_load_legacy(path, file_size))
+        raise CheckpointError(f"not a torch.save file: expected a zip or a pickle, {_is_instead(kind, head)}")
+
+    return _reading("checkpoint", path, load)
+
+
+# --------------------------------------------------------------------------
+# What a file is, and one error type whatever goes wrong
+# --------------------------------------------------------------------------
+
+def detect_format(head: bytes, file_size: int) -> Optional[str]:
+    """'zip' (torch.save), 'pickle' (legacy torch.save), 'safetensors', 'onnx'
+    or None, from a file's first 16 bytes (and its size)."""
+    if head.startswith(_ZIP_MAGIC) or head.startswith(b"PK\x05\x06"):  # a zip (PK\x05\x06: empty)
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # PROTO 2..5: a binary pickle
+        return "pickle"
+    if len(head) >= 10 and head[8:9] == b"{":
+        (n,) = struct.unpack("<Q", head[:8])
+        if 2 <= n <= file_size - 8:
+            return "safetensors"  # u64 header length, then the JSON header
+    if len(head) >= 2 and head[0] == 0x08 and 1 <= head[1] <= 32:
+        return "onnx"  # protobuf field 1 (ModelProto.ir_version), a small varint
+    return None
+
+
+_FORMAT_NAMES = {
+    "zip": "a torch.save checkpoint (zip)",
+    "pickle": "a legacy torch.save checkpoint (pickle)",
+    "safetensors": "a safetensors file",
+    "onnx": "an ONNX file",
+}
+
+
+def _is_instead(kind: Optional[str], head: bytes) -> str:
+    """What a file of the wrong format looks like, for an error message."""
+    if kind is not None:
+        return f"this is {_FORMAT_NAMES[kind]}"
+    if not head:
+        return "the file is empty"
+    try:
+        text = head.decode("utf-8")
+        if text.isprintable() or all(c.isprintable() or c in "\t\r\n" for c in text):
+            return f"the file looks like text (it starts {_show(text)})"
+    except UnicodeDecodeError:
+        pass
+    return f"the file starts {_show(head[:8])}"
+
+
+def describe_unknown(path, head: bytes) -> str:
+    """The message for a file that is no weights format npsam reads."""
+    return (f"{_show(os.fspath(path))} is not a torch.save checkpoint (zip or pickle), a safetensors file "
+            f"or an ONNX file: {_is_instead(None, head)}")
+
+
+def _file_size(path: str) -> int:
+    """The size of a regular file; a missing file or a folder raises OSError, as open() would:
+    that is the caller's path, not a problem of the file's content."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(21, "Is a directory (expected a weights file)", path)
+    return os.path.getsize(path)
+
+
+def _reading(label: str, path: str, load):
+    """Run ``load()``; any failure becomes one CheckpointError naming the file.
+
+    A malformed file can make the standard library raise almost anything
+    (zipfile.BadZipFile, NotImplementedError for compression 99, RuntimeError
+    for an encrypted entry, zlib.error, lzma.LZMAError, OSError from a negative
+    seek, OverflowError, MemoryError, RecursionError, UnicodeDecodeError, ...);
+    a caller gets the one error type, with the original as its cause.
+    """
+    shown = repr(path)  # the caller's path, whole (repr escapes what a terminal should not see)
+    try:
+        return load()
+    except CheckpointError as e:
+        message = str(e)
+        if shown in message:
+            raise
+        for prefix in ("checkpoint: ", "safetensors: ", "onnx file: "):
+            message = message[len(prefix):] if message.startswith(prefix) else message
+        raise type(e)(f"{label} {shown}: {message}") from None
+    except Exception as e:
+        raise CheckpointError(f"{label} {shown}: {_what_went_wrong(e)} ({type(e).__name__}: {_clip(e, 200)})") from e
+
+
+def _what_went_wrong(e: Exception) -> str:
+    import lzma
+    import zlib
+
+    if isinstance(e, (zipfile.BadZipFile, zipfile.LargeZipFile)):
+        return "not a readable zip (truncated or corrupt?)"
+    if isinstance(e, (NotImplementedError, RuntimeError)) and not isinstance(e, RecursionError):
+        return "a zip feature npsam does not read (encryption, an unknown compression method or version)"
+    if isinstance(e, (zlib.error, lzma.LZMAError, EOFError)):
+        return "corrupt compressed data"
+    if isinstance(e, (MemoryError, OverflowError)):
+        return "sizes beyond what can be read (a corrupt or hostile file)"
+    if isinstance(e, RecursionError):
+        return "structures nested too deeply (a corrupt or hostile file)"
+    if isinstance(e, UnicodeError):
+        return "text that is not valid (a corrupt file)"
+    return "corrupt or unsupported file"
 
 
 # --------------------------------------------------------------------------
@@ -452,88 +784,68 @@ _SAFETENSORS_DTYPES = {
 _NUMPY_TO_SAFETENSORS = {
     np.dtype(v).newbyteorder("="): k for k, v in _SAFETENSORS_DTYPES.items() if k != "BF16"
 }
-_MAX_HEADER = 100_000_000  # the safetensors library's own limit
-
-
-def _read_safetensors_header(path: str, file_size: int, f) -> Tuple[dict, dict, int]:
-    """Parse and check the header: returns (entries, metadata, data start)."""
-    if file_size < 8:
-        raise CheckpointError(f"safetensors {path!r}: {file_size} bytes, too short for a header")
-    (n,) = struct.unpack("<Q", f.read(8))
-    if n > file_size - 8 or n > _MAX_HEADER:
-        raise CheckpointError(f"safetensors {path!r}: header length {n} exceeds the file ({file_size} bytes)")
-    try:
-        header = json.loads(f.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"safetensors {path!r}: header is not JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"safetensors {path!r}: header is a {type(header).__name__}, expected an object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise CheckpointError(f"safetensors {path!r}: __metadata__ must map strings to strings")
-    data_size = file_size - 8 - n
-    spans = []
-    for name, entry in header.items():
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise CheckpointError(f"safetensors {path!r}: entry {name!r} must have dtype, shape, data_offsets")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"safetensors {path!r}: {name!r} has unsupported dtype {dtype!r}")
-        ints = lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
-        if not ints(shape) or not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
-            raise CheckpointError(f"safetensors {path!r}: {name!r} has malformed shape {shape!r} or offsets {offsets!r}")
-        nbytes = int(np.prod(shape, dtype=object)) * _SAFETENSORS_DTYPES[dtype].itemsize
-        if offsets[1] - offsets[0] != nbytes:
-            raise CheckpointError(
-                f"safetensors {path!r}: {name!r} is {dtype}{shape} ({nbytes} bytes) but its offsets "
-                f"{offsets} span {offsets[1] - offsets[0]} bytes"
-            )
-        if offsets[1] > data_size:
-            raise CheckpointError(f"safetensors {path!r}: {name!r} offsets {offsets} run past the data ({data_size} bytes)")
-        spans.append((offsets[0], offsets[1], name))
-    end = 0
-    for begin, stop, name in sorted(spans):
-        if begin != end:
-            raise CheckpointError(
-                f"safetensors {path!r}: {name!r} starts at {begin}, expected {end} "
-                f"({'overlap' if begin < end else 'gap'}): the header lies about its offsets"
-            )
-        end = stop
-    if end != data_size:
-        raise CheckpointError(f"safetensors {path!r}: tensors cover {end} bytes of {data_size}: the header lies")
-    return header, metadata, 8 + n
 
 
 def load_safetensors(path) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
-    """Read a safetensors file as (arrays, metadata), checking the header first.
+    """Read a safetensors file as (arrays, metadata).
 
-    The header is checked before any offset in it is used: its length within
-    the file, every entry's size equal to dtype x shape, offsets in bounds,
-    contiguous, without gaps or overlaps. BF16 tensors become float32 (exact).
-    The arrays are writeable views of one buffer holding the file's data
-    section (copies where a tensor is not aligned to its dtype).
+    The ``safetensors`` package parses and validates the header first (its
+    length within the file, JSON, dtypes, every entry's size equal to dtype x
+    shape without overflow, offsets in bounds and contiguous, ``__metadata__``
+    a dict of strings); npsam's own code only does what the package's NumPy
+    side cannot: BF16 tensors become float32 (exact), and the data section is
+    read in one read into one buffer whose views the arrays are (copies where
+    a tensor is not aligned to its dtype). A 0-d tensor is a 0-d array.
+    Any failure is a :class:`CheckpointError` naming the file.
     """
     path = os.fspath(path)
+    file_size = _file_size(path)
+    return _reading("safetensors", path, lambda: _load_safetensors(path, file_size))
+
+
+def _load_safetensors(path: str, file_size: int) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
     with open(path, "rb") as f:
-        file_size = os.fstat(f.fileno()).st_size
-        header, metadata, start = _read_safetensors_header(path, file_size, f)
+        head = f.read(16)
+        kind = detect_format(head, file_size)
+        if kind != "safetensors" and kind is not None:
+            raise CheckpointError(f"not a safetensors file: {_is_instead(kind, head)}")
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(path, framework="numpy") as checked:
+                metadata = checked.metadata() or {}
+        except SafetensorError as e:
+            if kind is None:
+                raise CheckpointError(f"not a safetensors file ({_clip(e, 200)}): {_is_instead(kind, head)}") from None
+            raise CheckpointError(f"invalid safetensors file: {_clip(e, 200)}") from None
+        # The header is valid: its entries' dtypes, shapes and offsets are read here
+        # only to place each tensor in the buffer below.
+        (n,) = struct.unpack("<Q", head[:8])
+        f.seek(8)
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
         # The whole data section in one read, into one buffer the tensors are views
         # of: one system call instead of one per tensor, and one large allocation,
         # which NumPy backs with huge pages where the system offers them. A cold
         # process reads the 16 MB decoder in 9-14 against 15-17 ms (423 against
         # 4019 page faults).
-        data = np.empty(file_size - start, np.uint8)
-        f.seek(start)
-        _read_exact_into(f, data, f"safetensors {path!r}")
+        data = np.empty(file_size - 8 - n, np.uint8)
+        _read_exact_into(f, data, "safetensors data")
     tensors = {}
     for name, entry in header.items():
-        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        kind = entry["dtype"]
+        if kind not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor {_show(name)} has dtype {_show(kind)}, which npsam does not read "
+                                  f"(expected one of {', '.join(_SAFETENSORS_DTYPES)})")
+        if len(entry["shape"]) > _MAX_NDIM:
+            raise CheckpointError(f"tensor {_show(name)} has {len(entry['shape'])} dimensions, more than {_MAX_NDIM}")
+        dtype = _SAFETENSORS_DTYPES[kind]
         begin, end = entry["data_offsets"]
-        array = data[begin:end].view(dtype).reshape(entry["shape"])
+        array = data[begin:end].view(dtype).reshape(entry["shape"])  # a 0-d shape gives a 0-d array
         if begin % dtype.itemsize:  # a writer that does not align its tensors: an aligned copy
             array = array.copy()
-        if entry["dtype"] == "BF16":
-            array = (array.astype(np.uint32) << 16).view(np.float32)  # bfloat16 bits -> float32, exact
+        if kind == "BF16":
+            array = _bfloat16_to_float32(array)  # bfloat16 bits -> float32, exact
         tensors[name] = array.astype(array.dtype.newbyteorder("="), copy=False)  # native byte order
     return tensors, dict(metadata)
 

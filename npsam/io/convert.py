@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import struct
 import sys
 import time
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -29,7 +28,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from npsam import __version__
-from npsam.io.checkpoint import CheckpointError, load_safetensors, load_torch_checkpoint, save_safetensors
+from npsam.io.checkpoint import CheckpointError, load_safetensors, load_torch_checkpoint, save_safetensors, show_name
 
 __all__ = [
     "PARTS",
@@ -80,20 +79,15 @@ class StateDictMismatchError(ValueError):
 # --------------------------------------------------------------------------
 
 def _source_format(path: str) -> str:
-    """'torch', 'safetensors' or 'onnx', from the file's first bytes."""
+    """'torch', 'safetensors' or 'onnx', from the file's content (not its name)."""
+    from npsam.io.checkpoint import describe_unknown, detect_format
+
     with open(path, "rb") as f:
         head = f.read(16)
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
-        return "torch"  # a zip (torch >= 1.6) or a pickle (legacy torch.save)
-    if len(head) >= 9 and head[8:9] == b"{":
-        (n,) = struct.unpack("<Q", head[:8])
-        if n <= os.path.getsize(path) - 8:
-            return "safetensors"  # u64 header length, then the JSON header
-    if len(head) >= 2 and head[0] == 0x08 and 1 <= head[1] <= 32:
-        return "onnx"  # protobuf field 1 (ModelProto.ir_version), a small varint
-    raise CheckpointError(
-        f"src: {path!r} is not a PyTorch checkpoint, safetensors or ONNX file (it starts {head[:8]!r})"
-    )
+    kind = detect_format(head, os.path.getsize(path))
+    if kind is None:
+        raise CheckpointError(f"src: {describe_unknown(path, head)}")
+    return "torch" if kind in ("zip", "pickle") else kind
 
 
 def _read_onnx(path: str) -> Dict[str, np.ndarray]:
@@ -220,7 +214,7 @@ def check_state_dict(
     for key in sorted(state_dict):
         got = tuple(state_dict[key].shape)
         if key not in expected:
-            unexpected.append(key)
+            unexpected.append(show_name(key))  # from the file: escaped if need be
         elif got != tuple(expected[key]):
             mismatched.append(f"{key} {list(got)} (expected {list(expected[key])})")
     if missing or unexpected or mismatched:
@@ -275,6 +269,8 @@ def convert(src, dst, *, parts=None, dtype: str = "float32", model_type: Optiona
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError(f"dst: must differ from src, got {dst!r} for both")
 
+    from npsam.build_sam import check_weight_values
+
     state_dict, source_format = read_state_dict(src)
     model = model_type or detect_model(state_dict)
     folded_bn = model == "vit_t" and detect_folded_bn(state_dict)
@@ -288,6 +284,7 @@ def convert(src, dst, *, parts=None, dtype: str = "float32", model_type: Optiona
     expected = expected_state_shapes(model, folded_bn=folded_bn)
     optional = set(expected) - set(expected_state_shapes(model, folded_bn=folded_bn, include_optional=False))
     check_state_dict(state_dict, model, expected, parts, optional)
+    check_weight_values(state_dict)  # never int weights under float metadata, never NaN
 
     keep_optional = "image_encoder" in parts
     out = {}

@@ -29,6 +29,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .checkpoint import CheckpointError, _reading, _show, preview
 from .onnx_proto import Model, Node, load_model
 from ..modeling.tiny_vit_sam import attention_bias_idxs
 
@@ -213,8 +214,8 @@ class _Graph:
     def consumed_by(self, name: str, op_type: str) -> list[Node]:
         return [n for n in self.consumers.get(name, []) if n.op_type == op_type]
 
-    def error(self, message: str) -> ValueError:
-        return ValueError(f"{self.what}: {message}")
+    def error(self, message: str) -> CheckpointError:
+        return CheckpointError(f"{self.what}: {message}")
 
 
 def _other(node: Node, name: str) -> str:
@@ -243,7 +244,7 @@ def _scope(node: Node) -> Optional[str]:
 def _agree(g: _Graph, node: Node, structural: str, scope_key: Optional[str]) -> None:
     """When the node carries a module scope, it must name the same module."""
     if scope_key is not None and scope_key != structural:
-        raise g.error(f"node {node.name!r}: its graph position says {structural!r} but its name says {scope_key!r}")
+        raise g.error(f"node {_show(node.name)}: its graph position says {_show(structural)} but its name says {_show(scope_key)}")
 
 
 # ---------------------------------------------------------------- shared patterns
@@ -267,24 +268,24 @@ def _linears(g: _Graph, to_key: Callable[[str], Optional[str]], scope_key: Calla
         if node.op_type == "MatMul":
             adds = g.consumed_by(node.outputs[0], "Add")
             if len(adds) != 1:
-                raise g.error(f"MatMul {node.name!r} (weight {w_name!r}): expected one Add of a bias after it, found {len(adds)}")
+                raise g.error(f"MatMul {_show(node.name)} (weight {_show(w_name)}): expected one Add of a bias after it, found {len(adds)}")
             b_name = _other(adds[0], node.outputs[0])
             weight = w.T  # [I, O] -> [O, I]
         else:
             if len(node.inputs) < 3:
-                raise g.error(f"Gemm {node.name!r} (weight {w_name!r}): expected a bias input")
+                raise g.error(f"Gemm {_show(node.name)} (weight {_show(w_name)}): expected a bias input")
             b_name = node.inputs[2]
             trans_b = node.attributes["transB"].value if "transB" in node.attributes else 0
             weight = w if trans_b else w.T  # [O, I] as stored with transB=1; [I, O] -> [O, I] otherwise
         bias = g.constants.get(b_name)
         if bias is None or bias.shape != (weight.shape[0],):
-            raise g.error(f"{node.op_type} {node.name!r}: expected a constant bias of shape ({weight.shape[0]},), got {b_name!r}")
+            raise g.error(f"{_show(node.op_type)} {_show(node.name)}: expected a constant bias of shape ({weight.shape[0]},), got {_show(b_name)}")
         b_key = to_key(b_name)
         module = b_key[: -len(".bias")] if b_key is not None and b_key.endswith(".bias") else None
         from_scope = scope_key(node)
         if module is None and from_scope is None:
-            raise g.error(f"{node.op_type} {node.name!r} (weight {w_name!r}): cannot tell which Linear it is: "
-                          f"its bias {b_name!r} is unnamed and the node name has no module scope")
+            raise g.error(f"{_show(node.op_type)} {_show(node.name)} (weight {_show(w_name)}): cannot tell which Linear it is: "
+                          f"its bias {_show(b_name)} is unnamed and the node name has no module scope")
         if module is None:
             module = from_scope
         _agree(g, node, module, from_scope)
@@ -321,24 +322,24 @@ def _layer_norms_2d(g: _Graph, to_key: Callable[[str], Optional[str]], scope_key
         b_names = [_other(a, mul.outputs[0]) for a in adds]
         b_names = [n for n in b_names if n in g.constants and g.constants[n].shape == g.constants[w_name].shape]
         if len(b_names) != 1:
-            raise g.error(f"LayerNorm2d scale {w_name!r} (node {mul.name!r}): expected one Add of a [C, 1, 1] shift after it")
+            raise g.error(f"LayerNorm2d scale {_show(w_name)} (node {_show(mul.name)}): expected one Add of a [C, 1, 1] shift after it")
         C = g.constants[w_name].shape[0]
         if conv.op_type == "Conv":
             conv_out = g.constants[conv.inputs[1]].shape[0] if conv.inputs[1] in g.constants else C
         else:
             conv_out = g.constants[conv.inputs[1]].shape[1] if conv.inputs[1] in g.constants else C
         if conv_out != C:
-            raise g.error(f"LayerNorm2d scale {w_name!r}: {C} channels after a conv with {conv_out} outputs")
+            raise g.error(f"LayerNorm2d scale {_show(w_name)}: {C} channels after a conv with {conv_out} outputs")
         conv_key = to_key(conv.inputs[1])
         from_scope = scope_key(mul)
         module = None
         if conv_key is not None:
             m = re.match(r"^(.*)\.(\d+)\.weight$", conv_key)
             if m is None:
-                raise g.error(f"LayerNorm2d scale {w_name!r}: the conv before it ({conv_key!r}) is not in a Sequential")
+                raise g.error(f"LayerNorm2d scale {_show(w_name)}: the conv before it ({_show(conv_key)}) is not in a Sequential")
             module = f"{m.group(1)}.{int(m.group(2)) + 1}"
         if module is None and from_scope is None:
-            raise g.error(f"LayerNorm2d scale {w_name!r} (node {mul.name!r}): cannot tell which module it belongs to")
+            raise g.error(f"LayerNorm2d scale {_show(w_name)} (node {_show(mul.name)}): cannot tell which module it belongs to")
         module = module or from_scope
         _agree(g, mul, module, from_scope)
         out[f"{module}.weight"] = g.constants[w_name].reshape(C)  # [C, 1, 1] -> [C]
@@ -350,15 +351,16 @@ def _finish(found: dict[str, np.ndarray], expected: Shapes, what: str) -> dict[s
     """Check the recovered keys and shapes against the official ones; float32, official order."""
     missing = [k for k in expected if k not in found]
     if missing:
-        raise ValueError(f"{what}: could not find {len(missing)} official weight(s) in the graph: {', '.join(missing)}")
+        raise CheckpointError(f"{what}: could not find {len(missing)} official weight(s) in the graph: {preview(missing, 12)}")
     extra = sorted(k for k in found if k not in expected)
     if extra:
-        raise ValueError(f"{what}: the graph holds weight(s) that are not official keys: {', '.join(extra)}")
+        raise CheckpointError(f"{what}: the graph holds {len(extra)} weight(s) that are not official keys: "
+                              f"{preview([_show(k) for k in extra], 12)}")
     for k, shape in expected.items():
         if tuple(found[k].shape) != tuple(shape):
-            raise ValueError(f"{what}: {k}: expected shape {tuple(shape)}, the graph holds {tuple(found[k].shape)}")
+            raise CheckpointError(f"{what}: {k}: expected shape {tuple(shape)}, the graph holds {tuple(found[k].shape)}")
         if found[k].dtype != np.float32:
-            raise ValueError(f"{what}: {k}: expected float32, the graph holds {found[k].dtype}")
+            raise CheckpointError(f"{what}: {k}: expected float32, the graph holds {found[k].dtype}")
     return {k: np.ascontiguousarray(found[k]) for k in expected}
 
 
@@ -366,7 +368,16 @@ def _load(path: str | os.PathLike, what: str) -> Model:
     try:
         return load_model(path)
     except ValueError as e:
-        raise ValueError(f"{what}: {e}") from None
+        raise CheckpointError(f"{what}: {e}") from None
+
+
+def _importing(path: str | os.PathLike, label: str, recover: Callable[[Model, str], dict[str, np.ndarray]]):
+    """Load the file and recover its weights; any failure is one CheckpointError
+    naming the file (a node with missing inputs, outputs or attributes raises
+    IndexError or AttributeError deep in a pattern: the file is malformed)."""
+    what = f"{label} {os.fspath(path)!r}"
+    model = _load(path, what)
+    return _reading(label, os.fspath(path), lambda: recover(model, what))
 
 
 # ---------------------------------------------------------------- SamOnnxModel
@@ -450,11 +461,14 @@ def _no_mask_embed(g: _Graph) -> dict[str, np.ndarray]:
 def import_sam_onnx(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Official ``prompt_encoder.*`` and ``mask_decoder.*`` state_dict from a
     ``segment_anything.utils.onnx.SamOnnxModel`` export (float32 arrays)."""
-    what = f"SAM decoder ONNX {os.fspath(path)!r}"
-    model = _load(path, what)
+    return _importing(path, "SAM decoder ONNX", _recover_sam_decoder)
+
+
+def _recover_sam_decoder(model: Model, what: str) -> dict[str, np.ndarray]:
     g = _Graph(model, what)
     if "has_mask_input" not in g.inputs:
-        raise g.error(f"expected the SamOnnxModel inputs (image_embeddings, point_coords, ..., has_mask_input), got {sorted(g.inputs)}")
+        raise g.error("expected the SamOnnxModel inputs (image_embeddings, point_coords, ..., has_mask_input), "
+                      f"got {preview([_show(n) for n in sorted(g.inputs)])}")
     expected = sam_decoder_shapes()
     found: dict[str, np.ndarray] = {}
     for name, array in g.constants.items():
@@ -497,7 +511,7 @@ def _folded_conv_bns(g: _Graph, conv_bns: list[str], expected: Shapes) -> dict[s
         weight, bias = g.constants[conv.inputs[1]], g.constants.get(conv.inputs[2])
         if weight.shape != expected[f"{path}.weight"] or bias is None or bias.shape != expected[f"{path}.bias"]:
             raise g.error(f"{path}: expected a conv of weight {expected[f'{path}.weight']} and bias {expected[f'{path}.bias']}, "
-                          f"node {conv.name!r} has {weight.shape} and {None if bias is None else bias.shape}")
+                          f"node {_show(conv.name)} has {weight.shape} and {None if bias is None else bias.shape}")
         scope = _encoder_scope(conv)
         _agree(g, conv, f"{path}.c", scope)  # Conv2d_BN's conv is its child `c`
         out[f"{path}.weight"], out[f"{path}.bias"] = weight, bias
@@ -527,7 +541,7 @@ def _attention_biases(g: _Graph, attentions: list[tuple[str, int, int]]) -> dict
     for (path, h, r), (add, table) in zip(attentions, tables):
         N = r * r
         if table.shape != (h, N, N):
-            raise g.error(f"{path}: expected an attention-bias table of shape {(h, N, N)}, node {add.name!r} adds {table.shape}")
+            raise g.error(f"{path}: expected an attention-bias table of shape {(h, N, N)}, node {_show(add.name)} adds {table.shape}")
         _agree(g, add, path, _encoder_scope(add))
         idxs, _ = attention_bias_idxs((r, r))  # [N, N]
         first = np.unique(idxs.reshape(-1), return_index=True)[1]  # [A]: first (query, key) pair of each offset
@@ -550,8 +564,10 @@ def import_encoder_onnx(path: str | os.PathLike) -> dict[str, np.ndarray]:
     non-persistent buffer in MobileSAM and is not included; ``norm_head`` and
     ``head`` are unused by the official forward and absent from exports.
     """
-    what = f"TinyViT encoder ONNX {os.fspath(path)!r}"
-    model = _load(path, what)
+    return _importing(path, "TinyViT encoder ONNX", _recover_tinyvit)
+
+
+def _recover_tinyvit(model: Model, what: str) -> dict[str, np.ndarray]:
     g = _Graph(model, what)
     expected, conv_bns, attentions = tinyvit_folded_shapes()
     found: dict[str, np.ndarray] = {}
