@@ -15,6 +15,7 @@ test_fast_kernels.py, test_decoder.py and test_image_encoder.py.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -139,10 +140,10 @@ def test_kernels_with_blas_products():
 def test_environment_variable_is_checked(monkeypatch):
     """NPSAM_NUM_THREADS: a whole number (0 or unset: one per CPU, at most 8); anything
     else is refused with a message naming the variable and what it got."""
-    for value, expected in (("", None), ("0", None), ("1", 1), (" 3 ", 3), ("64", 8)):
+    for value, expected in (("", None), ("0", None), ("00", None), ("1", 1), (" 3 ", 3), ("64", 8)):
         monkeypatch.setenv("NPSAM_NUM_THREADS", value)
         n = threads._threads_from_environment()
-        assert n == (expected or max(1, min(__import__("os").cpu_count() or 1, 8)))
+        assert n == (expected or min(os.cpu_count() or 1, 8)), value
     for bad in ("abc", "-1", "1.5", "two"):
         monkeypatch.setenv("NPSAM_NUM_THREADS", bad)
         with pytest.raises(ValueError, match=r"NPSAM_NUM_THREADS must be a whole number.*got '" + bad):

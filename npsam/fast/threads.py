@@ -32,17 +32,17 @@ import numpy as np
 # boundary, or BLAS left multi-threaded on one thread only, would make a
 # user's masks depend on NPSAM_NUM_THREADS.
 def _threads_from_environment() -> int:
+    """NPSAM_NUM_THREADS: a whole number, at most 8 used; unset, empty or 0: one
+    per CPU (at most 8)."""
     value = os.environ.get("NPSAM_NUM_THREADS", "").strip()
-    if not value or value == "0":  # unset, or 0: the number of CPUs
-        return max(1, min(os.cpu_count() or 1, 8))
     try:
-        n = int(value)
+        n = int(value) if value else 0
     except ValueError:
         n = -1
     if n < 0:
         raise ValueError(f"NPSAM_NUM_THREADS must be a whole number of threads >= 1 (or 0 for one per CPU), "
                          f"got {value!r}")
-    return min(n, 8)
+    return min(n or os.cpu_count() or 1, 8)
 
 
 NUM_THREADS = _threads_from_environment()
