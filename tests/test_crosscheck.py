@@ -254,6 +254,10 @@ def test_weights_that_do_not_fit_the_reference_exit_2(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("blocked, against, install", [
+    # without torch, every torch reference says which extra brings it, before loading anything
+    ("torch", "segment_anything", "pip install 'npsam[test]'"),
+    ("torch", "mobile_sam", "pip install 'npsam[test]'"),
+    ("torch", "hf", "pip install 'npsam[test]'"),
     ("transformers", "hf", "pip install transformers"),
     ("mobile_sam", "mobile_sam", "pip install mobilesam-mirror"),
     ("onnxruntime", f"onnx:{DECODER}", "pip install onnxruntime"),
@@ -265,3 +269,4 @@ def test_reference_not_installed_exit_2(blocked, against, install):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert install in proc.stderr
+    assert proc.stderr.count("\n") == 1 and f"needs the {blocked!r} package" in proc.stderr, proc.stderr

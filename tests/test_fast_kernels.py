@@ -339,7 +339,7 @@ def test_fused_mlp_block_equals_the_plain_one(dtype, rows, act, monkeypatch):
         plain = mlp(x)
     x_before = x.copy()
     with threads.single_threaded_blas():
-        assert threads.blas_is_single() == (threads.row_threads() > 1)  # where MLPBlock takes the fused pass
+        assert threads.blas_is_single() == threads.blas_controllable()  # where MLPBlock takes the fused pass
         fused = mlp(x)
     np.testing.assert_array_equal(x, x_before)
     assert fused.shape == plain.shape == (3, 333, 64)
@@ -390,7 +390,7 @@ def test_openblas_is_found_where_numpy_loaded_it_and_in_numpys_wheel(monkeypatch
 
 
 def test_single_threaded_blas_nests_and_restores_blas_threads():
-    get = threads._blas[1] if threads.row_threads() > 1 else None
+    get = threads._blas[1] if threads.blas_controllable() else None
     before = get() if get else None
     with threads.single_threaded_blas() as outer:
         assert outer.active == (get is not None) and threads.blas_is_single() == outer.active

@@ -37,10 +37,11 @@ def mlp_block(self: MLPBlock, x: np.ndarray) -> np.ndarray:
     out = np.empty((x2.shape[0], self.lin2.out_features), dtype=x.dtype)
     lin2 = self.lin2
 
-    def work(start, stop):
-        for lo, hi in threads.blocks(start, stop, ROWS):
-            hidden = act(self.lin1(x2[lo:hi]))  # [r, C] -> [r, M], activated in place: a fresh array
-            ops.linear(hidden, lin2.weight, lin2.bias if lin2.has_bias else None, out=out[lo:hi])  # -> [r, C]
+    def block(lo, hi):
+        hidden = act(self.lin1(x2[lo:hi]))  # [r, C] -> [r, M], activated in place: a fresh array
+        ops.linear(hidden, lin2.weight, lin2.bias if lin2.has_bias else None, out=out[lo:hi])  # -> [r, C]
 
-    threads.parallel_rows(work, x2.shape[0], min_rows=MIN_ROWS)
+    # Blocks of ROWS rows, or halves of fewer than 2 * ROWS rows (so two threads
+    # share them): fixed by the number of rows alone, so that threads change no bit.
+    threads.parallel_blocks(block, x2.shape[0], min(ROWS, -(-x2.shape[0] // 2)))
     return out.reshape(x.shape[:-1] + (out.shape[1],))  # -> [..., C]

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 
 from ..kernels import ops as reference
-from .threads import CHUNK, blocks, parallel_rows, scratch
+from .threads import CHUNK, blocks, parallel_blocks, parallel_rows, scratch
 
 # GELU in float32 as x * sigmoid(z), evaluated without branches.
 # gelu(x) = x * Phi(x), Phi the normal CDF, and Phi(x) = sigmoid(z(x)) with
@@ -228,11 +228,10 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float,
         return out
     rows = max(1, CHUNK // c)
 
-    def work(start, stop):
-        for lo, hi in blocks(start, stop, rows):
-            layer_norm_rows(xr[lo:hi], weight, bias, eps, orow[lo:hi], None if ar is None else ar[lo:hi])
+    def block(lo, hi):  # row sums are BLAS products: blocks fixed by ``rows``, never by threads
+        layer_norm_rows(xr[lo:hi], weight, bias, eps, orow[lo:hi], None if ar is None else ar[lo:hi])
 
-    parallel_rows(work, xr.shape[0], min_rows=rows)
+    parallel_blocks(block, xr.shape[0], rows)
     return out
 
 

@@ -20,9 +20,32 @@ import numpy as np
 # Python threads working on separate row blocks of the same arrays use the
 # other cores. The fused passes (decoder, ViT attention and MLP) also run their
 # matrix products on these threads, with BLAS single-threaded (see BLAS threads
-# below). NPSAM_NUM_THREADS (or set_num_threads) sets how many; 1 turns our
-# threading off and leaves every core to BLAS.
-NUM_THREADS = max(1, min(int(os.environ.get("NPSAM_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1), 8))
+# below). NPSAM_NUM_THREADS (or set_num_threads) sets how many; 1 runs them on
+# the calling thread alone.
+#
+# The number of threads never changes a result's bits: every pass is cut into
+# blocks fixed by its sizes (never by the number of threads), and every block's
+# matrix products run on single-threaded BLAS, whatever the number of threads,
+# 1 included. Both matter: on some OpenBLAS kernels (Haswell's, for one) a
+# product's last bit depends on where a row falls in the call (its extent and
+# offset) and on OpenBLAS's own thread count, so a block cut at a thread's
+# boundary, or BLAS left multi-threaded on one thread only, would make a
+# user's masks depend on NPSAM_NUM_THREADS.
+def _threads_from_environment() -> int:
+    """NPSAM_NUM_THREADS: a whole number, at most 8 used; unset, empty or 0: one
+    per CPU (at most 8)."""
+    value = os.environ.get("NPSAM_NUM_THREADS", "").strip()
+    try:
+        n = int(value) if value else 0
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"NPSAM_NUM_THREADS must be a whole number of threads >= 1 (or 0 for one per CPU), "
+                         f"got {value!r}")
+    return min(n or os.cpu_count() or 1, 8)
+
+
+NUM_THREADS = _threads_from_environment()
 # Elements per block of element-wise work: a block and its temporaries stay
 # near the L2 cache (1.25 MB per core here), and each NumPy call is long enough
 # that two threads seldom wait for each other's GIL hand-over. Measured on the
@@ -107,6 +130,20 @@ def parallel_rows(fn: Callable[[int, int], None], n: int, min_rows: int = 1, thr
         raise error
 
 
+def parallel_blocks(fn: Callable[[int, int], None], n: int, size: int, threads: Optional[int] = None) -> None:
+    """Call ``fn(lo, hi)`` on the blocks [0, size), [size, 2*size), ... covering
+    rows ``[0, n)`` (the last ragged), spread over threads as parallel_rows
+    spreads rows. The blocks are fixed by ``size``, never by the number of
+    threads, so a block's products are the same calls on any number of them."""
+    size = max(1, size)
+
+    def work(start, stop):
+        for j in range(start, stop):
+            fn(j * size, min(n, (j + 1) * size))
+
+    parallel_rows(work, -(-n // size), threads=threads)
+
+
 def _run_in_worker(fn: Callable[[int, int], None], start: int, stop: int) -> None:
     busy = getattr(_in_worker, "busy", False)
     _in_worker.busy = True
@@ -167,11 +204,12 @@ def _find_openblas():
 
 class _SingleThreadedBlas:
     """Context manager: OpenBLAS on one thread inside, its setting restored when
-    the last open one (in any thread) exits; nothing when row_threads() is 1 (no
-    OpenBLAS found, or NUM_THREADS 1). Nests."""
+    the last open one (in any thread) exits; nothing where no OpenBLAS was found.
+    Active whatever NUM_THREADS is, 1 included, so that a fused pass makes the
+    same single-threaded BLAS calls on any number of threads. Nests."""
 
     def __init__(self):
-        self.active = row_threads() > 1
+        self.active = blas_controllable()
 
     def __enter__(self):
         global _single_depth, _saved_threads
@@ -198,8 +236,9 @@ _saved_threads = 1  # BLAS threads before the first of them
 
 
 def blas_is_single() -> bool:
-    """Inside single_threaded_blas (with row_threads() > 1): row passes may
-    spread their matrix products over our threads."""
+    """Inside single_threaded_blas (where OpenBLAS was found): row passes may
+    spread their matrix products over our threads. Does not depend on
+    NUM_THREADS, so neither does the choice of a fused pass over a plain one."""
     return _single_depth > 0
 
 
@@ -207,16 +246,19 @@ def single_threaded_blas() -> _SingleThreadedBlas:
     return _SingleThreadedBlas()
 
 
-def row_threads() -> int:
-    """Python threads for a fused pass: NUM_THREADS when BLAS can be made
-    single-threaded (see single_threaded_blas), else 1."""
-    if NUM_THREADS == 1:
-        return 1
+def blas_controllable() -> bool:
+    """Whether OpenBLAS's thread count can be set (see single_threaded_blas)."""
     global _blas
     with _blas_lock:
         if _blas is None:
             _blas = _find_openblas()
-    return NUM_THREADS if _blas else 1
+    return bool(_blas)
+
+
+def row_threads() -> int:
+    """Python threads for a fused pass: NUM_THREADS when BLAS can be made
+    single-threaded (see single_threaded_blas), else 1."""
+    return NUM_THREADS if blas_controllable() else 1
 
 
 # ---------------------------------------------------------------------------

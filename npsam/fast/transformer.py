@@ -430,18 +430,17 @@ def _layer0_projections(layer: TwoWayAttentionBlock, src: np.ndarray, pe: np.nda
     q4_t = np.empty((from_image.internal_dim, hw), src.dtype)
     scale = src.dtype.type(math.sqrt(from_image.internal_dim // from_image.num_heads))
 
-    def work(start, stop):
-        for lo, hi in threads.blocks(start, stop, 512):
-            k = src[lo:hi] + pe[lo:hi]  # [R, C]
-            np.matmul(to_image.k_proj.weight, k.T, out=k_t[:, lo:hi])  # [I, C] @ [C, R] -> [I, R]
-            k_t[:, lo:hi] += to_image.k_proj.bias[:, None]
-            np.matmul(to_image.v_proj.weight, src[lo:hi].T, out=v_t[:, lo:hi])
-            v_t[:, lo:hi] += to_image.v_proj.bias[:, None]
-            np.matmul(from_image.q_proj.weight, k.T, out=q4_t[:, lo:hi])
-            q4_t[:, lo:hi] += from_image.q_proj.bias[:, None]
-            q4_t[:, lo:hi] /= scale  # NOTE(reference): logits / sqrt(D): exact for D = 16
+    def block(lo, hi):  # blocks of 512 locations, fixed whatever the number of threads
+        k = src[lo:hi] + pe[lo:hi]  # [R, C]
+        np.matmul(to_image.k_proj.weight, k.T, out=k_t[:, lo:hi])  # [I, C] @ [C, R] -> [I, R]
+        k_t[:, lo:hi] += to_image.k_proj.bias[:, None]
+        np.matmul(to_image.v_proj.weight, src[lo:hi].T, out=v_t[:, lo:hi])
+        v_t[:, lo:hi] += to_image.v_proj.bias[:, None]
+        np.matmul(from_image.q_proj.weight, k.T, out=q4_t[:, lo:hi])
+        q4_t[:, lo:hi] += from_image.q_proj.bias[:, None]
+        q4_t[:, lo:hi] /= scale  # NOTE(reference): logits / sqrt(D): exact for D = 16
 
-    threads.parallel_rows(work, hw, min_rows=512, threads=threads.row_threads())
+    threads.parallel_blocks(block, hw, 512, threads=threads.row_threads())
     out = []
     for x, a in ((k_t, to_image), (v_t, to_image), (q4_t, from_image)):
         x = x.reshape(a.num_heads, -1, hw)  # [I, HW] -> [h, D, HW]

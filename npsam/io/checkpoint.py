@@ -882,6 +882,21 @@ def safetensors_bytes(tensors: Dict[str, np.ndarray], metadata: Dict[str, str] =
     return head + b"".join(a.reshape(-1).view(np.uint8).tobytes() for a in arrays)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the system tells it
+    (os.umask can only read it by setting it, which other threads would see)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_safetensors(path, tensors: Dict[str, np.ndarray], metadata: Dict[str, str] = None) -> None:
     """Write arrays (and string metadata) as safetensors, atomically.
 
@@ -898,6 +913,7 @@ def save_safetensors(path, tensors: Dict[str, np.ndarray], metadata: Dict[str, s
             f.write(head)
             for array in arrays:
                 f.write(memoryview(array.reshape(-1).view(np.uint8)))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give it a new file's mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

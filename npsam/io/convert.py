@@ -109,15 +109,49 @@ def _read_onnx(path: str) -> Dict[str, np.ndarray]:
 
 def read_state_dict(src) -> Tuple[Dict[str, np.ndarray], str]:
     """(state_dict, source format) for a torch, safetensors or ONNX file."""
+    state_dict, kind, _ = _read_source(src)
+    return state_dict, kind
+
+
+def _read_source(src) -> Tuple[Dict[str, np.ndarray], str, Dict[str, str]]:
+    """(state_dict, source format, the file's own metadata): a safetensors file's
+    ``__metadata__``, an ONNX model's ``metadata_props`` (with its producer), or
+    nothing for a torch checkpoint, which has no such field."""
     src = os.fspath(src)
     if not os.path.isfile(src):
         raise CheckpointError(f"src: expected an existing file, got {src!r}")
     kind = _source_format(src)
     if kind == "torch":
-        return load_torch_checkpoint(src), kind
+        return load_torch_checkpoint(src), kind, {}
     if kind == "safetensors":
-        return load_safetensors(src)[0], kind
-    return _read_onnx(src), kind
+        state_dict, metadata = load_safetensors(src)
+        return state_dict, kind, dict(metadata or {})
+    state_dict = _read_onnx(src)
+    return state_dict, kind, _onnx_metadata(src)
+
+
+def _onnx_metadata(path: str) -> Dict[str, str]:
+    """An ONNX model's metadata_props (licence, author, ... as its exporter set
+    them) and, when set, its producer as ``producer``."""
+    from npsam.io import onnx_proto
+
+    model = onnx_proto.load_model(path)
+    metadata = {str(k): str(v) for k, v in model.metadata.items()}
+    if model.producer_name:
+        metadata.setdefault("producer", " ".join(filter(None, (model.producer_name, model.producer_version))))
+    return metadata
+
+
+def carried_metadata(source: Dict[str, str], own: Dict[str, str]) -> Dict[str, str]:
+    """``own`` (npsam's keys) and the source file's metadata (its licence, author,
+    description, ...), kept as they were; a source key npsam's keys already use
+    is kept as ``source.KEY``."""
+    out = dict(own)
+    for key, value in source.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            continue  # safetensors metadata is str -> str; anything else is not carried
+        out[key if key not in own else f"source.{key}"] = value
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -255,9 +289,16 @@ def convert(src, dst, *, parts=None, dtype: str = "float32", model_type: Optiona
     floating dtype written (integer buffers such as num_batches_tracked keep
     theirs). ``model_type``: check against this model instead of detecting it.
 
+    The metadata written: npsam's (format, model_type, folded_bn, parts, dtype,
+    source_format, source_name, source_sha256, npsam_version) and the source
+    file's own (a safetensors ``__metadata__``, an ONNX model's metadata_props
+    and producer: licence fields and the like), unchanged, under ``source.KEY``
+    where npsam's keys already use KEY.
+
     Returns a report: model_type, folded_bn, tensors, parameters, parts, dtype,
-    source_sha256, seconds. ``dst`` is written atomically; on error nothing is
-    left at ``dst`` that was not there before.
+    source_sha256, seconds. ``dst`` is written atomically, with the mode a new
+    file gets under the umask; on error nothing is left at ``dst`` that was not
+    there before.
     """
     start = time.perf_counter()
     src, dst = os.fspath(src), os.fspath(dst)
@@ -271,7 +312,7 @@ def convert(src, dst, *, parts=None, dtype: str = "float32", model_type: Optiona
 
     from npsam.build_sam import check_weight_values
 
-    state_dict, source_format = read_state_dict(src)
+    state_dict, source_format, source_metadata = _read_source(src)
     model = model_type or detect_model(state_dict)
     folded_bn = model == "vit_t" and detect_folded_bn(state_dict)
     if parts is None and model == "decoder":
@@ -305,6 +346,7 @@ def convert(src, dst, *, parts=None, dtype: str = "float32", model_type: Optiona
         "source_sha256": _sha256(src),
         "npsam_version": __version__,
     }
+    metadata = carried_metadata(source_metadata, metadata)
     save_safetensors(dst, out, metadata)
     return {
         "model_type": model,

@@ -176,8 +176,10 @@ def load_mask_input(path: str):
     return logits.reshape(1, LOW_RES, LOW_RES)  # -> [1, 256, 256]
 
 
-def load_embedding(path: str):
-    """--embedding: the [1, 256, 64, 64] float32 (or float64) array ``npsam embed`` writes."""
+def load_embedding(path: str, image=None, image_path: str = "IMAGE"):
+    """--embedding: the [1, 256, 64, 64] float32 (or float64) array ``npsam embed``
+    writes; with ``image`` (the photo [H, W, 3] read from ``image_path``), checked
+    against the record ``npsam embed`` keeps beside it (see check_embedding_record)."""
     import numpy as np
 
     embedding = _load_npy(path, "--embedding")
@@ -188,7 +190,72 @@ def load_embedding(path: str):
         raise CliError(f"--embedding {path!r}: expected dtype float32 (from 'npsam embed'), got {embedding.dtype}")
     if not np.all(np.isfinite(embedding)):
         raise CliError(f"--embedding {path!r}: holds NaN or infinite values")
+    if image is not None:
+        check_embedding_record(path, embedding, image, image_path)
     return embedding
+
+
+# ---------------------------------------------------------------------------
+# Which photo an embedding was made from
+# ---------------------------------------------------------------------------
+# 'npsam embed' writes EMB.npy (the bare array, as before, readable by np.load)
+# and beside it EMB.npy.json: the photo's size and a SHA-256 of its decoded RGB
+# pixels (so the same picture saved again, or renamed, still matches), and a
+# SHA-256 of the embedding array that ties the record to that EMB.npy.
+EMBEDDING_RECORD = "npsam embedding"
+
+
+def embedding_record_path(path) -> Path:
+    return Path(os.fspath(path) + ".json")
+
+
+def array_sha256(array) -> str:
+    """SHA-256 of an array's dtype, shape and C-order bytes."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256(f"{array.dtype.str} {list(array.shape)}\n".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def embedding_record(embedding, image, image_path: str, model: dict) -> dict:
+    return {"format": EMBEDDING_RECORD, "embedding_sha256": array_sha256(embedding),
+            "image": os.path.abspath(image_path), "image_size": [int(image.shape[0]), int(image.shape[1])],
+            "image_pixels_sha256": array_sha256(image), "model": model}
+
+
+def check_embedding_record(path: str, embedding, image, image_path: str) -> None:
+    """Refuse an embedding made from another photo than ``image``: by the size
+    and pixel fingerprint 'npsam embed' recorded. An embedding without a record
+    (written by np.save, or by an older npsam) is used with a warning."""
+    record_path = embedding_record_path(path)
+    if not record_path.is_file():
+        print(f"{PROG}: warning: --embedding {path!r} has no record of its photo ({record_path.name}, written by "
+              f"'npsam embed'): not checked against {image_path!r}", file=sys.stderr)
+        return
+    try:
+        record = json.loads(record_path.read_text("utf-8"))
+        size, pixels, digest = record["image_size"], record["image_pixels_sha256"], record["embedding_sha256"]
+        made_from = record.get("image", "?")
+        if record.get("format") != EMBEDDING_RECORD:
+            raise ValueError(f"format {record.get('format')!r}")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CliError(f"--embedding {path!r}: cannot read its record {str(record_path)!r} "
+                       f"(expected the JSON 'npsam embed' writes; {_one_line(error)})") from None
+    if digest != array_sha256(embedding):
+        raise CliError(f"--embedding {path!r}: its record {str(record_path)!r} describes another embedding "
+                       f"(the .npy was replaced since); run 'npsam embed' on the photo again")
+    h, w = int(image.shape[0]), int(image.shape[1])
+    if list(size) != [h, w]:
+        raise CliError(f"--embedding {path!r} was made from {made_from!r} ({size[1]}x{size[0]}), but IMAGE "
+                       f"{image_path!r} is {w}x{h}: give the photo that was embedded, or embed this one "
+                       f"('npsam embed {image_path} -o EMB.npy')")
+    if pixels != array_sha256(image):
+        raise CliError(f"--embedding {path!r} was made from {made_from!r}, whose pixels differ from those of IMAGE "
+                       f"{image_path!r} (same size {w}x{h}): give the photo that was embedded, or embed this one "
+                       f"('npsam embed {image_path} -o EMB.npy')")
 
 
 def load_photo(path: str):
@@ -247,10 +314,29 @@ def model_type_of(files: Sequence[str], state_dict, metadata: Sequence[Dict[str,
     return detect_model(state_dict)
 
 
+PART_NAMES = {"encoder": "image encoder (image_encoder.*)",
+              "decoder": "prompt encoder and mask decoder (prompt_encoder.*, mask_decoder.*)"}
+
+
+def check_parts(sam, needs: Sequence[str], files: Sequence[str]) -> None:
+    """A CliError, before any computation, when the weights lack a part the
+    command needs ("encoder", "decoder")."""
+    have = {"encoder": sam.has_image_encoder,
+            "decoder": sam.prompt_encoder.is_loaded() and sam.mask_decoder.is_loaded()}
+    missing = [p for p in needs if not have[p]]
+    if missing:
+        hint = ("give the files of every part (--checkpoint ENCODER DECODER)" if "encoder" not in missing else
+                "give the image encoder's file too (--checkpoint ENCODER DECODER)"
+                + (", or an embedding from 'npsam embed' (--embedding)" if "decoder" in needs else ""))
+        raise CliError(f"--checkpoint {' '.join(files)}: no {' and no '.join(PART_NAMES[p] for p in missing)} "
+                       f"weights in it, and this command needs them; {hint}")
+
+
 def load_model(checkpoint: Optional[Sequence[str]], model_type: Optional[str],
-               parts: Sequence[str] = ("encoder", "decoder")):
+               parts: Sequence[str] = ("encoder", "decoder"), needs: Optional[Sequence[str]] = None):
     """(sam, description) for --checkpoint/--model-type; the shipped files (only
-    ``parts`` of them) when no --checkpoint is given."""
+    ``parts`` of them) when no --checkpoint is given. The weights must hold the
+    parts in ``needs`` (default: ``parts``), checked before anything runs."""
     from ..build_sam import read_state_dict, sam_model_registry
 
     files = list(checkpoint) if checkpoint else shipped_weights(parts)
@@ -262,6 +348,7 @@ def load_model(checkpoint: Optional[Sequence[str]], model_type: Optional[str],
     # decoder); the encoder is then simply absent.
     build_type = SHIPPED_MODEL_TYPE if model_type == "decoder" else model_type
     sam = sam_model_registry[build_type](checkpoint=state_dict)
+    check_parts(sam, parts if needs is None else needs, files)
     description = {"model_type": model_type, "checkpoint": [os.path.abspath(f) for f in files],
                    "dtype": str(sam.dtype)}
     return sam, description
@@ -415,7 +502,8 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--single", action="store_true",
                         help="one mask (multimask_output=False) instead of three")
     parser.add_argument("--embedding", metavar="EMB.npy",
-                        help="image embedding from 'npsam embed' of the same IMAGE: skips the image encoder")
+                        help="image embedding from 'npsam embed' of the same IMAGE: skips the image encoder "
+                             "(refused if the record beside it, EMB.npy.json, names another photo)")
     add_model_arguments(parser)
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created)")
 
@@ -437,7 +525,7 @@ def run_segment(args: argparse.Namespace) -> int:
     if coords is None and box is None:
         raise CliError("no prompt: give --point X,Y[,LABEL] and/or --box X0,Y0,X1,Y1")
     mask_input = load_mask_input(args.mask_input) if args.mask_input else None
-    embedding = load_embedding(args.embedding) if args.embedding else None
+    embedding = load_embedding(args.embedding, image, args.image) if args.embedding else None
 
     parts = ("decoder",) if embedding is not None else ("encoder", "decoder")
     sam, model = load_model(args.checkpoint, args.model_type, parts)
@@ -579,9 +667,11 @@ EMBED_EXAMPLES = """Example:
   npsam embed assets/images/truck.jpg -o truck_emb.npy
   npsam segment assets/images/truck.jpg --embedding truck_emb.npy --point 500,375 -o out/window
 
-Writes the [1, 256, 64, 64] float32 image embedding as a .npy file. It holds
-no image size: 'npsam segment --embedding' takes it from IMAGE, which must be
-the photo that was embedded.
+Writes the [1, 256, 64, 64] float32 image embedding as a .npy file (np.load
+reads it), and beside it EMB.npy.json: the photo's size and a SHA-256 of its
+decoded pixels. 'npsam segment --embedding EMB.npy IMAGE' refuses an IMAGE of
+another size or other pixels; an embedding without that record (np.save, an
+older npsam) is used unchecked, with a warning.
 """
 
 
@@ -598,17 +688,20 @@ def run_embed(args: argparse.Namespace) -> int:
 
     out = _check_out_file(args.output)
     image = load_photo(args.image)
-    # Both shipped files: Sam.dtype reads the prompt encoder's, so an
-    # encoder-only model cannot run set_image yet.
-    sam, _model = load_model(args.checkpoint, args.model_type)
+    # Both shipped files; a --checkpoint needs only the image encoder.
+    sam, model = load_model(args.checkpoint, args.model_type, needs=("encoder",))
     predictor = SamPredictor(sam)
     with ProgressBar("image encoder") as bar:
         predictor.set_image(image, progress=bar)
     embedding = predictor.get_image_embedding()  # [1, 256, 64, 64]
+    record = embedding_record(embedding, image, args.image, model)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    # The array, then its record (which names the array's SHA-256: a record left
+    # from an earlier run never passes for this one)
     write_npy(out, embedding)
+    write_json(embedding_record_path(out), record)
     print(f"{out}: embedding {list(embedding.shape)} {embedding.dtype} of {args.image} "
-          f"({image.shape[1]}x{image.shape[0]})")
+          f"({image.shape[1]}x{image.shape[0]}); its photo's record {embedding_record_path(out)}")
     return 0
 
 
@@ -640,7 +733,7 @@ def count_entries(state_dict, prefix: str) -> Tuple[int, int]:
 
 def run_info(args: argparse.Namespace) -> int:
     """npsam info: files, model type, dtype, and the module tree with counts."""
-    sam, model = load_model(args.weights or None, args.model_type)
+    sam, model = load_model(args.weights or None, args.model_type, needs=())
     state_dict = sam.state_dict()
     print(f"model type: {model['model_type']}" + ("  (no image encoder)" if not sam.has_image_encoder else ""))
     print(f"dtype: {model['dtype']}")
@@ -752,12 +845,61 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
+# Options whose values are numbers that may be negative ("-10,-10"), and how
+# many values each takes ("+": one or more). argparse would read such a value
+# as an option: it only knows numbers of the forms "-1" and "-.5".
+NUMBER_OPTIONS = {"--point": "+", "--box": 1}
+
+
+def _number_like(arg: str) -> bool:
+    """'500,375', '-10,-10', '-.5,3': starts as a number does (comma lists included)."""
+    body = arg[1:] if arg.startswith("-") else arg
+    return body[:1].isdigit() or body[:2] in {"." + d for d in "0123456789"}
+
+
+def _negative_values(argv: Sequence[str]) -> List[str]:
+    """``--point 1,2 -3,4`` -> ``--point=1,2 --point=-3,4`` (and ``--box -1,2,3,4``
+    -> ``--box=-1,2,3,4``): when the values after an option of NUMBER_OPTIONS
+    include one starting with a minus, each is attached to its own copy of the
+    option, so that argparse does not take it for an option. Others are left alone."""
+    out: List[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":  # everything after is positional
+            return out + list(argv[i:])
+        out.append(arg)
+        i += 1
+        if arg not in NUMBER_OPTIONS:
+            continue
+        most = len(argv) if NUMBER_OPTIONS[arg] == "+" else NUMBER_OPTIONS[arg]
+        values = []
+        while i < len(argv) and len(values) < most and _number_like(argv[i]):
+            values.append(argv[i])
+            i += 1
+        if any(v.startswith("-") for v in values):
+            out[-1:] = [f"{arg}={v}" for v in values]
+        else:
+            out += values
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _negative_values(list(sys.argv[1:] if argv is None else argv))
     selected = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(selected).parse_args(argv)
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (npsam info | head): stop quietly, as Unix tools
+        # do. Python flushes stdout again at exit, so point it at devnull first
+        # (the Python docs' recipe for SIGPIPE); the status is the shell's for
+        # a program ended by SIGPIPE.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13
     except (CliError, ValueError, OSError, ImportError) as error:
         message = _one_line(error)
     except KeyboardInterrupt:

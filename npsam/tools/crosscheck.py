@@ -385,12 +385,29 @@ def _npsam_onnx_outputs(sam, embedding: np.ndarray, inputs: Inputs) -> Tuple[np.
 # PyTorch references: the official code and MobileSAM (forward hooks)
 # ---------------------------------------------------------------------------
 _INSTALL = {
-    "torch": "pip install torch==2.13.0 (CPU)",
-    "segment_anything": "pip install segment-anything==1.0",
-    "mobile_sam": "pip install mobilesam-mirror==1.0.0",
-    "onnxruntime": "pip install onnxruntime",
-    "transformers": "pip install transformers",
+    "torch": "pip install 'npsam[test]' (torch 2.13.0 CPU with every reference), or pip install torch==2.13.0",
+    "segment_anything": "pip install 'npsam[test]', or pip install segment-anything==1.0",
+    "mobile_sam": "pip install 'npsam[test]', or pip install mobilesam-mirror==1.0.0",
+    "onnxruntime": "pip install 'npsam[crosscheck]', or pip install onnxruntime",
+    "transformers": "pip install 'npsam[test]', or pip install transformers",
 }
+# The packages each reference needs, checked before anything is loaded or run.
+_NEEDS = {"segment_anything": ("torch", "segment_anything"), "mobile_sam": ("torch", "mobile_sam"),
+          "hf": ("torch", "transformers"), "onnx": ("onnxruntime",)}
+
+
+def check_installed(kind: str) -> None:
+    """A CrosscheckError saying what to install when a package the reference
+    ``kind`` needs is missing (found without importing it)."""
+    for module in _NEEDS.get(kind, ()):
+        try:
+            found = sys.modules.get(module) is not None or (
+                module not in sys.modules and importlib.util.find_spec(module) is not None)
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise CrosscheckError(f"--against {kind}: needs the {module!r} package, which is not installed; "
+                                  f"{_INSTALL[module]}")
 
 
 def _require(module: str, for_what: str):
@@ -915,6 +932,8 @@ def crosscheck(against: str, checkpoint: Sequence[str] = SHIPPED_WEIGHTS, *, ima
     if dtype not in ("float32", "float64"):
         raise CrosscheckError(f"--dtype: expected float32 or float64, got {dtype!r}")
     kind = _reference_kind(against)
+    if reference_model is None:
+        check_installed(kind)
     np_dtype = np.dtype(dtype)
     sam, state_dict = load_npsam(checkpoint, np_dtype)
     model_type = guess_model_type(state_dict)
