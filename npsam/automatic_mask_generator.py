@@ -17,13 +17,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .kernels.nms import batched_nms, box_area  # NOTE(reference): torchvision.ops.boxes
 from .utils.amg import (
     MaskData,
     area_from_rle,
     batch_iterator,
     batched_mask_to_box,
-    batched_nms,
-    box_area,
     box_xyxy_to_xywh,
     build_all_layer_point_grids,
     calculate_stability_score,
