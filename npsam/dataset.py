@@ -31,6 +31,9 @@ keeps it (one per process, by weights); the photos and the output folder
 must be reachable at the same paths from every worker (a local cluster, or
 shared storage). A worker that dies mid-photo leaves at most a temporary
 file; Dask runs the photo again elsewhere, and its result is written once.
+Workers compute what a serial run computes with the same thread settings
+(NPSAM_NUM_THREADS and the BLAS's): a local cluster's workers inherit this
+process's environment; start a remote cluster's workers with the same.
 """
 
 from __future__ import annotations
@@ -363,9 +366,24 @@ def segment_photos(inputs: Sequence[str], out, options: Optional[Dict[str, Any]]
     return summary
 
 
+def local_cluster(workers: int):
+    """A dask.distributed LocalCluster of ``workers`` processes, one task at a
+    time each, whose workers inherit this process's environment.
+
+    NOTE: Dask's nanny sets OMP/MKL/OPENBLAS_NUM_THREADS=1 in its workers;
+    here they keep this process's settings, so that they compute what a
+    serial run here computes (the BLAS's threads may change the last bits).
+    """
+    import dask
+    from dask.distributed import LocalCluster
+
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": 65536}}):
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+
+
 def _run_on_dask(jobs: List[Job], record, workers: Optional[int], scheduler: Optional[str], client) -> None:
     try:
-        from dask.distributed import Client, LocalCluster, as_completed
+        from dask.distributed import Client, as_completed
     except ImportError:
         raise ImportError('--workers and --scheduler need Dask: pip install "npsam[dask]"') from None
 
@@ -375,9 +393,7 @@ def _run_on_dask(jobs: List[Job], record, workers: Optional[int], scheduler: Opt
         if scheduler:
             client = Client(scheduler)
         else:
-            threads = str(max(1, (os.cpu_count() or 1) // workers))
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                                   env={"NPSAM_NUM_THREADS": threads, "OMP_NUM_THREADS": "1"})
+            cluster = local_cluster(workers)
             client = Client(cluster)
     try:
         futures = {client.submit(segment_job, job, key=f"npsam-everything-{job.key}", pure=False): job
