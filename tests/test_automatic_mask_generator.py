@@ -397,9 +397,10 @@ def test_generator_matches_official_with_npsam_predictor(official, ours, case):
 
 
 def test_decode_iou_first_is_the_decoders_output(ours):
-    from npsam.fast.automatic_mask_generator import decode_iou_first
+    from npsam.fast.automatic_mask_generator import _fast_decoder_phases, decode_iou_first
     from npsam.predictor import SamPredictor
 
+    assert _fast_decoder_phases(ours.mask_decoder) is not None, "the fast decoder's steps should be found"
     predictor = SamPredictor(ours)
     predictor.set_image(_photo())
     coords = np.random.default_rng(1).random((20, 1, 2)) * IMG_SIZE

@@ -88,7 +88,7 @@ def test_find_photos(photos, tmp_path):
     # files, globs and folders together, each photo once
     found = dataset.find_photos([str(photos / "dog.jpg"), str(photos / "*.jpg"), str(photos)])
     assert len(found) == 4
-    assert [p.name for p in dataset.find_photos([str(photos / "*o*.jpg")])] == ["broken.jpg", "dog.jpg"]
+    assert [p.name for p in dataset.find_photos([str(photos / "[bd]*.jpg")])] == ["broken.jpg", "dog.jpg"]
     for bad, message in ((tmp_path / "nope.jpg", "no such file or folder"), (tmp_path / "*.png", "matches no file"),
                          (tmp_path, "holds no photos")):
         with pytest.raises(ValueError, match=message):

@@ -243,19 +243,28 @@ def _kept_prompts(iou_preds: np.ndarray, keep_masks) -> np.ndarray:
 
 
 def _fast_decoder_phases(decoder):
-    """(check, image_rows, forward_rows, upscaled_masks) of the fast decoder
-    the predictor runs, or None on the reference path (or a decoder without
-    those phases): the steps of its predict_masks, to run with the upscaling
-    on a subset of the batch."""
-    from . import implementation
-
-    if implementation(decoder.transformer, "forward") is None and not hasattr(decoder, "_upscaled_masks"):
+    """(check, image_rows, forward_rows, upscaled_masks): the steps of the fast
+    decoder's predict_masks, to run with the upscaling on part of the batch;
+    None when the decoder does not run them (then it runs whole)."""
+    if all(hasattr(decoder, name) for name in ("_check", "_image_rows", "_upscaled_masks")):
+        # the fused passes inside the decoder module
+        return (decoder._check, decoder._image_rows,
+                lambda src, pos_src, tokens, per_image: decoder.transformer.forward_rows(src, pos_src, tokens,
+                                                                                         per_image),
+                decoder._upscaled_masks)
+    try:  # the fast decoder in the fast layer (npsam/fast/mask_decoder.py)
+        from ..kernels.checks import check_decoder_inputs
+        from . import implementation, mask_decoder as fast_decoder, transformer as fast_transformer
+    except ImportError:
         return None
-    if not all(hasattr(decoder, name) for name in ("_check", "_image_rows", "_upscaled_masks")):
+    if implementation(decoder, "predict_masks") is not getattr(fast_decoder, "predict_masks", None):
         return None
-    return (decoder._check, decoder._image_rows,
-            lambda src, pos_src, tokens, per_image: decoder.transformer.forward_rows(src, pos_src, tokens, per_image),
-            decoder._upscaled_masks)
+    dtype = decoder.iou_token.weight.dtype
+    return (lambda emb, pe, sparse, dense: check_decoder_inputs(decoder.transformer_dim, dtype, emb, pe, sparse, dense),
+            lambda emb, pe, dense: fast_decoder.image_rows(decoder, emb, pe, dense),
+            lambda src, pos_src, tokens, per_image: fast_transformer.forward_rows(decoder.transformer, src, pos_src,
+                                                                                 tokens, per_image),
+            lambda src, hyper_in, h, w: fast_decoder.upscaled_masks(decoder, src, hyper_in, h, w))
 
 
 def masks_at_photo_size(low_res: np.ndarray, input_size: Tuple[int, int], original_size: Tuple[int, int],
