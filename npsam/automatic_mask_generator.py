@@ -60,8 +60,10 @@ class SamAutomaticMaskGenerator:
     Every official option, with the official defaults (chosen for ViT-H).
     ``progress``, if given, is called as ``progress(done, total)`` after each
     batch of points (total counts the batches of every crop). ``memory_limit``
-    (bytes, default 1 GiB) bounds generate()'s memory: a photo that cannot be
-    segmented within it is refused before any work (PhotoTooLargeError).
+    (bytes; None: 1 GiB on the fast path, no bound on the official logic,
+    which holds whole batches at the photo's size) bounds generate()'s
+    memory: a photo that cannot be segmented within it is refused before any
+    work (PhotoTooLargeError).
 
     The official logic is below; the fast layer
     (npsam/fast/automatic_mask_generator.py) replaces _process_batch with an
@@ -114,11 +116,10 @@ class SamAutomaticMaskGenerator:
                 raise ImportError('output_mode="coco_rle" needs pycocotools: pip install "npsam[coco]"') from e
         if points_per_batch < 1:
             raise ValueError(f"points_per_batch: expected a positive int, got {points_per_batch}")
-        memory_limit = DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit
-        if not (isinstance(memory_limit, (int, np.integer)) and memory_limit > 0):
+        if memory_limit is not None and not (isinstance(memory_limit, (int, np.integer)) and memory_limit > 0):
             raise ValueError(f"memory_limit: expected a positive number of bytes, got {memory_limit!r}")
         # NOTE(reference): the official imports cv2 when min_mask_region_area > 0;
-        # npsam.utils.amg.remove_small_regions labels components itself.
+        # remove_small_regions calls npsam's stand-in (kernels/connected_components.py).
 
         from .predictor import SamPredictor  # imported here: the predictor pulls in the model code
 
@@ -135,7 +136,7 @@ class SamAutomaticMaskGenerator:
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
         self.progress = progress
-        self.memory_limit = int(memory_limit)
+        self.memory_limit = None if memory_limit is None else int(memory_limit)
 
     def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:
         """Masks for the whole image (HWC uint8), as a list of records.
@@ -193,7 +194,7 @@ class SamAutomaticMaskGenerator:
         # NOTE(reference): the official batch holds all its masks at the photo's
         # size: [N*C, H, W] float32 logits, their filtered copy and the bool masks.
         need = 3 * self.points_per_batch * int(photo_size[0]) * int(photo_size[1]) * (4 + 4 + 1)
-        if need > self.memory_limit:
+        if self.memory_limit is not None and need > self.memory_limit:
             raise PhotoTooLargeError(too_large_message(photo_size, need, self.points_per_batch, self.memory_limit))
 
     def _generate_masks(self, image: np.ndarray) -> MaskData:

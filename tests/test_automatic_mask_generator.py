@@ -450,6 +450,10 @@ def test_a_photo_too_large_is_refused_before_any_work(official, ours):
     with npsam.reference():  # the official logic holds whole batches at photo size
         with pytest.raises(PhotoTooLargeError, match="8000x6000 photo"):
             generator.check_memory((6000, 8000))
+        SamAutomaticMaskGenerator(ours).check_memory((6000, 8000))  # no bound unless one is given
+    SamAutomaticMaskGenerator(ours).check_memory((6000, 8000))  # the fast path's default bound: it fits
+    with pytest.raises(PhotoTooLargeError, match="memory_limit=1.00 GiB"):
+        SamAutomaticMaskGenerator(ours).check_memory((20000, 30000))
     # generate() checks first: a photo array this large is never touched
     huge = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (20000, 30000, 3))
     with pytest.raises(PhotoTooLargeError):

@@ -44,7 +44,8 @@ from typing import Callable, Optional, Tuple
 
 import numpy as np
 
-from ..automatic_mask_generator import PhotoTooLargeError, SamAutomaticMaskGenerator, too_large_message
+from ..automatic_mask_generator import (DEFAULT_MEMORY_LIMIT, PhotoTooLargeError, SamAutomaticMaskGenerator,
+                                        too_large_message)
 from ..kernels.resize import _axis_plan, upscale_crop_resize
 from ..utils.amg import MaskData, batched_mask_to_box, is_box_near_crop_edge, mask_to_rle, uncrop_masks
 from . import implements, threads
@@ -103,9 +104,10 @@ def check_memory(self: SamAutomaticMaskGenerator, photo_size: Tuple[int, int]) -
     """Replaces SamAutomaticMaskGenerator.check_memory (the official logic's
     estimate, which holds whole batches at photo size) with this twin's: a
     group of one mask must fit in memory_limit."""
+    limit = DEFAULT_MEMORY_LIMIT if self.memory_limit is None else self.memory_limit
     need = working_memory(self.points_per_batch, photo_size, 1)
-    if need > self.memory_limit:
-        raise PhotoTooLargeError(too_large_message(photo_size, need, self.points_per_batch, self.memory_limit))
+    if need > limit:
+        raise PhotoTooLargeError(too_large_message(photo_size, need, self.points_per_batch, limit))
 
 
 @implements(SamAutomaticMaskGenerator, "_process_batch")
@@ -146,7 +148,8 @@ def process_batch(self: SamAutomaticMaskGenerator, points: np.ndarray, im_size: 
     # gets its box, the crop-edge filter and its RLE at once, so that no more
     # than a group of masks is ever held at photo size
     threshold, offset = model.mask_threshold, self.stability_score_offset
-    group = group_size(self.points_per_batch, orig_size, self.memory_limit)
+    group = group_size(self.points_per_batch, orig_size,
+                       DEFAULT_MEMORY_LIMIT if self.memory_limit is None else self.memory_limit)
     scores, boxes, near_edge, rles = [], [], [], []
     for g0 in range(0, len(flat), group):
         inter, union, binary = masks_at_photo_size(
