@@ -52,9 +52,10 @@ from . import implements, threads
 
 # What the process holds anyway (the interpreter, NumPy, the model's weights,
 # the fast layer's work arrays, the image encoder's run on its 1024 input).
-# An 8000x6000 photo with every mask kept peaked at 859 MiB, 38 MiB above
-# this estimate with 300 MiB here: 350.
-BASE_BYTES = 350 << 20
+# Measured peaks above the estimate: an 8000x6000 photo with every mask kept
+# 859 MiB (38 MiB above it with 300 MiB here), dog.jpg at the defaults 843 MiB
+# in its decoding phase (109 MiB above it with 350): 450.
+BASE_BYTES = 450 << 20
 # The photo (RGB uint8), held throughout, and the copies the predictor's
 # set_image makes of a crop while it resizes it (contiguous, PIL's).
 PHOTO_BYTES_PER_PIXEL = 3
@@ -64,10 +65,13 @@ SET_IMAGE_BYTES_PER_PIXEL = 6
 # the kept prompts' low-res masks (3 x 256 x 256 float32).
 DECODER_BYTES_PER_PROMPT = 6 << 20
 LOW_RES_BYTES_PER_PROMPT = 3 * 256 * 256 * 4
-# Per mask of a group: its thresholded mask (1 byte per pixel) and its rows
-# of the width pass (4 bytes per photo column and low-res row read, at most 256).
+# Per mask of a group: its thresholded mask (1 byte per pixel), its rows of
+# the width pass (4 bytes per photo column and low-res row read, at most 256)
+# and, in each thread, a block of 64 rows of logits (4 bytes) and two of
+# comparisons (1 byte each) per photo column. (truck.jpg's peak, 1052 MiB,
+# passed the 1 GiB bound when the blocks were left out.)
 MASK_BYTES_PER_PIXEL = 1
-MASK_BYTES_PER_COLUMN = 4 * 256
+MASK_BYTES_PER_COLUMN = 4 * 256 + threads.NUM_THREADS * 64 * (4 + 1 + 1)
 # One mask at a time: its uncropped copy (crops only) and the RLE's
 # transposed copy and changes.
 RLE_BYTES_PER_PIXEL = 3
