@@ -17,13 +17,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from . import fast
+from .kernels.nms import batched_nms, box_area  # NOTE(reference): torchvision.ops.boxes
 from .utils.amg import (
     MaskData,
     area_from_rle,
     batch_iterator,
     batched_mask_to_box,
-    batched_nms,
-    box_area,
     box_xyxy_to_xywh,
     build_all_layer_point_grids,
     calculate_stability_score,
@@ -39,6 +39,19 @@ from .utils.amg import (
 )
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+# The default bound on a generate() call's memory (the process's included), in bytes.
+DEFAULT_MEMORY_LIMIT = 1 << 30
+
+
+class PhotoTooLargeError(ValueError):
+    """A photo that cannot be segmented within the generator's memory_limit."""
+
+
+def too_large_message(photo_size, need: int, points_per_batch: int, memory_limit: int) -> str:
+    h, w = photo_size
+    return (f"image: a {w}x{h} photo needs about {need / 2**30:.2f} GiB to segment with points_per_batch="
+            f"{points_per_batch}, more than memory_limit={memory_limit / 2**30:.2f} GiB; raise memory_limit "
+            f"(npsam everything --memory-limit GIB), lower points_per_batch, or downscale the photo")
 
 
 class SamAutomaticMaskGenerator:
@@ -46,7 +59,16 @@ class SamAutomaticMaskGenerator:
 
     Every official option, with the official defaults (chosen for ViT-H).
     ``progress``, if given, is called as ``progress(done, total)`` after each
-    batch of points (total counts the batches of every crop).
+    batch of points (total counts the batches of every crop). ``memory_limit``
+    (bytes; None: 1 GiB on the fast path, no bound on the official logic,
+    which holds whole batches at the photo's size) bounds generate()'s
+    memory: a photo that cannot be segmented within it is refused before any
+    work (PhotoTooLargeError).
+
+    The official logic is below; the fast layer
+    (npsam/fast/automatic_mask_generator.py) replaces _process_batch with an
+    exact twin that prunes work and bounds memory, unless ``with
+    npsam.reference():`` is in force.
     """
 
     def __init__(
@@ -66,6 +88,7 @@ class SamAutomaticMaskGenerator:
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
         progress: Optional[Callable[[int, int], None]] = None,
+        memory_limit: Optional[int] = None,
     ) -> None:
         if (points_per_side is None) == (point_grids is None):
             raise ValueError(
@@ -93,8 +116,10 @@ class SamAutomaticMaskGenerator:
                 raise ImportError('output_mode="coco_rle" needs pycocotools: pip install "npsam[coco]"') from e
         if points_per_batch < 1:
             raise ValueError(f"points_per_batch: expected a positive int, got {points_per_batch}")
+        if memory_limit is not None and not (isinstance(memory_limit, (int, np.integer)) and memory_limit > 0):
+            raise ValueError(f"memory_limit: expected a positive number of bytes, got {memory_limit!r}")
         # NOTE(reference): the official imports cv2 when min_mask_region_area > 0;
-        # npsam.utils.amg.remove_small_regions labels components itself.
+        # remove_small_regions calls npsam's stand-in (kernels/connected_components.py).
 
         from .predictor import SamPredictor  # imported here: the predictor pulls in the model code
 
@@ -111,6 +136,7 @@ class SamAutomaticMaskGenerator:
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
         self.progress = progress
+        self.memory_limit = None if memory_limit is None else int(memory_limit)
 
     def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:
         """Masks for the whole image (HWC uint8), as a list of records.
@@ -122,6 +148,7 @@ class SamAutomaticMaskGenerator:
         if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3):
             got = image.shape if isinstance(image, np.ndarray) else type(image).__name__
             raise ValueError(f"image: expected an HWC array with 3 channels, got {got}")
+        self.check_memory(image.shape[:2])
 
         # Generate masks
         mask_data = self._generate_masks(image)
@@ -157,6 +184,18 @@ class SamAutomaticMaskGenerator:
             curr_anns.append(ann)
 
         return curr_anns
+
+    def check_memory(self, photo_size: Tuple[int, int]) -> None:
+        """Raise PhotoTooLargeError, before any work, if a photo of photo_size
+        (H, W) cannot be segmented within memory_limit."""
+        impl = fast.implementation(self, "check_memory")
+        if impl is not None:
+            return impl(self, photo_size)
+        # NOTE(reference): the official batch holds all its masks at the photo's
+        # size: [N*C, H, W] float32 logits, their filtered copy and the bool masks.
+        need = 3 * self.points_per_batch * int(photo_size[0]) * int(photo_size[1]) * (4 + 4 + 1)
+        if self.memory_limit is not None and need > self.memory_limit:
+            raise PhotoTooLargeError(too_large_message(photo_size, need, self.points_per_batch, self.memory_limit))
 
     def _generate_masks(self, image: np.ndarray) -> MaskData:
         orig_size = image.shape[:2]
@@ -243,6 +282,9 @@ class SamAutomaticMaskGenerator:
         crop_box: List[int],
         orig_size: Tuple[int, ...],
     ) -> MaskData:
+        impl = fast.implementation(self, "_process_batch")  # the exact, pruned twin
+        if impl is not None:
+            return impl(self, points, im_size, crop_box, orig_size)
         orig_h, orig_w = orig_size
 
         # Run model on this batch

@@ -41,6 +41,10 @@ ORT_ENCODER = 1e-4  # TinyViT embedding vs encoder.onnx (scaled)
 
 # Masks from whole pipelines (thresholded logits) agree by IoU.
 MASK_IOU = 0.999
+# A stability score is the IoU of a mask thresholded at +offset with the same
+# mask at -offset: the pixels a rounding difference flips move it as they move
+# a mask's IoU, so it gets the same bar (absolute).
+STABILITY_SCORE = 1 - MASK_IOU
 
 
 def scaled_error(ours, theirs) -> float:

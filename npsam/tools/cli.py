@@ -571,98 +571,6 @@ def run_segment(args: argparse.Namespace) -> int:
     return 0
 
 
-EVERYTHING_EXAMPLES = """Examples:
-  npsam everything assets/images/dog.jpg -o out/dog_all
-  npsam everything assets/images/groceries.jpg --points-per-side 16 --min-mask-region-area 100 -o out/groceries
-  npsam embed assets/images/dog.jpg -o dog_emb.npy
-  npsam everything assets/images/dog.jpg --embedding dog_emb.npy --pred-iou-thresh 0.8 -o out/dog_loose
-
-Writes into OUT: mask_000.png ... (one per mask, 1-bit, the photo's size),
-overlay.png (every mask in its own colour, largest first) and masks.json (the
-official records, with segmentation naming the PNG file).
-"""
-
-
-def add_everything_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("image", metavar="IMAGE", help="photo (JPEG, PNG, ...)")
-    parser.add_argument("--points-per-side", type=_positive_int, default=32, help="grid of N x N points (default 32)")
-    parser.add_argument("--points-per-batch", type=_positive_int, default=64, help="points per decoder run (default 64)")
-    parser.add_argument("--pred-iou-thresh", type=float, default=0.88, help="keep masks of predicted IoU above (default 0.88)")
-    parser.add_argument("--stability-score-thresh", type=float, default=0.95,
-                        help="keep masks of stability score above (default 0.95)")
-    parser.add_argument("--box-nms-thresh", type=_fraction, default=0.7, help="box IoU for NMS (default 0.7)")
-    parser.add_argument("--crop-n-layers", type=_natural, default=0, help="layers of image crops (default 0)")
-    parser.add_argument("--min-mask-region-area", type=_natural, default=0,
-                        help="remove islands and holes smaller than this many pixels (default 0: off)")
-    parser.add_argument("--embedding", metavar="EMB.npy",
-                        help="image embedding from 'npsam embed' of the same IMAGE: skips the image encoder "
-                             "(only with --crop-n-layers 0)")
-    add_model_arguments(parser)
-    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created)")
-
-
-def run_everything(args: argparse.Namespace) -> int:
-    """npsam everything: the automatic mask generator over the whole photo."""
-    from functools import partial
-
-    from ..automatic_mask_generator import SamAutomaticMaskGenerator
-    from ..io.image_io import save_png
-    from .overlay import overlay_masks
-    from .progress import ProgressBar
-
-    out = _check_out_dir(args.output)
-    image = load_photo(args.image)
-    if args.embedding and args.crop_n_layers:
-        raise CliError("--embedding needs --crop-n-layers 0 (each crop is embedded on its own)")
-    embedding = load_embedding(args.embedding) if args.embedding else None
-    parts = ("decoder",) if embedding is not None else ("encoder", "decoder")
-    sam, model = load_model(args.checkpoint, args.model_type, parts)
-    encoder_bar, mask_bar = ProgressBar("image encoder"), ProgressBar("masks")
-    options = dict(
-        points_per_side=args.points_per_side,
-        points_per_batch=args.points_per_batch,
-        pred_iou_thresh=args.pred_iou_thresh,
-        stability_score_thresh=args.stability_score_thresh,
-        box_nms_thresh=args.box_nms_thresh,
-        crop_n_layers=args.crop_n_layers,
-        min_mask_region_area=args.min_mask_region_area,
-    )
-    generator = SamAutomaticMaskGenerator(sam, progress=mask_bar, **options)
-    # The generator embeds each crop itself (predictor.set_image): give those
-    # calls the encoder's bar, or, with --embedding, the given embedding (one
-    # crop: the whole photo).
-    if embedding is None:
-        generator.predictor.set_image = partial(generator.predictor.set_image, progress=encoder_bar)
-    else:
-        generator.predictor.set_image = lambda crop: generator.predictor.set_embedding(embedding, crop.shape[:2])
-    try:
-        records = generator.generate(image)
-    finally:
-        encoder_bar.close()
-        mask_bar.close()
-
-    digits = max(3, len(str(len(records) - 1)))
-    names = [f"mask_{i:0{digits}d}.png" for i in range(len(records))]
-    masks = [r["segmentation"] for r in records]
-    overlay = overlay_masks(image, masks)
-    listing = {
-        "image": os.path.abspath(args.image),
-        "image_size": [int(image.shape[0]), int(image.shape[1])],
-        "model": model,
-        "options": options,
-        "embedding": os.path.abspath(args.embedding) if args.embedding else None,
-        "masks": [{**r, "segmentation": name} for r, name in zip(records, names)],
-        "overlay": "overlay.png",
-        "files": names + ["overlay.png"],
-    }
-    writers = {name: (lambda path, m=m: save_png(path, m)) for name, m in zip(names, masks)}
-    writers["overlay.png"] = lambda path: save_png(path, overlay)
-    writers["masks.json"] = lambda path: write_json(path, listing)
-    write_outputs(out, writers, "masks.json")
-    print(f"{out}: {len(records)} masks; overlay {out / 'overlay.png'}")
-    return 0
-
-
 EMBED_EXAMPLES = """Example:
   npsam embed assets/images/truck.jpg -o truck_emb.npy
   npsam segment assets/images/truck.jpg --embedding truck_emb.npy --point 500,375 -o out/window
@@ -793,8 +701,8 @@ class Subcommand:
 SUBCOMMANDS = [
     Subcommand("segment", "masks from points, a box and/or a previous mask", SEGMENT_EXAMPLES,
                add_segment_arguments, run_segment),
-    Subcommand("everything", "every object: the automatic mask generator", EVERYTHING_EXAMPLES,
-               add_everything_arguments, run_everything),
+    Subcommand("everything", "every object: the automatic mask generator, on a photo or a dataset",
+               module="npsam.tools.everything"),
     Subcommand("embed", "the image embedding alone (for segment --embedding)", EMBED_EXAMPLES,
                add_embed_arguments, run_embed),
     Subcommand("info", "what a weights file holds: model type, dtype, modules, parameter counts", INFO_EXAMPLES,

@@ -1,10 +1,10 @@
-"""Mirror of segment_anything/utils/amg.py, plus the torchvision box ops and the
-OpenCV connected-component labelling that the automatic mask generator calls.
+"""Mirror of segment_anything/utils/amg.py, on NumPy arrays.
 
-Every function has the official name and semantics on NumPy arrays:
-``mask_to_rle`` (alias ``mask_to_rle_pytorch``), ``batched_nms``/``box_area``
-(torchvision.ops.boxes), and ``remove_small_regions``, which labels components
-itself where the official calls ``cv2.connectedComponentsWithStats``.
+Every function has the official name and semantics: ``mask_to_rle`` (alias
+``mask_to_rle_pytorch``) works on arrays where the official takes tensors,
+and ``remove_small_regions`` calls npsam's stand-in for OpenCV's labelling
+(``npsam.kernels.connected_components``). The torchvision box ops the
+generator calls are in ``npsam.kernels.nms``.
 
 Dimension letters:
   B  masks in a batch        H, W  mask height and width
@@ -302,126 +302,30 @@ def uncrop_masks(masks: np.ndarray, crop_box: List[int], orig_h: int, orig_w: in
 def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> Tuple[np.ndarray, bool]:
     """Mirror of utils/amg.py: remove_small_regions. [H, W] bool -> ([H, W] bool, changed).
 
-    Removes small disconnected regions ("islands") or fills small holes
-    ("holes"). Components are 8-connected, as the official
-    ``cv2.connectedComponentsWithStats(working_mask, 8)``.
+    Removes small disconnected regions and holes in a mask. Returns the
+    mask and an indicator of if the mask has been modified.
     """
+    # NOTE(reference): the official imports cv2 here; npsam's stand-in labels components itself.
+    from ..kernels import connected_components as cv2
+
     if mode not in ("holes", "islands"):
         raise ValueError(f"mode: expected 'holes' or 'islands', got {mode!r}")
-    if mask.ndim != 2:
-        raise ValueError(f"mask: expected [H, W], got shape {mask.shape}")
     correct_holes = mode == "holes"
-    working_mask = correct_holes ^ mask.astype(bool)  # [H, W]
-    runs = _label_runs_8(working_mask)
-    # NOTE(reference): cv2's label 0 is every zero pixel of working_mask;
-    # labels 1.. are the components, numbered as cv2 numbers them.
-    sizes = runs.component_sizes  # [labels-1]
-    small = sizes < area_thresh  # [labels-1]
-    if not small.any():
+    working_mask = (correct_holes ^ mask).astype(np.uint8)  # [H, W]
+    n_labels, regions, stats, _ = cv2.connectedComponentsWithStats(working_mask, 8)
+    sizes = stats[:, -1][1:]  # Row 0 is background label
+    small_regions = [i + 1 for i, s in enumerate(sizes) if s < area_thresh]
+    if len(small_regions) == 0:
         return mask, False
-    if correct_holes:
-        # fill_labels = [0] + small_regions: the mask itself plus the small holes.
-        fill = small
-    else:
-        # fill_labels = every label not in [0] + small_regions.
-        fill = ~small
+    fill_labels = [0] + small_regions
+    if not correct_holes:
+        # NOTE(reference): the official `[i for i in range(n_labels) if i not in fill_labels]`, as a set difference
+        fill_labels = sorted(set(range(n_labels)) - set(fill_labels))
         # If every region is below threshold, keep largest
-        if not fill.any():
-            fill = np.zeros_like(small)
-            fill[int(np.argmax(sizes))] = True  # NOTE(reference): first largest in cv2's label order
-    mask = runs.paint(fill)  # [H, W]
-    if correct_holes:
-        mask = mask | ~working_mask
+        if len(fill_labels) == 0:
+            fill_labels = [int(np.argmax(sizes)) + 1]
+    mask = np.isin(regions, fill_labels)  # [H, W]
     return mask, True
-
-
-class _Runs:
-    """Horizontal runs of a binary image and their 8-connected components.
-
-    Runs are found per row; a run touches a run of the next row when their
-    column ranges overlap or meet diagonally. Components are found by
-    union-find over runs (vectorised hooking and pointer jumping). Components
-    are then numbered as OpenCV numbers them: its 8-connectivity algorithms
-    (BBDT / Spaghetti) scan 2x2 pixel blocks and keep the smallest provisional
-    label, so labels follow each component's first 2x2 block in block-raster order.
-    """
-
-    def __init__(self, shape, rows, starts, ends, component):
-        self.shape = shape
-        self.rows, self.starts, self.ends = rows, starts, ends  # [N] each
-        self.component = component  # [N] label-1 of each run, in cv2's order
-        lengths = ends - starts
-        n_comp = int(component.max()) + 1 if len(component) else 0
-        self.component_sizes = np.bincount(component, weights=lengths, minlength=n_comp).astype(np.int64)
-
-    def paint(self, fill: np.ndarray) -> np.ndarray:
-        """[H, W] bool: True on the runs whose component is filled."""
-        h, w = self.shape
-        keep = fill[self.component]  # [N]
-        delta = np.zeros(h * w + 1, dtype=np.int32)
-        delta[self.rows[keep] * w + self.starts[keep]] += 1  # starts are distinct
-        delta[self.rows[keep] * w + self.ends[keep]] -= 1  # ends are distinct
-        return (np.cumsum(delta[:-1]) > 0).reshape(h, w)  # [H*W] -> [H, W]
-
-
-def _label_runs_8(image: np.ndarray) -> _Runs:
-    h, w = image.shape
-    padded = np.zeros((h, w + 2), dtype=np.int8)
-    padded[:, 1:-1] = image
-    edges = np.diff(padded, axis=1)  # [H, W+1]: +1 where a run starts, -1 one past its end
-    rows, starts = np.nonzero(edges == 1)  # [N] each, row-major order
-    _, ends = np.nonzero(edges == -1)  # [N], exclusive ends
-    n = len(rows)
-    if n == 0:
-        return _Runs((h, w), rows, starts, ends, np.zeros(0, dtype=np.int64))
-
-    # Runs a (row r) and b (row r+1) touch with 8-connectivity iff b.start <= a.end and a.start <= b.end
-    # (exclusive ends). Keys row*K + column keep rows apart (K > W), so one
-    # sorted search finds, for each run, the contiguous range of runs it touches in the next row.
-    k = w + 2
-    start_key = rows * k + starts  # [N], increasing
-    end_key = rows * k + ends  # [N], increasing
-    lo = np.searchsorted(end_key, (rows + 1) * k + starts, side="left")  # [N]
-    hi = np.searchsorted(start_key, (rows + 1) * k + ends, side="right")  # [N]
-    n_touch = np.maximum(hi - lo, 0)  # [N]
-    src = np.repeat(np.arange(n), n_touch)  # [E]
-    first = np.cumsum(n_touch) - n_touch  # [N]
-    dst = lo[src] + (np.arange(len(src)) - first[src])  # [E]
-
-    root = _union_find(n, src, dst)  # [N], smallest run index of each component
-    is_root = root == np.arange(n)
-    raster_label = (np.cumsum(is_root) - 1)[root]  # [N] components in raster order of first run
-
-    # Renumber as cv2 does: by each component's first 2x2 block (block row, block column).
-    block_key = (rows // 2) * (w // 2 + 1) + starts // 2  # [N]
-    n_comp = int(is_root.sum())
-    first_block = np.full(n_comp, np.iinfo(np.int64).max)
-    np.minimum.at(first_block, raster_label, block_key)  # [components]
-    cv2_rank = np.empty(n_comp, dtype=np.int64)
-    cv2_rank[np.argsort(first_block, kind="stable")] = np.arange(n_comp)
-    return _Runs((h, w), rows, starts, ends, cv2_rank[raster_label])
-
-
-def _union_find(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Roots of the graph on n nodes with edges (src, dst); each root is its tree's smallest node.
-
-    Every round hooks each root onto the smallest root it touches (so no cycles)
-    and then jumps pointers until every tree is a star; settled edges are dropped.
-    """
-    parent = np.arange(n)
-    while len(src):
-        pu, pv = parent[src], parent[dst]  # roots: parent is all stars here
-        open_ = pu != pv
-        src, dst, pu, pv = src[open_], dst[open_], pu[open_], pv[open_]
-        if not len(src):
-            break
-        np.minimum.at(parent, np.maximum(pu, pv), np.minimum(pu, pv))
-        while True:
-            grand = parent[parent]
-            if np.array_equal(grand, parent):
-                break
-            parent = grand
-    return parent
 
 
 def coco_encode_rle(uncompressed_rle: Dict[str, Any]) -> Dict[str, Any]:
@@ -482,107 +386,3 @@ def batched_mask_to_box(masks: np.ndarray) -> np.ndarray:
     else:
         out = out[0]  # [1, 4] -> [4]
     return out
-
-
-# ---------------------------------------------------------------------------
-# torchvision.ops.boxes: box_area, nms, batched_nms
-
-
-def _upcast(t: np.ndarray) -> np.ndarray:
-    # torchvision's _upcast: floats below float32 go to float32, ints below int32 to int32.
-    if np.issubdtype(t.dtype, np.floating):
-        return t if t.dtype in (np.float32, np.float64) else t.astype(np.float32)
-    return t if t.dtype in (np.int32, np.int64) else t.astype(np.int32)
-
-
-def box_area(boxes: np.ndarray) -> np.ndarray:
-    """Mirror of torchvision.ops.boxes.box_area. [N, 4] XYXY -> [N]."""
-    boxes = _upcast(np.asarray(boxes))
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-
-
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Mirror of torchvision.ops.nms (its CPU kernel). -> kept indices [K] int64, by descending score.
-
-    Greedy: visit boxes by descending score (a stable sort, so equal scores go
-    by index, as the kernel's ``scores.sort(stable=True, descending=True)``);
-    keep a box unless suppressed, and suppress every later box whose IoU with
-    it is > iou_threshold. IoU is computed in the boxes' dtype (float32 for SAM)
-    with the kernel's exact arithmetic.
-    """
-    boxes, scores = _check_boxes_scores(boxes, scores)
-    n = len(boxes)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    x1, y1, x2, y2 = (np.ascontiguousarray(boxes[:, c]) for c in range(4))  # [N] each
-    areas = (x2 - x1) * (y2 - y1)  # [N]
-    order = np.argsort(-scores, kind="stable")  # [N]
-    zero = boxes.dtype.type(0)
-    suppressed = np.zeros(n, dtype=bool)
-    keep = []
-    with np.errstate(invalid="ignore", divide="ignore"):
-        for i in order.tolist():
-            if suppressed[i]:
-                continue
-            keep.append(i)
-            w = np.maximum(zero, np.minimum(x2[i], x2) - np.maximum(x1[i], x1))  # [N]
-            h = np.maximum(zero, np.minimum(y2[i], y2) - np.maximum(y1[i], y1))  # [N]
-            inter = w * h  # [N]
-            ovr = inter / (areas[i] + areas - inter)  # [N]
-            # NOTE(reference): the kernel compares the float IoU with the double threshold.
-            # Marking boxes already visited changes nothing: they were kept or suppressed.
-            suppressed |= ovr.astype(np.float64) > float(iou_threshold)
-    return np.asarray(keep, dtype=np.int64)
-
-
-def batched_nms(boxes: np.ndarray, scores: np.ndarray, idxs: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Mirror of torchvision.ops.boxes.batched_nms. -> kept indices [K] int64, by descending score.
-
-    NMS within each category ``idxs``: boxes only suppress boxes of their own category.
-    """
-    boxes, scores = _check_boxes_scores(boxes, scores)
-    idxs = np.asarray(idxs)
-    if idxs.shape != scores.shape:
-        raise ValueError(f"idxs: expected shape {scores.shape} (one category per box), got {idxs.shape}")
-    # NOTE(reference): torchvision takes a per-category loop above 4000 numbers
-    # (1000 boxes) on CPU and the coordinate trick below; both are mirrored
-    # because the offsets of the trick round differently in float32.
-    if boxes.size > 4000:
-        return _batched_nms_vanilla(boxes, scores, idxs, iou_threshold)
-    return _batched_nms_coordinate_trick(boxes, scores, idxs, iou_threshold)
-
-
-def _batched_nms_coordinate_trick(boxes, scores, idxs, iou_threshold) -> np.ndarray:
-    # Offset each category so that boxes never overlap across them.
-    if boxes.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    max_coordinate = boxes.max()
-    offsets = idxs.astype(boxes.dtype) * (max_coordinate + boxes.dtype.type(1))  # [N]
-    boxes_for_nms = boxes + offsets[:, None]  # [N, 4]
-    return nms(boxes_for_nms, scores, iou_threshold)
-
-
-def _batched_nms_vanilla(boxes, scores, idxs, iou_threshold) -> np.ndarray:
-    keep_mask = np.zeros(len(scores), dtype=bool)
-    for class_id in np.unique(idxs):
-        curr_indices = np.flatnonzero(idxs == class_id)
-        curr_keep_indices = nms(boxes[curr_indices], scores[curr_indices], iou_threshold)
-        keep_mask[curr_indices[curr_keep_indices]] = True
-    keep_indices = np.flatnonzero(keep_mask)
-    # NOTE(reference): torchvision sorts here with torch's default (unstable) sort,
-    # so equal scores may come out in any order; we keep them by index (stable).
-    return keep_indices[np.argsort(-scores[keep_indices], kind="stable")]
-
-
-def _check_boxes_scores(boxes, scores) -> Tuple[np.ndarray, np.ndarray]:
-    boxes = np.asarray(boxes)
-    scores = np.asarray(scores)
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"boxes: expected [N, 4] XYXY, got shape {boxes.shape}")
-    if boxes.dtype not in (np.float32, np.float64):
-        raise ValueError(f"boxes: expected float32 or float64 (as torchvision's kernel), got {boxes.dtype}")
-    if scores.shape != (len(boxes),):
-        raise ValueError(f"scores: expected shape ({len(boxes)},), got {scores.shape}")
-    if not np.issubdtype(scores.dtype, np.floating):
-        raise ValueError(f"scores: expected a float array, got {scores.dtype}")
-    return boxes, scores

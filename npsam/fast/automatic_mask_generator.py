@@ -1,0 +1,337 @@
+"""Fast twin of automatic_mask_generator.py: SamAutomaticMaskGenerator._process_batch,
+exact pruning in bounded memory.
+
+The official batch step decodes every prompt of the batch to all its masks,
+upscales all of them to the photo's size ([N*C, H, W] float32: 34 GiB for a
+batch of 64 prompts on an 8000x6000 photo), and only then filters them by
+predicted IoU, by stability, thresholds them, finds boxes, drops masks at
+crop edges and encodes the rest. This twin gives the same MaskData (the same
+masks in the same order, every field equal bit for bit) and skips the work
+that cannot change it:
+
+1. IoU first (decode_iou_first): the predicted IoUs come from the
+   transformer's IoU token, before any upscaling. The transformer and the
+   IoU head run on the whole batch as the decoder runs them; the upscaling and
+   the mask product run only for prompts with a mask whose predicted IoU
+   passes ``pred_iou_thresh``. The upscaling is per prompt, so a kept
+   prompt's low-res masks are the same numbers the whole batch would give.
+2. Photo size per small group: only masks that passed the IoU filter are
+   resized to the photo, a group at a time (as many as the memory limit
+   allows), and never as float logits of the whole photo: the two bilinear
+   resizes run as the separable map of ``Sam.postprocess_masks``
+   (kernels/resize.upscale_crop_resize), block of output rows by block, and
+   each block is counted for the stability score and thresholded at once
+   (masks_at_photo_size). The same matrix products as upscale_crop_resize
+   (per mask and per block), so the same bits.
+3. Survivors only: boxes, the crop-edge filter, uncropping and RLE run on the
+   masks that passed the stability filter, one at a time for RLE.
+
+Memory: working_memory() estimates the peak of a batch (the process's base,
+the photo, the decoder's batch, one group of masks at photo size, one RLE);
+the group size is chosen to stay within the generator's ``memory_limit``, and
+a photo whose smallest working set (a group of one) does not fit is refused
+before any work starts (check_memory).
+
+Dimension letters:
+  N  prompts in the batch   C  masks per prompt (3)   M  masks kept
+  G  masks in a group       h, w  crop (the predictor's image)   H, W  photo
+  S  the encoder's square input (1024)   Hr  low-res rows read
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+
+from ..automatic_mask_generator import (DEFAULT_MEMORY_LIMIT, PhotoTooLargeError, SamAutomaticMaskGenerator,
+                                        too_large_message)
+from ..kernels.resize import _axis_plan, upscale_crop_resize
+from ..utils.amg import MaskData, batched_mask_to_box, is_box_near_crop_edge, mask_to_rle, uncrop_masks
+from . import implements, threads
+
+# What the process holds anyway (the interpreter, NumPy, the model's weights,
+# the fast layer's work arrays, the image encoder's run on its 1024 input).
+# Measured peaks above the estimate: an 8000x6000 photo with every mask kept
+# 859 MiB (38 MiB above it with 300 MiB here), dog.jpg at the defaults 843 MiB
+# in its decoding phase (109 MiB above it with 350): 450.
+BASE_BYTES = 450 << 20
+# The photo (RGB uint8), held throughout, and the copies the predictor's
+# set_image makes of a crop while it resizes it (contiguous, PIL's).
+PHOTO_BYTES_PER_PIXEL = 3
+SET_IMAGE_BYTES_PER_PIXEL = 6
+# A decoder batch at its peak, per prompt (the transformer's image rows):
+# measured on MobileSAM, 64 prompts raise the peak by about 330 MB. After it,
+# the kept prompts' low-res masks (3 x 256 x 256 float32).
+DECODER_BYTES_PER_PROMPT = 6 << 20
+LOW_RES_BYTES_PER_PROMPT = 3 * 256 * 256 * 4
+# Per mask of a group: its thresholded mask (1 byte per pixel), its rows of
+# the width pass (4 bytes per photo column and low-res row read, at most 256)
+# and, in each thread, a block of 64 rows of logits (4 bytes) and two of
+# comparisons (1 byte each) per photo column. (truck.jpg's peak, 1052 MiB,
+# passed the 1 GiB bound when the blocks were left out.)
+MASK_BYTES_PER_PIXEL = 1
+MASK_BYTES_PER_COLUMN = 4 * 256 + threads.NUM_THREADS * 64 * (4 + 1 + 1)
+# One mask at a time: its uncropped copy (crops only) and the RLE's
+# transposed copy and changes.
+RLE_BYTES_PER_PIXEL = 3
+
+
+def working_memory(points_per_batch: int, photo_size: Tuple[int, int], group: int) -> int:
+    """Estimated peak bytes of generate() with ``group`` masks per group: the
+    largest of its three phases (embedding a crop; decoding a batch; the
+    batch's masks at photo size, a group at a time, and one mask's RLE), each
+    on top of the process's base and the photo."""
+    h, w = (int(s) for s in photo_size)
+    held = BASE_BYTES + PHOTO_BYTES_PER_PIXEL * h * w
+    embed = SET_IMAGE_BYTES_PER_PIXEL * h * w
+    decode = DECODER_BYTES_PER_PROMPT * points_per_batch
+    return held + max(embed, decode, _masks_phase(points_per_batch, h, w, group))
+
+
+def _masks_phase(points_per_batch: int, h: int, w: int, group: int) -> int:
+    return (LOW_RES_BYTES_PER_PROMPT * points_per_batch + RLE_BYTES_PER_PIXEL * h * w
+            + group * (MASK_BYTES_PER_PIXEL * h * w + MASK_BYTES_PER_COLUMN * w))
+
+
+def group_size(points_per_batch: int, photo_size: Tuple[int, int], memory_limit: int) -> int:
+    """The most masks per group that keep the masks phase within the limit
+    (at least 1, at most a batch's masks)."""
+    h, w = (int(s) for s in photo_size)
+    per_mask = _masks_phase(points_per_batch, h, w, 1) - _masks_phase(points_per_batch, h, w, 0)
+    spare = memory_limit - BASE_BYTES - PHOTO_BYTES_PER_PIXEL * h * w - _masks_phase(points_per_batch, h, w, 0)
+    return int(min(max(1, spare // per_mask), 3 * points_per_batch))
+
+
+@implements(SamAutomaticMaskGenerator, "check_memory")
+def check_memory(self: SamAutomaticMaskGenerator, photo_size: Tuple[int, int]) -> None:
+    """Replaces SamAutomaticMaskGenerator.check_memory (the official logic's
+    estimate, which holds whole batches at photo size) with this twin's: a
+    group of one mask must fit in memory_limit."""
+    limit = DEFAULT_MEMORY_LIMIT if self.memory_limit is None else self.memory_limit
+    need = working_memory(self.points_per_batch, photo_size, 1)
+    if need > limit:
+        raise PhotoTooLargeError(too_large_message(photo_size, need, self.points_per_batch, limit))
+
+
+@implements(SamAutomaticMaskGenerator, "_process_batch")
+def process_batch(self: SamAutomaticMaskGenerator, points: np.ndarray, im_size: Tuple[int, ...],
+                  crop_box, orig_size: Tuple[int, ...]) -> MaskData:
+    """Replaces SamAutomaticMaskGenerator._process_batch: the same MaskData
+    (iou_preds, points, stability_score, boxes, rles; same order, same bits),
+    with pruned work (see the module docstring). Equal because every value
+    kept is computed by the same products as the official path computes it,
+    and every value skipped belongs to a mask the official path drops."""
+    orig_h, orig_w = orig_size
+    predictor, model = self.predictor, self.predictor.model
+
+    # Run model on this batch: IoU first
+    transformed_points = predictor.transform.apply_coords(points, im_size)  # [N, 2] float64
+    in_points = np.asarray(transformed_points)
+    in_labels = np.ones(in_points.shape[0], dtype=np.int32)  # NOTE(reference): torch.int
+    if self.pred_iou_thresh > 0.0:
+        def keep_masks(iou_preds):  # the official filter on predicted IoU
+            return iou_preds > self.pred_iou_thresh
+    else:
+        keep_masks = None
+    iou_preds, low_res, kept = decode_iou_first(
+        predictor, in_points[:, None, :], in_labels[:, None], keep_masks)  # [N, C], [N, C, 256, 256] of kept prompts
+
+    # Serialize predictions, as the official, and filter by predicted IoU
+    n, c = iou_preds.shape
+    data = MaskData(iou_preds=iou_preds.reshape(-1), points=points.repeat(c, axis=0))  # [N*C], [N*C, 2]
+    keep_mask = np.ones(n * c, dtype=bool) if keep_masks is None else keep_masks(data["iou_preds"])
+    data.filter(keep_mask)
+    flat = np.flatnonzero(keep_mask)  # [M] indices into N*C
+    row_of_prompt = np.full(n, -1)
+    row_of_prompt[kept] = np.arange(len(kept))
+    low_res = low_res.reshape(-1, *low_res.shape[2:])  # [Nk, C, 256, 256] -> [Nk*C, 256, 256]
+    low_index = row_of_prompt[flat // c] * c + flat % c  # [M] rows of low_res
+
+    # Photo size, a group at a time; each mask that passes the stability filter
+    # gets its box, the crop-edge filter and its RLE at once, so that no more
+    # than a group of masks is ever held at photo size
+    threshold, offset = model.mask_threshold, self.stability_score_offset
+    group = group_size(self.points_per_batch, orig_size,
+                       DEFAULT_MEMORY_LIMIT if self.memory_limit is None else self.memory_limit)
+    scores, boxes, near_edge, rles = [], [], [], []
+    for g0 in range(0, len(flat), group):
+        inter, union, binary = masks_at_photo_size(
+            low_res[low_index[g0:g0 + group]], predictor.input_size, predictor.original_size,
+            model.image_encoder.img_size, threshold, offset)  # [G], [G], [G, h, w] bool
+        # Calculate stability score
+        # NOTE(reference): calculate_stability_score: int32 / int32 in torch's default float32
+        with np.errstate(invalid="ignore", divide="ignore"):
+            score = inter.astype(np.float32) / union.astype(np.float32)  # [G]
+        scores.append(score)
+        passed = score >= self.stability_score_thresh if self.stability_score_thresh > 0.0 else np.ones(len(score), bool)
+        for i in np.flatnonzero(passed):
+            # Threshold masks and calculate boxes
+            box = batched_mask_to_box(binary[i])  # [h, w] -> [4] int64
+            boxes.append(box)
+            # Filter boxes that touch crop boundaries
+            near_edge.append(bool(is_box_near_crop_edge(box[None], crop_box, [0, 0, orig_w, orig_h])[0]))
+            if not near_edge[-1]:
+                # Compress to RLE
+                rles.append(mask_to_rle(uncrop_masks(binary[i][None], crop_box, orig_h, orig_w))[0])
+        del binary
+
+    # The official filters, in order, on the data: the same records
+    data["stability_score"] = np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)  # [M]
+    if self.stability_score_thresh > 0.0:
+        keep_mask = data["stability_score"] >= self.stability_score_thresh
+        data.filter(keep_mask)
+    h, w = predictor.original_size
+    # NOTE(reference): batched_mask_to_box of no masks is float32 [0, 4]
+    data["boxes"] = np.stack(boxes) if boxes else batched_mask_to_box(np.zeros((0, h, w), dtype=bool))  # [M, 4]
+    keep_mask = ~np.asarray(near_edge, dtype=bool)
+    if not np.all(keep_mask):
+        data.filter(keep_mask)
+    data["rles"] = rles
+    return data
+
+
+def decode_iou_first(predictor, point_coords: np.ndarray, point_labels: np.ndarray,
+                     keep_masks: Optional[Callable[[np.ndarray], np.ndarray]]
+                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """predictor.predict_batch's decoder step (multimask output), IoU first:
+    -> iou_predictions [N, C], low-res logits [Nk, C, 256, 256] of the kept
+    prompts, kept [Nk] (prompt indices, increasing).
+
+    A prompt is kept when keep_masks(iou) (on its flattened [C] predictions)
+    keeps any of its masks (all prompts when keep_masks is None). The prompt
+    encoder, the transformer, the hypernetworks and the IoU head run on the
+    whole batch as the decoder runs them; the upscaling and the mask product,
+    per prompt in the fast decoder, run for the kept prompts only. So every
+    value returned is the decoder's own, bit for bit (tested against
+    predict_batch).
+    """
+    model = predictor.model
+    decoder = model.mask_decoder
+    sparse, dense = model.prompt_encoder(points=(point_coords, point_labels), boxes=None, masks=None)
+    image_pe = model.prompt_encoder.get_dense_pe()
+    phases = _fast_decoder_phases(decoder)
+    if phases is None:  # no fast decoder to split: the whole decoder, then select
+        low_res, iou_preds = decoder(image_embeddings=predictor.features, image_pe=image_pe,
+                                     sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                     multimask_output=True)  # -> [N, C, 256, 256], [N, C]
+        kept = _kept_prompts(iou_preds, keep_masks)
+        return iou_preds, low_res[kept], kept
+    check, image_rows, forward_rows, upscaled_masks = phases
+    image_embeddings, image_pe, sparse, dense = check(predictor.features, image_pe, sparse, dense)
+    # NOTE(reference): MaskDecoder.forward with multimask_output=True keeps tokens 1..3
+    mask_slice = slice(1, None)
+    with threads.single_threaded_blas():  # the fused passes bring their own threads
+        b = sparse.shape[0]
+        output_tokens = np.concatenate([decoder.iou_token.weight, decoder.mask_tokens.weight], axis=0)  # [1+M, C]
+        output_tokens = np.broadcast_to(output_tokens[None], (b,) + output_tokens.shape)  # -> [B, 1+M, C]
+        tokens = np.concatenate([output_tokens, sparse], axis=1)  # -> [B, T, C]
+        src, pos_src, per_image = image_rows(image_embeddings, image_pe, dense)
+        _, _, h, w = image_embeddings.shape
+        hs, src = forward_rows(src, pos_src, tokens, per_image)  # -> [B, T, C], [B, HW, C]
+        iou_token_out = hs[:, 0, :]  # -> [B, C]
+        mask_tokens_out = hs[:, 1:(1 + decoder.num_mask_tokens), :]  # -> [B, M, C]
+        iou_preds = decoder.iou_prediction_head(iou_token_out)[:, mask_slice]  # [B, C] -> [B, M] -> [B, 3]
+        kept = _kept_prompts(iou_preds, keep_masks)
+        hyper_in = np.stack([decoder.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :])
+                             for i in range(decoder.num_mask_tokens)], axis=1)  # M x [B, C/8] -> [B, M, C/8]
+        if len(kept) == 0:
+            low_res = np.zeros((0, 3, 4 * h, 4 * w), dtype=hs.dtype)
+        else:  # the upscaling is per prompt: the kept prompts' rows of the batch's
+            low_res = upscaled_masks(src[kept], hyper_in[kept], h, w)[:, mask_slice]  # -> [Nk, 3, 4H, 4W]
+    return iou_preds, low_res, kept
+
+
+def _kept_prompts(iou_preds: np.ndarray, keep_masks) -> np.ndarray:
+    n, c = iou_preds.shape
+    if keep_masks is None:
+        return np.arange(n)
+    return np.flatnonzero(keep_masks(iou_preds.reshape(-1)).reshape(n, c).any(axis=1))
+
+
+def _fast_decoder_phases(decoder):
+    """(check, image_rows, forward_rows, upscaled_masks): the steps of the fast
+    decoder's predict_masks, to run with the upscaling on part of the batch;
+    None when the decoder does not run them (then it runs whole)."""
+    if all(hasattr(decoder, name) for name in ("_check", "_image_rows", "_upscaled_masks")):
+        # the fused passes inside the decoder module
+        return (decoder._check, decoder._image_rows,
+                lambda src, pos_src, tokens, per_image: decoder.transformer.forward_rows(src, pos_src, tokens,
+                                                                                         per_image),
+                decoder._upscaled_masks)
+    try:  # the fast decoder in the fast layer (npsam/fast/mask_decoder.py)
+        from ..kernels.checks import check_decoder_inputs
+        from . import implementation, mask_decoder as fast_decoder, transformer as fast_transformer
+    except ImportError:
+        return None
+    if implementation(decoder, "predict_masks") is not getattr(fast_decoder, "predict_masks", None):
+        return None
+    dtype = decoder.iou_token.weight.dtype
+    return (lambda emb, pe, sparse, dense: check_decoder_inputs(decoder.transformer_dim, dtype, emb, pe, sparse, dense),
+            lambda emb, pe, dense: fast_decoder.image_rows(decoder, emb, pe, dense),
+            lambda src, pos_src, tokens, per_image: fast_transformer.forward_rows(decoder.transformer, src, pos_src,
+                                                                                 tokens, per_image),
+            lambda src, hyper_in, h, w: fast_decoder.upscaled_masks(decoder, src, hyper_in, h, w))
+
+
+def masks_at_photo_size(low_res: np.ndarray, input_size: Tuple[int, int], original_size: Tuple[int, int],
+                        img_size: int, mask_threshold: float, offset: float
+                        ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sam.postprocess_masks of low-res logits [G, 256, 256], then the stability
+    counts and the threshold, without keeping the logits at photo size:
+    -> intersections [G] int32 (pixels > threshold + offset), unions [G] int32
+    (pixels > threshold - offset), masks [G, h, w] bool (pixels > threshold).
+
+    The resize is upscale_crop_resize's separable map with its products, block
+    by block (the width pass as there, then each block of 64 output rows of
+    the height pass), so each block's logits are the bits upscale_crop_resize
+    gives; each block is counted and thresholded while in cache.
+    NOTE(reference): calculate_stability_score counts in int16 per row, then
+    int32 per mask: so do these counts. Logits that upscale_crop_resize would
+    not map (non-finite, near the overflow threshold) take it whole.
+    """
+    x = np.ascontiguousarray(low_res)
+    g, hl, wl = x.shape
+    dtype = x.dtype
+    high = np.asarray(mask_threshold + offset, dtype=dtype)
+    low = np.asarray(mask_threshold - offset, dtype=dtype)
+    limit = np.finfo(dtype).max / 4
+    (h, w) = (int(original_size[0]), int(original_size[1]))
+    crop = (int(input_size[0]), int(input_size[1]))
+    binary = np.empty((g, h, w), dtype=bool)  # [G, h, w]
+    inter_rows = np.empty((g, h), dtype=np.int16)  # [G, h]
+    union_rows = np.empty((g, h), dtype=np.int16)
+    if x.size == 0:
+        pass
+    elif not (-limit < x.min() and x.max() < limit):  # as upscale_crop_resize: the two resizes, whole
+        full = upscale_crop_resize(x[:, None], (img_size, img_size), crop, (h, w))[:, 0]  # [G, h, w]
+        np.greater(full, mask_threshold, out=binary)
+        inter_rows[...] = (full > high).sum(-1, dtype=np.int16)
+        union_rows[...] = (full > low).sum(-1, dtype=np.int16)
+    else:
+        a_h, blocks_h = _axis_plan(hl, img_size, crop[0], h, dtype)  # [h, Hl]
+        a_w, blocks_w = _axis_plan(wl, img_size, crop[1], w, dtype)  # [w, Wl]
+        r0, r1 = min(b[2] for b in blocks_h), max(b[3] for b in blocks_h)  # the input rows any output reads
+        xs = x[:, r0:r1]  # [G, Hr, Wl]
+        zt = np.empty((g, w, r1 - r0), dtype)  # [G, w, Hr]
+
+        def width(start, stop):  # as upscale_crop_resize's width pass
+            for o0, o1, i0, i1 in blocks_w[start:stop]:
+                # [o, K] @ [G, K, Hr] -> [G, o, Hr]
+                np.matmul(a_w[o0:o1, i0:i1], xs[:, :, i0:i1].transpose(0, 2, 1), out=zt[:, o0:o1])
+
+        def height(start, stop):  # as its height pass, each block counted and thresholded here
+            for o0, o1, i0, i1 in blocks_h[start:stop]:
+                out = threads.scratch("everything.rows", (g, o1 - o0, w), dtype)  # [G, o, w]
+                # [o, K] @ [G, K, w] -> [G, o, w]
+                np.matmul(a_h[o0:o1, i0:i1], zt[:, :, i0 - r0:i1 - r0].transpose(0, 2, 1), out=out)
+                np.greater(out, mask_threshold, out=binary[:, o0:o1])
+                inter_rows[:, o0:o1] = (out > high).sum(-1, dtype=np.int16)
+                union_rows[:, o0:o1] = (out > low).sum(-1, dtype=np.int16)
+
+        with threads.single_threaded_blas():
+            threads.parallel_rows(width, len(blocks_w), threads=threads.row_threads())
+            threads.parallel_rows(height, len(blocks_h), threads=threads.row_threads())
+    intersections = inter_rows.sum(-1, dtype=np.int32)  # [G, h] -> [G]
+    unions = union_rows.sum(-1, dtype=np.int32)  # [G, h] -> [G]
+    return intersections, unions, binary
