@@ -128,7 +128,6 @@ class Module:
                     if arr.dtype.kind == "f":
                         arr = np.ascontiguousarray(arr, dtype=dtype)
                     module._params[leaf] = arr
-            module.on_load(dtype)
         # Values derived from the weights, children before parents (reversed pre-order),
         # then the modules above this one, whose derived values may read these weights.
         for _, module in reversed(list(self.named_modules(prefix))):
@@ -137,9 +136,6 @@ class Module:
         while parent is not None:
             fast.derive(parent)
             parent = parent._parent() if parent._parent is not None else None
-
-    def on_load(self, dtype) -> None:
-        """Hook for derived, per-load constants (e.g. folded BatchNorm). Default: nothing."""
 
     # -- calling -------------------------------------------------------
     def forward(self, *args, **kwargs):  # pragma: no cover - abstract
