@@ -26,7 +26,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import assume, given, strategies as st
 
 from tolerances import ENCODER_F32, ENCODER_F64, assert_close
 
@@ -130,6 +130,17 @@ def test_vit_whole_encoder(dtype, seed, window, rel):
 # ---------------------------------------------------------------------------
 # TinyViT (modeling/tiny_vit_sam.py)
 # ---------------------------------------------------------------------------
+# The fused passes work on blocks of rows (of the image, or of windows) whose
+# sizes are module constants; the tests run them with small blocks too, so
+# that images of a few pixels span several blocks, a ragged last one included.
+BLOCK_SIZES = {"MBCONV_ROWS": (1, 2, 8), "MERGING_ROWS": (1, 3, 4), "MLP_ROWS": (1, 7, 256),
+               "ATTENTION_LOGITS": (1, 200, 1 << 18), "LOCAL_CONV_ROWS": (1, 3, 8)}
+
+
+def blocks_of(name: str):
+    return st.sampled_from(BLOCK_SIZES[name])
+
+
 @given(dtype=DTYPES, seed=st.integers(0, 2**16), folded=st.booleans(), ks=st.sampled_from([1, 3, 5]),
        stride=st.sampled_from([1, 2]), depthwise=st.booleans(), side=st.integers(3, 12))
 def test_conv2d_bn(dtype, seed, folded, ks, stride, depthwise, side):
@@ -137,54 +148,123 @@ def test_conv2d_bn(dtype, seed, folded, ks, stride, depthwise, side):
     m = load_random(tv.Conv2d_BN(c, c if depthwise else 10, ks, stride, ks // 2, groups=c if depthwise else 1,
                                  folded_bn=folded), seed, dtype)
     x = tokens(np.random.default_rng(seed), dtype, 2, c, side, side)
-    # folded BatchNorm is another association (bit for bit only when the checkpoint was folded already)
-    both_paths(m, x, dtype, f"Conv2d_BN (folded_bn={folded})", own_bit_for_bit=folded)
+    # folded BatchNorm is another association (bit for bit only when the
+    # checkpoint was folded already); fast_ops.conv2d cuts a KxK convolution's
+    # product into other blocks of rows than the reference kernel
+    both_paths(m, x, dtype, f"Conv2d_BN (folded_bn={folded})", own_bit_for_bit=folded and (ks == 1 or depthwise))
 
 
-@given(dtype=DTYPES, seed=st.integers(0, 2**16), folded=st.booleans(), side=st.sampled_from([8, 12, 16]))
-def test_tiny_patch_embed(dtype, seed, folded, side):
+@given(dtype=DTYPES, seed=st.integers(0, 2**16), k=st.sampled_from([1, 2, 3, 5]), stride=st.sampled_from([1, 2, 3]),
+       padding=st.integers(0, 2), h=st.integers(1, 11), w=st.integers(1, 11), cols=st.sampled_from([1, 50, 1 << 20]))
+def test_fast_conv2d_against_the_reference_kernel(dtype, seed, k, stride, padding, h, w, cols):
+    """fast_ops.conv2d (im2col from the unpadded input, the border taps as
+    zeros) against kernels/ops.conv2d on a padded copy, blocks of every size."""
+    from npsam.fast import ops as fast_ops
+    from npsam.kernels import ops as ref_ops
+
+    assume(h + 2 * padding >= k and w + 2 * padding >= k)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 3, h, w)).astype(dtype)
+    weight = rng.standard_normal((4, 3, k, k)).astype(dtype)
+    bias = rng.standard_normal(4).astype(dtype)
+    with mock.patch.object(fast_ops, "CONV_COLS_ELEMENTS", cols):
+        got = fast_ops.conv2d(x, weight, bias, stride, padding)
+    assert_close(got, ref_ops.conv2d(x, weight, bias, stride, padding), TOL[dtype], "fast conv2d")
+
+
+@given(dtype=DTYPES, seed=st.integers(0, 2**16), folded=st.booleans(), side=st.sampled_from([8, 12, 16]),
+       cols=st.sampled_from([1, 1 << 20]))
+def test_tiny_patch_embed(dtype, seed, folded, side, cols):
+    from npsam.fast import ops as fast_ops
+
     m = load_random(tv.PatchEmbed(3, 8, side, folded_bn=folded), seed, dtype)
-    both_paths(m, tokens(np.random.default_rng(seed), dtype, 2, 3, side, side), dtype, "TinyViT PatchEmbed",
-               own_bit_for_bit=True)
+    with mock.patch.object(fast_ops, "CONV_COLS_ELEMENTS", cols):  # blocks of one output row, or whole images
+        both_paths(m, tokens(np.random.default_rng(seed), dtype, 2, 3, side, side), dtype, "TinyViT PatchEmbed",
+                   own_bit_for_bit=False)
 
 
-@given(dtype=DTYPES, seed=st.integers(0, 2**16), folded=st.booleans(), side=st.integers(2, 9),
-       expand=st.sampled_from([2.0, 4.0]))
-def test_mbconv(dtype, seed, folded, side, expand):
+@given(dtype=DTYPES, seed=st.integers(0, 2**16), folded=st.booleans(), side=st.integers(2, 19),
+       expand=st.sampled_from([2.0, 4.0]), rows=blocks_of("MBCONV_ROWS"))
+def test_mbconv(dtype, seed, folded, side, expand, rows):
     m = load_random(tv.MBConv(8, 8, expand, folded_bn=folded), seed, dtype)
-    both_paths(m, tokens(np.random.default_rng(seed), dtype, 2, 8, side, side), dtype, "MBConv",
-               own_bit_for_bit=True)
+    with mock.patch.object(fast_tv, "MBCONV_ROWS", rows):
+        both_paths(m, tokens(np.random.default_rng(seed), dtype, 2, 8, side, side + 1), dtype, "MBConv",
+                   own_bit_for_bit=False)
 
 
-@given(dtype=DTYPES, seed=st.integers(0, 2**16), folded=st.booleans(), side=st.integers(2, 9),
-       out_dim=st.sampled_from([12, 320]), as_tokens=st.booleans())
-def test_patch_merging(dtype, seed, folded, side, out_dim, as_tokens):
+@given(dtype=DTYPES, seed=st.integers(0, 2**16), folded=st.booleans(), side=st.integers(2, 17),
+       out_dim=st.sampled_from([12, 320]), as_tokens=st.booleans(), rows=blocks_of("MERGING_ROWS"))
+def test_patch_merging(dtype, seed, folded, side, out_dim, as_tokens, rows):
     m = load_random(tv.PatchMerging((side, side), 8, out_dim, folded_bn=folded), seed, dtype)
     rng = np.random.default_rng(seed)
     x = tokens(rng, dtype, 2, side * side, 8) if as_tokens else tokens(rng, dtype, 2, 8, side, side)
-    both_paths(m, x, dtype, f"PatchMerging (out_dim {out_dim})", own_bit_for_bit=True)
+    with mock.patch.object(fast_tv, "MERGING_ROWS", rows):
+        both_paths(m, x, dtype, f"PatchMerging (out_dim {out_dim})", own_bit_for_bit=False)
 
 
-@given(dtype=DTYPES, seed=st.integers(0, 2**16), n=st.integers(1, 50), hidden=st.sampled_from([8, 24]))
-def test_mlp(dtype, seed, n, hidden):
+@given(dtype=DTYPES, seed=st.integers(0, 2**16), n=st.integers(1, 50), hidden=st.sampled_from([8, 24]),
+       rows=blocks_of("MLP_ROWS"))
+def test_mlp(dtype, seed, n, hidden, rows):
     m = load_random(tv.Mlp(12, hidden), seed, dtype)
-    both_paths(m, tokens(np.random.default_rng(seed), dtype, 2, n, 12), dtype, "Mlp", own_bit_for_bit=True)
+    with mock.patch.object(fast_tv, "MLP_ROWS", rows):
+        both_paths(m, tokens(np.random.default_rng(seed), dtype, 2, n, 12), dtype, "Mlp", own_bit_for_bit=False)
 
 
 @given(dtype=DTYPES, seed=st.integers(0, 2**16), ws=st.integers(1, 7), heads=st.integers(1, 3),
-       key_dim=st.sampled_from([2, 4, 8]), windows=st.integers(1, 3))
-def test_tiny_attention(dtype, seed, ws, heads, key_dim, windows):
+       key_dim=st.sampled_from([2, 4, 8]), windows=st.integers(1, 5), logits=blocks_of("ATTENTION_LOGITS"))
+def test_tiny_attention(dtype, seed, ws, heads, key_dim, windows, logits):
     m = load_random(tv.Attention(heads * key_dim, key_dim, heads, attn_ratio=1, resolution=(ws, ws)), seed, dtype)
     x = tokens(np.random.default_rng(seed), dtype, windows, ws * ws, heads * key_dim)
-    both_paths(m, x, dtype, "TinyViT Attention", own_bit_for_bit=True)
+    with mock.patch.object(fast_tv, "ATTENTION_LOGITS", logits):
+        both_paths(m, x, dtype, "TinyViT Attention", own_bit_for_bit=False)
 
 
 @given(dtype=DTYPES, seed=st.integers(0, 2**16), folded=st.booleans(), side=st.integers(2, 9),
-       ws=st.integers(2, 5), local=st.sampled_from([1, 3, 5]))
-def test_tiny_vit_block(dtype, seed, folded, side, ws, local):
+       ws=st.integers(2, 5), local=st.sampled_from([1, 3, 5]), rows=blocks_of("LOCAL_CONV_ROWS"))
+def test_tiny_vit_block(dtype, seed, folded, side, ws, local, rows):
     m = load_random(tv.TinyViTBlock(12, (side, side), 3, ws, 2.0, local, folded_bn=folded), seed, dtype)
     x = tokens(np.random.default_rng(seed), dtype, 2, side * side, 12)
-    both_paths(m, x, dtype, f"TinyViTBlock ({side}x{side}, window {ws})", own_bit_for_bit=True)
+    with mock.patch.object(fast_tv, "LOCAL_CONV_ROWS", rows):
+        both_paths(m, x, dtype, f"TinyViTBlock ({side}x{side}, window {ws})", own_bit_for_bit=False)
+
+
+@given(seed=st.integers(0, 2**16), h=st.integers(1, 16), w=st.integers(1, 16), ws=st.integers(1, 7))
+def test_window_partition_and_reverse_are_the_references_data_movement(seed, h, w, ws):
+    """window_partition_into is the reference's np.pad + partition, and
+    window_reverse_add its reverse + crop + residual sum: bit for bit."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, h, w, 3)).astype(np.float32)
+    pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
+    nh, nw = (h + pad_b) // ws, (w + pad_r) // ws
+    padded = np.pad(x, ((0, 0), (0, pad_b), (0, pad_r), (0, 0)))
+    expected = padded.reshape(2, nh, ws, nw, ws, 3).transpose(0, 1, 3, 2, 4, 5)
+    windows = np.full((2, nh, nw, ws, ws, 3), np.nan, np.float32)
+    fast_tv.window_partition_into(x, ws, windows)
+    np.testing.assert_array_equal(windows, expected)
+    attn = rng.standard_normal(windows.shape).astype(np.float32)
+    back = attn.transpose(0, 1, 3, 2, 4, 5).reshape(2, nh * ws, nw * ws, 3)[:, :h, :w]
+    out = np.full((2, h + 2, w + 2, 3), np.nan, np.float32)
+    fast_tv.window_reverse_add(attn, x, out[:, 1:h + 1, 1:w + 1])
+    np.testing.assert_array_equal(out[:, 1:h + 1, 1:w + 1], x + back)
+    assert np.isnan(out[:, 0]).all() and np.isnan(out[:, :, 0]).all(), "wrote outside its view"
+
+
+@given(dtype=DTYPES, seed=st.integers(0, 2**16), folded=st.booleans(), h=st.integers(1, 12), w=st.integers(1, 12),
+       k=st.sampled_from([1, 3, 5]), rows=blocks_of("LOCAL_CONV_ROWS"))
+def test_channels_last_local_conv_is_the_depthwise_kernel_bit_for_bit(dtype, seed, folded, h, w, k, rows):
+    """The local convolution on channels-last tokens sums the same taps in the
+    same order as kernels/ops.depthwise_conv2d (through the fast Conv2d_BN):
+    bit for bit, whatever the block size."""
+    c = 5
+    m = load_random(tv.Conv2d_BN(c, c, k, 1, k // 2, groups=c, folded_bn=folded), seed, dtype)
+    x = tokens(np.random.default_rng(seed), dtype, 2, h, w, c)
+    p = k // 2
+    xp = np.zeros((2, h + 2 * p + 1, w + 2 * p, c), dtype)
+    xp[:, p:p + h, p:p + w] = x
+    with mock.patch.object(fast_tv, "LOCAL_CONV_ROWS", rows):
+        got = fast_tv.local_conv_channels_last(m, xp, h, w)
+    expected = m(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(got, expected)
 
 
 @given(dtype=DTYPES, seed=st.integers(0, 2**16), folded=st.booleans())

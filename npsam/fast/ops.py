@@ -17,7 +17,8 @@ from typing import Optional
 import numpy as np
 
 from ..kernels import ops as reference
-from .threads import CHUNK, blocks, parallel_blocks, parallel_rows, scratch
+from .threads import (CHUNK, blocks, image_rows, parallel_blocks, parallel_rows, row_threads, scratch,
+                      single_threaded_blas)
 
 # GELU in float32 as x * sigmoid(z), evaluated without branches.
 # gelu(x) = x * Phi(x), Phi the normal CDF, and Phi(x) = sigmoid(z(x)) with
@@ -311,3 +312,77 @@ def transpose(x: np.ndarray, block: int = 256, add: Optional[np.ndarray] = None)
 
     parallel_rows(work, out.shape[0], min_rows=block)
     return out
+
+
+# ---------------------------------------------------------------------------
+# Convolutions
+# ---------------------------------------------------------------------------
+# im2col elements per block of output rows in conv2d (4 MB in float32). Larger
+# than the reference kernel's blocks: each block's product then has hundreds
+# of pixels as columns, where BLAS runs near its peak (SAM's neck 3x3 conv,
+# 64 pixels per row, got 1 row per block in the reference kernel's 1 MB).
+CONV_COLS_ELEMENTS = 1 << 20
+
+
+def _tap_range(k_off: int, stride: int, padding: int, n_in: int, n_out: int):
+    """Output positions o (in [0, n_out)) whose input o*stride + k_off - padding
+    falls inside [0, n_in): the range [lo, hi)."""
+    lo = max(0, -(-(padding - k_off) // stride))
+    hi = min(n_out, (n_in - 1 - k_off + padding) // stride + 1)
+    return lo, max(lo, hi)
+
+
+def conv2d(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None, stride: int = 1,
+           padding: int = 0, act=None) -> np.ndarray:
+    """Stands for :func:`npsam.kernels.ops.conv2d` with groups == 1 (then ``act``,
+    an in-place activation on each block's fresh output, if given).
+
+    The same im2col products per block of output rows as the reference kernel,
+    with the columns read straight from the unpadded input (the taps that fall
+    on the zero border written as zeros) instead of from a padded copy of the
+    whole input, and larger blocks (CONV_COLS_ELEMENTS). The products are cut
+    into other blocks of rows than the reference kernel's, which BLAS may sum
+    in another order: within the tolerances. Blocks are fixed by the sizes,
+    never by the number of threads; BLAS runs single-threaded in each."""
+    b, c, h, w = x.shape
+    o, cg, k, _ = weight.shape
+    assert cg == c, "conv2d: groups == 1 only (depthwise: kernels.ops.depthwise_conv2d)"
+    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    w2 = weight.reshape(o, c * k * k)  # [O, C*K*K]
+    y = np.empty((b, o, ho * wo), dtype=x.dtype)
+    rows = max(1, min(ho, CONV_COLS_ELEMENTS // (c * k * k * wo)))  # output rows per block
+    per_image = -(-ho // rows)
+    col_ranges = [_tap_range(kj, stride, padding, w, wo) for kj in range(k)]
+
+    def work(start, stop):
+        for job in range(start, stop):
+            bi, r0, r1 = image_rows(job, per_image, rows, ho)
+            cols = scratch("conv2d.cols", (c, k, k, r1 - r0, wo), x.dtype)
+            for ki in range(k):
+                i_lo, i_hi = _tap_range(ki, stride, padding, h, ho)
+                i_lo, i_hi = min(max(i_lo, r0), r1), max(min(i_hi, r1), r0)
+                for kj in range(k):
+                    j_lo, j_hi = col_ranges[kj]
+                    dst = cols[:, ki, kj]  # [C, r, Wo]
+                    if i_lo > r0:
+                        dst[:, : i_lo - r0] = 0
+                    if i_hi < r1:
+                        dst[:, i_hi - r0:] = 0
+                    if j_lo > 0:
+                        dst[:, :, :j_lo] = 0
+                    if j_hi < wo:
+                        dst[:, :, j_hi:] = 0
+                    if i_hi > i_lo and j_hi > j_lo:
+                        y0, x0 = i_lo * stride + ki - padding, j_lo * stride + kj - padding
+                        dst[:, i_lo - r0:i_hi - r0, j_lo:j_hi] = x[bi, :, y0:y0 + stride * (i_hi - i_lo):stride,
+                                                                    x0:x0 + stride * (j_hi - j_lo):stride]
+            out = y[bi, :, r0 * wo:r1 * wo]  # [O, r*Wo]
+            np.matmul(w2, cols.reshape(c * k * k, -1), out=out)  # [O, C*K*K] @ [C*K*K, r*Wo]
+            if bias is not None:
+                out += bias[:, None]
+            if act is not None:
+                act(out)
+
+    with single_threaded_blas():
+        parallel_rows(work, b * per_image, threads=row_threads())
+    return y.reshape(b, o, ho, wo)  # -> [B, O, Ho, Wo]

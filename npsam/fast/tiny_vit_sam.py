@@ -25,12 +25,13 @@ Dimension letters: as in modeling/tiny_vit_sam.py (B, C, H, W, N, h, D, d, E, O)
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 
 from . import derives, implements
 from . import ops as fast_ops
+from .threads import CHUNK, blocks, image_rows, parallel_blocks, parallel_rows, row_threads, scratch, single_threaded_blas
 from ..kernels import ops
 from ..modeling.tiny_vit_sam import (Attention, Conv2d_BN, MBConv, Mlp, PatchEmbed, PatchMerging,
                                      TinyViTBlock)
@@ -84,16 +85,22 @@ def conv1x1(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
 
 
 @implements(Conv2d_BN)
-def conv2d_bn_forward(self: Conv2d_BN, x: np.ndarray) -> np.ndarray:
+def conv2d_bn_forward(self: Conv2d_BN, x: np.ndarray, act=None) -> np.ndarray:
     """Replaces Conv2d_BN.forward (conv, then BatchNorm): the folded conv, one
     pass. BatchNorm at inference is an affine map per channel, so folding it
-    into the weights is exact up to rounding: within the encoder tolerances."""
+    into the weights is exact up to rounding: within the encoder tolerances.
+    ``act``: an in-place activation applied to each block of the output while
+    it is in cache (fused passes call it so)."""
     folded = getattr(self, "derived", None)
     if folded is None:
         return self.forward(x)  # not loaded: the reference raises WeightsMissingError
     if self.ks == 1 and self.stride == 1 and self.groups == 1:
-        return conv1x1(x, folded.weight, folded.bias)  # [B, C, H, W] -> [B, O, H, W]
-    return ops.conv2d(x, folded.weight, folded.bias, self.stride, self.pad, self.groups)  # -> [B, O, Ho, Wo]
+        y = conv1x1(x, folded.weight, folded.bias)  # [B, C, H, W] -> [B, O, H, W]
+    elif self.groups == 1:
+        return fast_ops.conv2d(x, folded.weight, folded.bias, self.stride, self.pad, act=act)  # -> [B, O, Ho, Wo]
+    else:
+        y = ops.conv2d(x, folded.weight, folded.bias, self.stride, self.pad, self.groups)  # depthwise
+    return y if act is None else act(y)
 
 
 def gelu_(x: np.ndarray) -> np.ndarray:
@@ -101,94 +108,486 @@ def gelu_(x: np.ndarray) -> np.ndarray:
     return fast_ops.gelu(x, out=x)
 
 
+def gelu_rows_(x: np.ndarray) -> np.ndarray:
+    """nn.GELU() written into x [R, M] (rows C-contiguous, the rows themselves
+    maybe strided: a block of a convolution's output), a few rows at a time."""
+    if x.dtype != np.float32:
+        x[...] = fast_ops.gelu(x)
+        return x
+    for lo, hi in blocks(0, x.shape[0], max(1, CHUNK // x.shape[-1])):
+        fast_ops._gelu_f32_block(x[lo:hi], x[lo:hi])
+    return x
+
+
+def _gelu_into(x: np.ndarray, out: np.ndarray, precise: bool = False) -> None:
+    """out[...] = GELU(x) (fast ops.gelu): x a C-contiguous block the pass owns,
+    out x itself or any view of x's shape (the window rows of a padded block)."""
+    if x.dtype == np.float32 and not precise:
+        if out is x:
+            assert x.flags.c_contiguous, "GELU in place needs a C-contiguous block"
+            fast_ops.gelu_block(x, x)  # CHUNK elements at a time
+        else:
+            fast_ops._gelu_f32_block(x, out)
+    else:
+        out[...] = fast_ops.gelu(x, precise=precise)
+
+
 @implements(PatchEmbed)
 def patch_embed_forward(self: PatchEmbed, x: np.ndarray) -> np.ndarray:
-    """Replaces PatchEmbed.forward (self.seq(x)): the same steps, the GELU in place."""
-    x = gelu_(self.seq[0](x))  # [B, 3, S, S] -> [B, C0/2, S/2, S/2]
+    """Replaces PatchEmbed.forward (self.seq(x)): the same steps, the GELU
+    applied to each block of the first convolution's output while it is in
+    cache (the same values, bit for bit)."""
+    act = gelu_rows_ if not self.seq[1].precise else None
+    x = conv2d_bn_forward(self.seq[0], x, act=act)  # [B, 3, S, S] -> [B, C0/2, S/2, S/2]
+    if act is None:
+        x = self.seq[1](x)
     return self.seq[2](x)  # -> [B, C0, S/4, S/4]
+
+
+# Rows of the image per block of the fused MBConv pass (see mbconv_forward).
+MBCONV_ROWS = 8
 
 
 @implements(MBConv)
 def mbconv_forward(self: MBConv, x: np.ndarray) -> np.ndarray:
-    """Replaces MBConv.forward: the same steps, each GELU in place on its
-    convolution's fresh output."""
-    shortcut = x
-    x = gelu_(self.conv1(x))  # [B, C, H, W] -> [B, E, H, W]
-    x = gelu_(self.conv2(x))  # depthwise 3x3: same shape
-    x = self.conv3(x)  # [B, E, H, W] -> [B, C, H, W]
-    x += shortcut
-    return gelu_(x)
+    """Replaces MBConv.forward (conv1, GELU, depthwise conv2, GELU, conv3, the
+    residual, GELU) by one pass over blocks of MBCONV_ROWS image rows, blocks
+    spread over threads with BLAS single-threaded in each, so that a block's
+    expanded activations (E = 4C channels, the largest arrays of the encoder:
+    64 MB at MobileSAM's 256x256) stay in cache through all five steps instead
+    of going to memory and back for each.
+
+    Per block of rows [r0, r1): conv1 + GELU of the block below it (kept for
+    the next block), written into the rows of a zero-bordered window
+    [E, rows + 2 (+1), W + 2] that also holds the GELU'd row above and below
+    the block: the depthwise 3x3 with padding 1 then reads each tap as one
+    contiguous slice of the flattened window (as kernels/ops.depthwise_conv2d
+    does on a padded plane), summed in the reference's order (first tap, the
+    others in (ki, kj) order, then the bias); GELU; conv3 on the block's
+    [E, rows * (W + 2)] (the two extra columns per row are dropped), its bias,
+    the residual, GELU. The same operations as the module path on the same
+    values, except that each 1x1 convolution's matrix product is cut into
+    blocks of rows (fixed by the image's size, never by the number of threads),
+    which BLAS may sum in another order: within the encoder tolerances."""
+    b, c, h, w = x.shape
+    d1, d2, d3 = self.conv1.derived, self.conv2.derived, self.conv3.derived
+    if d1 is None or d2 is None or d3 is None:
+        return self.forward(x)  # not loaded: the reference raises WeightsMissingError
+    e = d1.weight.shape[0]
+    w1, b1 = d1.weight.reshape(e, c), d1.bias[:, None]  # [E, C], [E, 1]
+    k2, b2 = d2.weight.reshape(e, 9), d2.bias[:, None]  # [E, 3*3], [E, 1]
+    w3, b3 = d3.weight.reshape(-1, e), d3.bias[:, None]  # [O, E], [O, 1]
+    o = w3.shape[0]
+    rows = MBCONV_ROWS
+    per_image = -(-h // rows)  # blocks of rows per image
+    wp = w + 2  # the window's padded width
+    y = np.empty((b, o, h, w), x.dtype)
+
+    def expand(bi, j, win):
+        """GELU(conv1(x)) of block j of image bi into rows 1.. of the window ``win``."""
+        r0, r1 = j * rows, min(h, j * rows + rows)
+        n = (r1 - r0) * w
+        t = scratch("mbconv.expand", (e * n,), x.dtype).reshape(e, n)
+        np.matmul(w1, x[bi, :, r0:r1].reshape(c, n), out=t)  # [E, C] @ [C, r*W] -> [E, r*W]
+        t += b1
+        _gelu_into(t.reshape(e, r1 - r0, w), win[:, 1:1 + r1 - r0, 1:w + 1], self.act1.precise)
+
+    def work(start, stop):
+        wins = [scratch(f"mbconv.window{i}", (e, rows + 3, wp), x.dtype) for i in range(2)]
+        for win in wins:  # zero padding columns; every other element is written before it is read
+            win[...] = 0
+        for job in range(start, stop):
+            bi, r0, r1 = image_rows(job, per_image, rows, h)
+            j, r = job % per_image, r1 - r0
+            win, nxt = wins[j % 2], wins[(j + 1) % 2]
+            if job == start or j == 0:  # this block's rows, and the row above it (from block j - 1's call)
+                if j > 0:
+                    expand(bi, j - 1, nxt)
+                    win[:, 0, 1:w + 1] = nxt[:, rows, 1:w + 1]
+                else:
+                    win[:, 0] = 0
+                expand(bi, j, win)
+            if j + 1 < per_image:  # the next block's rows (kept for it), and its first row below this block
+                expand(bi, j + 1, nxt)
+                win[:, r + 1, 1:w + 1] = nxt[:, 1, 1:w + 1]
+                nxt[:, 0, 1:w + 1] = win[:, r, 1:w + 1]
+            else:
+                win[:, r + 1:] = 0
+            # depthwise 3x3 on the flattened window: tap (ki, kj) of output q is input q + ki*Wp + kj
+            flat = win.reshape(e, -1)
+            a = scratch("mbconv.acc", (e * r * wp,), x.dtype).reshape(e, r * wp)
+            t = scratch("mbconv.tmp", (e * r * wp,), x.dtype).reshape(e, r * wp)
+            for tap in range(9):
+                off = (tap // 3) * wp + tap % 3
+                src = flat[:, off:off + r * wp]
+                if tap == 0:
+                    np.multiply(src, k2[:, :1], out=a)
+                else:
+                    np.multiply(src, k2[:, tap:tap + 1], out=t)
+                    a += t
+            a += b2
+            _gelu_into(a, a, self.act2.precise)
+            z = scratch("mbconv.project", (o * r * wp,), x.dtype).reshape(o, r * wp)
+            np.matmul(w3, a, out=z)  # [O, E] @ [E, r*Wp] -> [O, r*Wp]
+            z += b3
+            z3 = z.reshape(o, r, wp)[:, :, :w]  # the window's extra columns dropped
+            z3 += x[bi, :, r0:r1]  # the residual
+            _gelu_into(np.ascontiguousarray(z3), y[bi, :, r0:r1], self.act3.precise)
+
+    with single_threaded_blas():
+        parallel_rows(work, b * per_image, threads=row_threads())
+    return y
+
+
+# Output rows per block of the fused PatchMerging pass.
+MERGING_ROWS = 4
 
 
 @implements(PatchMerging)
 def patch_merging_forward(self: PatchMerging, x: np.ndarray) -> np.ndarray:
-    """Replaces PatchMerging.forward: the same steps, each GELU in place."""
-    if x.ndim == 3:  # tokens from a BasicLayer
+    """Replaces PatchMerging.forward (conv1, GELU, depthwise conv2 with its
+    stride, GELU, conv3, flattened to tokens) by one channels-last pass over
+    blocks of MERGING_ROWS output rows, blocks spread over threads with BLAS
+    single-threaded in each, the activations in [rows, W, E] order throughout:
+
+    - conv1 (1x1) is a product with the pixels as rows, read from tokens
+      [B, N, C] as they are (no transpose into [B, C, H, W]) or from layer 0's
+      [B, C, H, W] as a transposed operand; +bias, GELU, in blocks of input rows
+      fixed by the sizes (kept while the next output block needs them);
+    - the depthwise 3x3 reads each tap as a strided [r, Wo, E] view of a
+      zero-bordered window of those rows, summed as kernels/ops.depthwise_conv2d
+      sums them (first tap, the others in (ki, kj) order, then the bias);
+    - GELU, then conv3 as a product whose rows are the output tokens, written
+      straight into [B, N', O] (the reference returns a transposed view).
+
+    The same operations on the same values as the module path, except that the
+    1x1 convolutions' products are cut into blocks and laid out as pixels by
+    channels, which BLAS may sum in another order: within the encoder
+    tolerances."""
+    d1, d2, d3 = (getattr(m, "derived", None) for m in (self.conv1, self.conv2, self.conv3))
+    if d1 is None or d2 is None or d3 is None:
+        return self.forward(x)  # not loaded: the reference raises WeightsMissingError
+    if x.ndim == 3:  # tokens from a BasicLayer: [B, N, C] -> [B, H, W, C] (channels-last)
         h, w = self.input_resolution
-        x = x.reshape(len(x), h, w, -1).transpose(0, 3, 1, 2)  # [B, N, C] -> [B, C, H, W]
-    x = gelu_(self.conv1(x))  # [B, C, H, W] -> [B, O, H, W]
-    x = gelu_(self.conv2(x))  # -> [B, O, H/stride, W/stride]
-    x = self.conv3(x)  # same shape
-    b, o = x.shape[:2]
-    return x.reshape(b, o, -1).transpose(0, 2, 1)  # [B, O, H', W'] -> [B, N', O]
+        b, c = len(x), x.shape[-1]
+        x = np.ascontiguousarray(x).reshape(b, h, w, c)
+        pixels = lambda bi, r0, r1: x[bi, r0:r1].reshape(-1, c)  # noqa: E731  [r*W, C]
+    else:  # [B, C, H, W] from layer 0
+        b, c, h, w = x.shape
+        pixels = lambda bi, r0, r1: x[bi, :, r0:r1].reshape(c, -1).T  # noqa: E731  [r*W, C], a transposed view
+    s = self.stride_c
+    e = d1.weight.shape[0]
+    w1t, b1 = d1.weight.reshape(e, c).T, d1.bias  # [C, E], [E]
+    taps, b2 = np.ascontiguousarray(d2.weight[:, 0].transpose(1, 2, 0)), d2.bias  # [3, 3, E], [E]
+    o = d3.weight.shape[0]
+    w3t, b3 = d3.weight.reshape(o, e).T, d3.bias  # [E, O], [O]
+    ho, wo = (h + 2 - 3) // s + 1, (w + 2 - 3) // s + 1
+    y = np.empty((b, ho * wo, o), x.dtype)  # -> [B, N', O]
+    rows_out = MERGING_ROWS
+    rows_in = s * rows_out  # conv1's blocks of input rows
+    per_image = -(-ho // rows_out)
+    precise = self.act.precise
+
+    def work(start, stop):
+        kept = {}  # (image, input block) -> its GELU(conv1) rows [r, W, E]; the last few blocks
+
+        def expanded(bi, jb):
+            key = (bi, jb)
+            if key not in kept:
+                if len(kept) >= 3:
+                    slot = kept.pop(min(kept))[1]
+                else:
+                    slot = len(kept)
+                    while any(v[1] == slot for v in kept.values()):
+                        slot = (slot + 1) % 3
+                r0, r1 = jb * rows_in, min(h, jb * rows_in + rows_in)
+                t = scratch(f"merging.expanded{slot}", ((r1 - r0) * w * e,), x.dtype).reshape(-1, e)
+                np.matmul(pixels(bi, r0, r1), w1t, out=t)  # [r*W, C] @ [C, E] -> [r*W, E]
+                t += b1
+                _gelu_into(t, t, precise)
+                kept[key] = (t.reshape(r1 - r0, w, e), slot, r0)
+            return kept[key]
+
+        for job in range(start, stop):
+            bi, r0, r1 = image_rows(job, per_image, rows_out, ho)
+            r = r1 - r0
+            # window row t is input row s*r0 - 1 + t (padding 1), for the taps of output rows r0:r1
+            top, n_rows = s * r0 - 1, s * (r - 1) + 3
+            win = scratch("merging.window", (n_rows * (w + 2) * e,), x.dtype).reshape(n_rows, w + 2, e)
+            win[:, 0] = win[:, -1] = 0
+            for t in range(n_rows):
+                row = top + t
+                if row < 0 or row >= h:
+                    win[t, 1:w + 1] = 0
+            lo, hi = max(0, top), min(h, top + n_rows)
+            for jb in range(lo // rows_in, (hi - 1) // rows_in + 1):
+                rows, _, b0 = expanded(bi, jb)
+                a0, a1 = max(lo, b0), min(hi, b0 + len(rows))
+                win[a0 - top:a1 - top, 1:w + 1] = rows[a0 - b0:a1 - b0]
+            acc = scratch("merging.acc", (r * wo * e,), x.dtype).reshape(r, wo, e)
+            tmp = scratch("merging.tmp", (r * wo * e,), x.dtype).reshape(r, wo, e)
+            for ki in range(3):
+                for kj in range(3):
+                    src = win[ki:ki + s * (r - 1) + 1:s, kj:kj + s * (wo - 1) + 1:s]  # [r, Wo, E]
+                    if ki == kj == 0:
+                        np.multiply(src, taps[ki, kj], out=acc)
+                    else:
+                        np.multiply(src, taps[ki, kj], out=tmp)
+                        acc += tmp
+            acc += b2
+            a = acc.reshape(r * wo, e)
+            _gelu_into(a, a, precise)
+            out = y[bi, r0 * wo:r1 * wo]
+            np.matmul(a, w3t, out=out)  # [r*Wo, E] @ [E, O] -> [r*Wo, O]
+            out += b3
+
+    with single_threaded_blas():
+        parallel_rows(work, b * per_image, threads=row_threads())
+    return y
+
+
+# Rows per block of the fused Mlp pass: a block's [rows, 4C] hidden
+# activations (512 KB for MobileSAM's 128-channel stage) stay in the core's
+# cache between fc1, GELU and fc2.
+MLP_ROWS = 256
 
 
 @implements(Mlp)
 def mlp_forward(self: Mlp, x: np.ndarray) -> np.ndarray:
-    """Replaces Mlp.forward: the same steps, the GELU in place on fc1's output."""
-    x = self.norm(x)
-    x = gelu_(self.fc1(x))  # [..., C] -> [..., E]
-    return self.fc2(x)  # [..., E] -> [..., C]
+    """Replaces Mlp.forward (norm, fc1, GELU, fc2): see :func:`mlp_rows`."""
+    return mlp_rows(self, x)
+
+
+def mlp_rows(self: Mlp, x: np.ndarray, residual: Optional[np.ndarray] = None) -> np.ndarray:
+    """Mlp.forward(x) (+ ``residual``, TinyViTBlock's ``x + self.mlp(x)``) as
+    one pass over blocks of MLP_ROWS rows, blocks spread over threads with BLAS
+    single-threaded in each: a block's LayerNorm, fc1, GELU (in place), fc2 and
+    bias run while its hidden activations are in cache, where the module path
+    sends the whole [N, 4C] array (33 MB at MobileSAM's 128x128 stage) to
+    memory and back between each step. Row by row the same operations; the
+    products and LayerNorm's row sums are cut into blocks of rows (fixed by
+    the number of rows, never by the number of threads), which BLAS may sum in
+    another order: within the encoder tolerances."""
+    c = x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = np.ascontiguousarray(x).reshape(-1, c)  # [..., C] -> [R, C]
+    norm, fc1, fc2 = self.norm, self.fc1, self.fc2
+    e, o = fc1.weight.shape[0], fc2.weight.shape[0]
+    out = np.empty((x2.shape[0], o), x.dtype)
+    res = None if residual is None else np.ascontiguousarray(residual).reshape(-1, o)
+    precise = self.act.precise
+
+    def block(lo, hi):
+        t = scratch("mlp.norm", ((hi - lo) * c,), x.dtype).reshape(hi - lo, c)
+        fast_ops.layer_norm_rows(x2[lo:hi], norm.weight, norm.bias, norm.eps, t)
+        hidden = scratch("mlp.hidden", ((hi - lo) * e,), x.dtype).reshape(hi - lo, e)
+        np.matmul(t, fc1.weight.T, out=hidden)  # [r, C] @ [C, E] -> [r, E]
+        hidden += fc1.bias
+        _gelu_into(hidden, hidden, precise)
+        y = out[lo:hi]
+        np.matmul(hidden, fc2.weight.T, out=y)  # [r, E] @ [E, O] -> [r, O]
+        y += fc2.bias
+        if res is not None:
+            y += res[lo:hi]
+
+    with single_threaded_blas():
+        parallel_blocks(block, x2.shape[0], MLP_ROWS, threads=row_threads())
+    return out.reshape(lead + (o,))  # -> [..., O]
+
+
+# Attention logits per block of windows of the fused attention pass (1 MB in
+# float32): a block's LayerNorm, qkv, logits, softmax and projection stay in
+# the core's cache.
+ATTENTION_LOGITS = 1 << 18
 
 
 @implements(Attention)
 def attention_forward(self: Attention, x: np.ndarray) -> np.ndarray:
-    """Replaces Attention.forward: the same products in the same order; the
-    bias gather kept from load (the same values), the logits scaled and biased
-    in place, the softmax in place with exponents clamped far below each row's
-    maximum (fast_ops.exp_below_max_: weights under exp(-43) are raised to it, far
-    below what float32 can see in a row whose largest weight is 1)."""
-    b, n, _ = x.shape
-    x = self.norm(x)
-    qkv = self.qkv(x)  # [B, N, C] -> [B, N, h*(2D + d)]
-    qkv = qkv.reshape(b, n, self.num_heads, -1)  # -> [B, N, h, 2D + d]
-    q = qkv[..., : self.key_dim].transpose(0, 2, 1, 3)  # -> [B, h, N, D]
-    k = qkv[..., self.key_dim : 2 * self.key_dim].transpose(0, 2, 1, 3)  # -> [B, h, N, D]
-    v = qkv[..., 2 * self.key_dim :].transpose(0, 2, 1, 3)  # -> [B, h, N, d]
-    attn = q @ k.swapaxes(-1, -2)  # [B, h, N, D] @ [B, h, D, N] -> [B, h, N, N]
-    attn *= x.dtype.type(self.scale)
-    attn += self.derived.ab  # [h, N, N] broadcast over B
-    attn = fast_ops.softmax_(attn, axis=-1)
-    x = (attn @ v).transpose(0, 2, 1, 3).reshape(b, n, self.dh)  # [B, h, N, d] -> [B, N, h*d]
-    return self.proj(x)  # [B, N, h*d] -> [B, N, C]
+    """Replaces Attention.forward: see :func:`attention_windows`."""
+    out = np.empty(x.shape[:2] + (self.proj.weight.shape[0],), x.dtype)
+    return attention_windows(self, np.ascontiguousarray(x), out)
+
+
+def attention_windows(self: Attention, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Attention.forward on windows x [A, N, C] (C order) into ``out`` [A, N, C],
+    a block of windows at a time (ATTENTION_LOGITS logits), blocks spread over
+    threads with BLAS single-threaded in each, so that a block's steps run
+    while its arrays are in cache and the many small per-window products are
+    shared by the cores. Per window the same steps as the reference: LayerNorm,
+    qkv (q, k and v strided views of it, as in the reference), q @ k^T, times
+    the scale, plus the bias gathered at load (the official eval()'s ``ab``),
+    the softmax in place with exponents clamped far below each row's maximum
+    (fast_ops.exp_below_max_: weights under exp(-43) are raised to it, far
+    below what float32 can see in a row whose largest weight is 1), @ v, proj.
+    The projections are cut into blocks of windows (fixed by the sizes, never
+    by the number of threads), which BLAS may sum in another order: within the
+    encoder tolerances."""
+    a, n, c = x.shape
+    heads, kd, d = self.num_heads, self.key_dim, self.d
+    if getattr(self, "derived", None) is None:
+        return self.forward(x)  # not loaded: the reference raises WeightsMissingError
+    ab = self.derived.ab  # [h, N, N]
+    norm, qkv_w, qkv_b = self.norm, self.qkv.weight.T, self.qkv.bias  # [C, h*(2D + d)]
+    proj_w, proj_b = self.proj.weight.T, self.proj.bias  # [h*d, C]
+    scale = x.dtype.type(self.scale)
+    per = max(1, ATTENTION_LOGITS // (heads * n * n))  # windows per block
+
+    def block(lo, hi):
+        g, rows = hi - lo, (hi - lo) * n
+        t = scratch("attention.norm", (rows * c,), x.dtype).reshape(rows, c)
+        fast_ops.layer_norm_rows(x[lo:hi].reshape(rows, c), norm.weight, norm.bias, norm.eps, t)
+        qkv = scratch("attention.qkv", (rows * qkv_w.shape[1],), x.dtype).reshape(rows, -1)
+        np.matmul(t, qkv_w, out=qkv)  # [g*N, C] @ [C, h*(2D + d)] -> [g*N, h*(2D + d)]
+        qkv += qkv_b
+        qkv = qkv.reshape(g, n, heads, -1)  # -> [g, N, h, 2D + d]
+        q = qkv[..., :kd].transpose(0, 2, 1, 3)  # -> [g, h, N, D]
+        k = qkv[..., kd:2 * kd].transpose(0, 2, 3, 1)  # -> [g, h, D, N]
+        v = qkv[..., 2 * kd:].transpose(0, 2, 1, 3)  # -> [g, h, N, d]
+        attn = scratch("attention.logits", (g * heads * n * n,), x.dtype).reshape(g, heads, n, n)
+        np.matmul(q, k, out=attn)  # [g, h, N, D] @ [g, h, D, N] -> [g, h, N, N]
+        attn *= scale
+        attn += ab
+        fast_ops.softmax_(attn, axis=-1)
+        o = scratch("attention.out", (rows * heads * d,), x.dtype).reshape(g, n, heads, d)
+        np.matmul(attn, v, out=o.transpose(0, 2, 1, 3))  # [g, h, N, N] @ [g, h, N, d] -> [g, h, N, d]
+        y = out[lo:hi].reshape(rows, -1)
+        np.matmul(o.reshape(rows, heads * d), proj_w, out=y)  # [g*N, h*d] @ [h*d, C] -> [g*N, C]
+        y += proj_b
+
+    with single_threaded_blas():
+        parallel_blocks(block, a, per, threads=row_threads())
+    return out
+
+
+# Output rows per block of the channels-last depthwise local convolution.
+LOCAL_CONV_ROWS = 8
+
+
+def window_partition_into(x: np.ndarray, ws: int, out: np.ndarray) -> None:
+    """out [B, nH, nW, ws, ws, C] = x [B, H, W, C] zero-padded at the bottom and
+    right to whole windows and cut into them (the reference's np.pad, reshape
+    and transpose, in one pass with no padded copy)."""
+    b, h, w, c = x.shape
+    v = out.transpose(0, 1, 3, 2, 4, 5)  # [B, nH, ws, nW, ws, C]: the windows in image order
+    fh, fw = h // ws, w // ws  # whole windows inside the image
+    rh, rw = h - fh * ws, w - fw * ws  # rows and columns of the last, partial ones
+    v[:, :fh, :, :fw] = x[:, :fh * ws, :fw * ws].reshape(b, fh, ws, fw, ws, c)
+    if rw:
+        v[:, :fh, :, fw, :rw] = x[:, :fh * ws, fw * ws:].reshape(b, fh, ws, rw, c)
+        v[:, :fh, :, fw, rw:] = 0
+    if rh:
+        v[:, fh, :rh, :fw] = x[:, fh * ws:, :fw * ws].reshape(b, rh, fw, ws, c)
+        v[:, fh, rh:] = 0
+        if rw:
+            v[:, fh, :rh, fw, :rw] = x[:, fh * ws:, fw * ws:]
+            v[:, fh, :rh, fw, rw:] = 0
+
+
+def window_reverse_add(windows: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """out [B, H, W, C] (any view) = x + the windows [B, nH, nW, ws, ws, C] put
+    back in image order and cropped (the reference's window reverse, crop and
+    residual sum ``res_x + x``, in one pass)."""
+    b, h, w, c = x.shape
+    ws = windows.shape[3]
+    v = windows.transpose(0, 1, 3, 2, 4, 5)  # [B, nH, ws, nW, ws, C]
+    fh, fw = h // ws, w // ws
+    rh, rw = h - fh * ws, w - fw * ws
+    full = (slice(None), slice(0, fh * ws), slice(0, fw * ws))
+    if fh and fw:
+        np.add(x[full].reshape(b, fh, ws, fw, ws, c), v[:, :fh, :, :fw], out=_split(out[full], (b, fh, ws, fw, ws, c)))
+    if rw and fh:
+        right = (slice(None), slice(0, fh * ws), slice(fw * ws, w))
+        np.add(x[right].reshape(b, fh, ws, rw, c), v[:, :fh, :, fw, :rw], out=_split(out[right], (b, fh, ws, rw, c)))
+    if rh:
+        bottom = (slice(None), slice(fh * ws, h), slice(0, fw * ws))
+        if fw:
+            np.add(x[bottom].reshape(b, rh, fw, ws, c), v[:, fh, :rh, :fw], out=_split(out[bottom], (b, rh, fw, ws, c)))
+        if rw:
+            corner = (slice(None), slice(fh * ws, h), slice(fw * ws, w))
+            np.add(x[corner], v[:, fh, :rh, fw, :rw], out=out[corner])
+
+
+def _split(view: np.ndarray, shape) -> np.ndarray:
+    """view.reshape(shape) where that only splits axes: a view of the same memory, never a copy."""
+    split = view.reshape(shape)
+    assert np.shares_memory(split, view), "reshape copied: only axis splits are views"
+    return split
+
+
+def local_conv_channels_last(conv: Conv2d_BN, xp: np.ndarray, h: int, w: int) -> np.ndarray:
+    """conv (a depthwise KxK Conv2d_BN, stride 1, padding K // 2) on tokens kept
+    channels-last: xp [B, H + 2p + 1, W + 2p, C] holds the image zero-padded
+    (and one more zero row, read only by dropped columns); returns [B, H, W, C].
+
+    Replaces the module path's transposes into [B, C, H, W] and back: on the
+    padded width Wp, tap (ki, kj) of output pixel q = i*Wp + j is input pixel
+    q + ki*Wp + kj, so each tap is one contiguous [rows*Wp, C] slice times the
+    channel weights. The taps are summed as kernels/ops.depthwise_conv2d sums
+    them (first tap, the others in (ki, kj) order, then the bias), so the
+    values are bit for bit the module path's."""
+    b, hp, wp, c = xp.shape
+    folded = conv.derived
+    k = folded.weight.shape[-1]
+    taps = np.ascontiguousarray(folded.weight[:, 0].transpose(1, 2, 0))  # [C, K, K] -> [K, K, C]
+    bias = folded.bias
+    y = np.empty((b, h, w, c), xp.dtype)
+    flat = xp.reshape(b, hp * wp, c)
+    rows = LOCAL_CONV_ROWS
+    per_image = -(-h // rows)
+
+    def work(start, stop):
+        for job in range(start, stop):
+            bi, r0, r1 = image_rows(job, per_image, rows, h)
+            m = (r1 - r0) * wp
+            acc = scratch("local_conv.acc", (m, c), xp.dtype)
+            tmp = scratch("local_conv.tmp", (m, c), xp.dtype)
+            for ki in range(k):
+                for kj in range(k):
+                    off = (r0 + ki) * wp + kj
+                    if ki == kj == 0:
+                        np.multiply(flat[bi, off:off + m], taps[ki, kj], out=acc)
+                    else:
+                        np.multiply(flat[bi, off:off + m], taps[ki, kj], out=tmp)
+                        acc += tmp
+            acc += bias
+            y[bi, r0:r1] = acc.reshape(r1 - r0, wp, c)[:, :w]
+
+    parallel_rows(work, b * per_image)
+    return y
 
 
 @implements(TinyViTBlock)
 def tiny_vit_block_forward(self: TinyViTBlock, x: np.ndarray) -> np.ndarray:
-    """Replaces TinyViTBlock.forward: the same steps; the tokens after the local
-    convolution copied once into C order (the MLP's LayerNorm and the residual
-    would each copy or stride through the transposed view): bit for bit the
-    reference's values, read faster."""
+    """Replaces TinyViTBlock.forward: the same steps, with the tokens kept in
+    [B, H, W, C] order throughout. The windows are cut from the tokens in one
+    pass (no padded copy: window_partition_into), the attention runs on blocks
+    of windows (attention_windows), the window reverse, crop and residual sum
+    write straight into a zero-bordered buffer that the local convolution
+    reads channels-last (no transposes to [B, C, H, W] and back:
+    local_conv_channels_last), and the MLP and its residual are one fused pass
+    (mlp_rows). Within the encoder tolerances of the module path (the
+    projections are cut into blocks of rows; the rest is bit for bit)."""
     h, w = self.input_resolution
     b, n, c = x.shape
     assert n == h * w, "input feature has wrong size"
+    if getattr(self.local_conv, "derived", None) is None or getattr(self.attn, "derived", None) is None:
+        return self.forward(x)  # not loaded: the reference raises WeightsMissingError
     ws = self.window_size
-    res_x = x
+    x4 = np.ascontiguousarray(x).reshape(b, h, w, c)  # [B, N, C] -> [B, H, W, C]
+    nh, nw = -(-h // ws), -(-w // ws)
+    windows = np.empty((b, nh, nw, ws, ws, c), x.dtype)
     if h == ws and w == ws:
-        x = self.attn(x)  # one window: [B, N, C] -> same
+        windows[:, 0, 0] = x4  # one window, no padding
     else:
-        x = x.reshape(b, h, w, c)  # [B, N, C] -> [B, H, W, C]
-        pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
-        if pad_b or pad_r:
-            x = np.pad(x, ((0, 0), (0, pad_b), (0, pad_r), (0, 0)))  # -> [B, pH, pW, C]
-        ph, pw = h + pad_b, w + pad_r
-        nh, nw = ph // ws, pw // ws
-        x = x.reshape(b, nh, ws, nw, ws, c).transpose(0, 1, 3, 2, 4, 5)  # -> [B, nH, nW, ws, ws, C]
-        x = self.attn(x.reshape(b * nh * nw, ws * ws, c))  # window partition -> [B*nW, ws*ws, C]
-        x = x.reshape(b, nh, nw, ws, ws, c).transpose(0, 1, 3, 2, 4, 5)  # -> [B, nH, ws, nW, ws, C]
-        x = x.reshape(b, ph, pw, c)[:, :h, :w].reshape(b, n, c)  # window reverse, crop -> [B, N, C]
-    x = res_x + x
-    x = x.transpose(0, 2, 1).reshape(b, c, h, w)  # [B, N, C] -> [B, C, H, W]
-    x = self.local_conv(x)  # depthwise 3x3: same shape, no residual
-    x = np.ascontiguousarray(x.reshape(b, c, n).transpose(0, 2, 1))  # [B, C, H, W] -> [B, N, C], C order
-    return x + self.mlp(x)
+        window_partition_into(x4, ws, windows)  # -> [B, nH, nW, ws, ws, C]
+    flat = windows.reshape(b * nh * nw, ws * ws, c)
+    attention_windows(self.attn, flat, flat)  # in place: each block reads its windows before writing them
+    p = self.local_conv.derived.weight.shape[-1] // 2
+    xp = np.empty((b, h + 2 * p + 1, w + 2 * p, c), x.dtype)  # zero-bordered for the local convolution
+    xp[:, :p] = 0
+    xp[:, p + h:] = 0
+    xp[:, p:p + h, :p] = 0
+    xp[:, p:p + h, p + w:] = 0
+    window_reverse_add(windows, x4, xp[:, p:p + h, p:p + w])  # res_x + attn(x), in image order
+    x = local_conv_channels_last(self.local_conv, xp, h, w).reshape(b, n, c)  # -> [B, N, C]
+    return mlp_rows(self.mlp, x, residual=x)  # x + self.mlp(x)
