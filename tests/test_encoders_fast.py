@@ -155,10 +155,12 @@ def test_conv2d_bn(dtype, seed, folded, ks, stride, depthwise, side):
 
 
 @given(dtype=DTYPES, seed=st.integers(0, 2**16), k=st.sampled_from([1, 2, 3, 5]), stride=st.sampled_from([1, 2, 3]),
-       padding=st.integers(0, 2), h=st.integers(1, 11), w=st.integers(1, 11), cols=st.sampled_from([1, 50, 1 << 20]))
-def test_fast_conv2d_against_the_reference_kernel(dtype, seed, k, stride, padding, h, w, cols):
+       padding=st.integers(0, 2), h=st.integers(1, 11), w=st.integers(1, 11), cols=st.sampled_from([1, 50, 1 << 20]),
+       channels_last=st.booleans())
+def test_fast_conv2d_against_the_reference_kernel(dtype, seed, k, stride, padding, h, w, cols, channels_last):
     """fast_ops.conv2d (im2col from the unpadded input, the border taps as
-    zeros) against kernels/ops.conv2d on a padded copy, blocks of every size."""
+    zeros) against kernels/ops.conv2d on a padded copy, blocks of every size,
+    in either layout."""
     from npsam.fast import ops as fast_ops
     from npsam.kernels import ops as ref_ops
 
@@ -168,7 +170,9 @@ def test_fast_conv2d_against_the_reference_kernel(dtype, seed, k, stride, paddin
     weight = rng.standard_normal((4, 3, k, k)).astype(dtype)
     bias = rng.standard_normal(4).astype(dtype)
     with mock.patch.object(fast_ops, "CONV_COLS_ELEMENTS", cols):
-        got = fast_ops.conv2d(x, weight, bias, stride, padding)
+        got = fast_ops.conv2d(x, weight, bias, stride, padding, channels_last=channels_last)
+    if channels_last:
+        assert got.transpose(0, 2, 3, 1).flags.c_contiguous, "not the view of a channels-last array"
     assert_close(got, ref_ops.conv2d(x, weight, bias, stride, padding), TOL[dtype], "fast conv2d")
 
 
@@ -184,12 +188,16 @@ def test_tiny_patch_embed(dtype, seed, folded, side, cols):
 
 
 @given(dtype=DTYPES, seed=st.integers(0, 2**16), folded=st.booleans(), side=st.integers(2, 19),
-       expand=st.sampled_from([2.0, 4.0]), rows=blocks_of("MBCONV_ROWS"))
-def test_mbconv(dtype, seed, folded, side, expand, rows):
+       expand=st.sampled_from([2.0, 4.0]), rows=blocks_of("MBCONV_ROWS"), layout=st.sampled_from(["NCHW", "NHWC"]))
+def test_mbconv(dtype, seed, folded, side, expand, rows, layout):
+    """On an NCHW array, and on the [B, C, H, W] view of channels-last memory
+    that the fast PatchEmbed and MBConv return."""
     m = load_random(tv.MBConv(8, 8, expand, folded_bn=folded), seed, dtype)
+    x = tokens(np.random.default_rng(seed), dtype, 2, 8, side, side + 1)
+    if layout == "NHWC":
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     with mock.patch.object(fast_tv, "MBCONV_ROWS", rows):
-        both_paths(m, tokens(np.random.default_rng(seed), dtype, 2, 8, side, side + 1), dtype, "MBConv",
-                   own_bit_for_bit=False)
+        both_paths(m, x, dtype, "MBConv", own_bit_for_bit=False)
 
 
 @given(dtype=DTYPES, seed=st.integers(0, 2**16), folded=st.booleans(), side=st.integers(2, 17),

@@ -12,6 +12,7 @@ Dimension letters as in :mod:`npsam.kernels.ops`.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import numpy as np
@@ -39,7 +40,10 @@ from .threads import (CHUNK, blocks, image_rows, parallel_blocks, parallel_rows,
 # of x at worst where torch has 4.8) and at the extremes.
 _GELU_P = (3.5123425082250996e-09, -2.645267134887992e-07, 7.929489234396613e-06, -0.00011061238942065956,
            -6.518994679117022e-05, 0.07266616914429459, 1.5957698829214784)  # highest degree first
-_GELU_NEG_P32 = tuple(np.float32(-c) for c in _GELU_P)  # -P, so that the last product gives -z
+# -P * log2(e), so that the last product gives -z * log2(e) and exp2 of it is
+# exp(-z): np.exp2 runs twice as fast as np.exp on float32 (0.22 against 0.45
+# ns per value here), and the scaling costs nothing once folded in.
+_GELU_NEG_P32 = tuple(np.float32(-c * math.log2(math.e)) for c in _GELU_P)
 
 
 def _gelu_f32_block(x: np.ndarray, out: np.ndarray) -> None:
@@ -57,8 +61,8 @@ def _gelu_f32_block(x: np.ndarray, out: np.ndarray) -> None:
         for ci in c[2:]:  # Horner: p = -P(u)
             p *= u
             p += ci
-        p *= x  # -z(x)
-        np.exp(p, out=p)
+        p *= x  # -z(x) * log2(e)
+        np.exp2(p, out=p)  # exp(-z(x))
         p += np.float32(1)
         np.divide(x, p, out=out)  # x * sigmoid(z)
 
@@ -333,9 +337,11 @@ def _tap_range(k_off: int, stride: int, padding: int, n_in: int, n_out: int):
 
 
 def conv2d(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None, stride: int = 1,
-           padding: int = 0, act=None) -> np.ndarray:
+           padding: int = 0, act=None, channels_last: bool = False) -> np.ndarray:
     """Stands for :func:`npsam.kernels.ops.conv2d` with groups == 1 (then ``act``,
-    an in-place activation on each block's fresh output, if given).
+    an in-place activation on each block's fresh output, if given). With
+    ``channels_last`` the result is the [B, O, Ho, Wo] view of a [B, Ho, Wo, O]
+    array, each block's product taken as cols^T @ weight^T.
 
     The same im2col products per block of output rows as the reference kernel,
     with the columns read straight from the unpadded input (the taps that fall
@@ -349,7 +355,7 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None,
     assert cg == c, "conv2d: groups == 1 only (depthwise: kernels.ops.depthwise_conv2d)"
     ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
     w2 = weight.reshape(o, c * k * k)  # [O, C*K*K]
-    y = np.empty((b, o, ho * wo), dtype=x.dtype)
+    y = np.empty((b, ho * wo, o) if channels_last else (b, o, ho * wo), dtype=x.dtype)
     rows = max(1, min(ho, CONV_COLS_ELEMENTS // (c * k * k * wo)))  # output rows per block
     per_image = -(-ho // rows)
     col_ranges = [_tap_range(kj, stride, padding, w, wo) for kj in range(k)]
@@ -376,13 +382,21 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None,
                         y0, x0 = i_lo * stride + ki - padding, j_lo * stride + kj - padding
                         dst[:, i_lo - r0:i_hi - r0, j_lo:j_hi] = x[bi, :, y0:y0 + stride * (i_hi - i_lo):stride,
                                                                     x0:x0 + stride * (j_hi - j_lo):stride]
-            out = y[bi, :, r0 * wo:r1 * wo]  # [O, r*Wo]
-            np.matmul(w2, cols.reshape(c * k * k, -1), out=out)  # [O, C*K*K] @ [C*K*K, r*Wo]
-            if bias is not None:
-                out += bias[:, None]
+            if channels_last:
+                out = y[bi, r0 * wo:r1 * wo]  # [r*Wo, O]
+                np.matmul(cols.reshape(c * k * k, -1).T, w2.T, out=out)  # [r*Wo, C*K*K] @ [C*K*K, O]
+                if bias is not None:
+                    out += bias
+            else:
+                out = y[bi, :, r0 * wo:r1 * wo]  # [O, r*Wo]
+                np.matmul(w2, cols.reshape(c * k * k, -1), out=out)  # [O, C*K*K] @ [C*K*K, r*Wo]
+                if bias is not None:
+                    out += bias[:, None]
             if act is not None:
                 act(out)
 
     with single_threaded_blas():
         parallel_rows(work, b * per_image, threads=row_threads())
+    if channels_last:
+        return y.reshape(b, ho, wo, o).transpose(0, 3, 1, 2)  # [B, Ho, Wo, O] -> its [B, O, Ho, Wo] view
     return y.reshape(b, o, ho, wo)  # -> [B, O, Ho, Wo]

@@ -136,64 +136,87 @@ def _gelu_into(x: np.ndarray, out: np.ndarray, precise: bool = False) -> None:
 def patch_embed_forward(self: PatchEmbed, x: np.ndarray) -> np.ndarray:
     """Replaces PatchEmbed.forward (self.seq(x)): the same steps, the GELU
     applied to each block of the first convolution's output while it is in
-    cache (the same values, bit for bit)."""
+    cache, and the result laid out channels-last (the [B, C0, S/4, S/4] view of
+    a [B, S/4, S/4, C0] array: the same values), as layer 0's MBConv reads it."""
     act = gelu_rows_ if not self.seq[1].precise else None
     x = conv2d_bn_forward(self.seq[0], x, act=act)  # [B, 3, S, S] -> [B, C0/2, S/2, S/2]
     if act is None:
         x = self.seq[1](x)
-    return self.seq[2](x)  # -> [B, C0, S/4, S/4]
+    conv = self.seq[2]
+    if getattr(conv, "derived", None) is None or conv.groups != 1 or conv.ks == 1:
+        return conv(x)
+    # channels-last for layer 0's MBConv (see mbconv_forward): the [B, C0, S/4, S/4] view of [B, S/4, S/4, C0]
+    return fast_ops.conv2d(x, conv.derived.weight, conv.derived.bias, conv.stride, conv.pad, channels_last=True)
 
 
 # Rows of the image per block of the fused MBConv pass (see mbconv_forward).
 MBCONV_ROWS = 8
 
 
+def channels_last(x: np.ndarray) -> np.ndarray:
+    """[B, C, H, W] -> its [B, H, W, C] view (C-contiguous when x is the
+    [B, C, H, W] view of channels-last memory the fast PatchEmbed and MBConv
+    return; a strided view of an NCHW array otherwise, which still works)."""
+    return x.transpose(0, 2, 3, 1)
+
+
 @implements(MBConv)
 def mbconv_forward(self: MBConv, x: np.ndarray) -> np.ndarray:
     """Replaces MBConv.forward (conv1, GELU, depthwise conv2, GELU, conv3, the
-    residual, GELU) by one pass over blocks of MBCONV_ROWS image rows, blocks
-    spread over threads with BLAS single-threaded in each, so that a block's
-    expanded activations (E = 4C channels, the largest arrays of the encoder:
-    64 MB at MobileSAM's 256x256) stay in cache through all five steps instead
-    of going to memory and back for each.
+    residual, GELU) by one channels-last pass over blocks of MBCONV_ROWS image
+    rows, blocks spread over threads with BLAS single-threaded in each, so that
+    a block's expanded activations (E = 4C channels, the largest arrays of the
+    encoder: 64 MB at MobileSAM's 256x256) stay in cache through all five steps
+    instead of going to memory and back for each.
 
-    Per block of rows [r0, r1): conv1 + GELU of the block below it (kept for
-    the next block), written into the rows of a zero-bordered window
-    [E, rows + 2 (+1), W + 2] that also holds the GELU'd row above and below
-    the block: the depthwise 3x3 with padding 1 then reads each tap as one
-    contiguous slice of the flattened window (as kernels/ops.depthwise_conv2d
-    does on a padded plane), summed in the reference's order (first tap, the
-    others in (ki, kj) order, then the bias); GELU; conv3 on the block's
-    [E, rows * (W + 2)] (the two extra columns per row are dropped), its bias,
-    the residual, GELU. The same operations as the module path on the same
-    values, except that each 1x1 convolution's matrix product is cut into
-    blocks of rows (fixed by the image's size, never by the number of threads),
-    which BLAS may sum in another order: within the encoder tolerances."""
+    Channels-last because NumPy multiplies a [pixels, E] block by a per-channel
+    [E] row at the speed of a plain product (0.2 ns a value here) but a
+    [E, pixels] block by a per-channel [E, 1] column at half that. The result is
+    the [B, C, H, W] view of a [B, H, W, C] array (the same values and shape as
+    the reference's; the next MBConv and PatchMerging read it without copies,
+    and any reader gets the same values).
+
+    Per block of rows [r0, r1): conv1 (a product with the pixels as rows) +
+    bias + GELU of the block below it (kept for the next block), written into
+    the rows of a zero-bordered window [rows + 2 (+1), W + 2, E] that also holds
+    the GELU'd row above and below the block. The depthwise 3x3 with padding 1
+    then reads each tap as one contiguous [rows * (W + 2), E] slice of the
+    flattened window (on the padded width, tap (ki, kj) of output pixel q is
+    pixel q + ki*(W + 2) + kj), summed in kernels/ops.depthwise_conv2d's order
+    (first tap, the others in (ki, kj) order, then the bias); GELU; conv3 on
+    the block (the two extra columns per row dropped after it), its bias, the
+    residual, GELU. The same operations as the module path on the same values,
+    except that the 1x1 convolutions' products are cut into blocks of rows
+    (fixed by the image's size, never by the number of threads) and laid out
+    pixels by channels, which BLAS may sum in another order: within the
+    encoder tolerances."""
     b, c, h, w = x.shape
-    d1, d2, d3 = self.conv1.derived, self.conv2.derived, self.conv3.derived
+    d1, d2, d3 = (getattr(m, "derived", None) for m in (self.conv1, self.conv2, self.conv3))
     if d1 is None or d2 is None or d3 is None:
         return self.forward(x)  # not loaded: the reference raises WeightsMissingError
+    xl = channels_last(x)  # [B, H, W, C]
     e = d1.weight.shape[0]
-    w1, b1 = d1.weight.reshape(e, c), d1.bias[:, None]  # [E, C], [E, 1]
-    k2, b2 = d2.weight.reshape(e, 9), d2.bias[:, None]  # [E, 3*3], [E, 1]
-    w3, b3 = d3.weight.reshape(-1, e), d3.bias[:, None]  # [O, E], [O, 1]
-    o = w3.shape[0]
+    w1t, b1 = d1.weight.reshape(e, c).T, d1.bias  # [C, E], [E]
+    taps, b2 = np.ascontiguousarray(d2.weight.reshape(e, 9).T), d2.bias  # [9, E], [E]
+    o = d3.weight.shape[0]
+    w3t, b3 = d3.weight.reshape(o, e).T, d3.bias  # [E, O], [O]
     rows = MBCONV_ROWS
     per_image = -(-h // rows)  # blocks of rows per image
     wp = w + 2  # the window's padded width
-    y = np.empty((b, o, h, w), x.dtype)
+    y = np.empty((b, h, w, o), x.dtype)  # channels-last; returned as its [B, O, H, W] view
+    p1, p2, p3 = self.act1.precise, self.act2.precise, self.act3.precise
 
     def expand(bi, j, win):
         """GELU(conv1(x)) of block j of image bi into rows 1.. of the window ``win``."""
         r0, r1 = j * rows, min(h, j * rows + rows)
         n = (r1 - r0) * w
-        t = scratch("mbconv.expand", (e * n,), x.dtype).reshape(e, n)
-        np.matmul(w1, x[bi, :, r0:r1].reshape(c, n), out=t)  # [E, C] @ [C, r*W] -> [E, r*W]
+        t = scratch("mbconv.expand", (n * e,), x.dtype).reshape(n, e)
+        np.matmul(xl[bi, r0:r1].reshape(n, c), w1t, out=t)  # [r*W, C] @ [C, E] -> [r*W, E]
         t += b1
-        _gelu_into(t.reshape(e, r1 - r0, w), win[:, 1:1 + r1 - r0, 1:w + 1], self.act1.precise)
+        _gelu_into(t.reshape(r1 - r0, w, e), win[1:1 + r1 - r0, 1:w + 1], p1)
 
     def work(start, stop):
-        wins = [scratch(f"mbconv.window{i}", (e, rows + 3, wp), x.dtype) for i in range(2)]
+        wins = [scratch(f"mbconv.window{i}", (rows + 3, wp, e), x.dtype) for i in range(2)]
         for win in wins:  # zero padding columns; every other element is written before it is read
             win[...] = 0
         for job in range(start, stop):
@@ -203,44 +226,43 @@ def mbconv_forward(self: MBConv, x: np.ndarray) -> np.ndarray:
             if job == start or j == 0:  # this block's rows, and the row above it (from block j - 1's call)
                 if j > 0:
                     expand(bi, j - 1, nxt)
-                    win[:, 0, 1:w + 1] = nxt[:, rows, 1:w + 1]
+                    win[0, 1:w + 1] = nxt[rows, 1:w + 1]
                 else:
-                    win[:, 0] = 0
+                    win[0] = 0
                 expand(bi, j, win)
             if j + 1 < per_image:  # the next block's rows (kept for it), and its first row below this block
                 expand(bi, j + 1, nxt)
-                win[:, r + 1, 1:w + 1] = nxt[:, 1, 1:w + 1]
-                nxt[:, 0, 1:w + 1] = win[:, r, 1:w + 1]
+                win[r + 1, 1:w + 1] = nxt[1, 1:w + 1]
+                nxt[0, 1:w + 1] = win[r, 1:w + 1]
             else:
-                win[:, r + 1:] = 0
-            # depthwise 3x3 on the flattened window: tap (ki, kj) of output q is input q + ki*Wp + kj
-            flat = win.reshape(e, -1)
-            a = scratch("mbconv.acc", (e * r * wp,), x.dtype).reshape(e, r * wp)
-            t = scratch("mbconv.tmp", (e * r * wp,), x.dtype).reshape(e, r * wp)
+                win[r + 1:] = 0
+            flat = win.reshape(-1, e)  # [(rows + 3) * Wp, E]
+            a = scratch("mbconv.acc", (r * wp * e,), x.dtype).reshape(r * wp, e)
+            t = scratch("mbconv.tmp", (r * wp * e,), x.dtype).reshape(r * wp, e)
             for tap in range(9):
                 off = (tap // 3) * wp + tap % 3
-                src = flat[:, off:off + r * wp]
+                src = flat[off:off + r * wp]  # [r*Wp, E]
                 if tap == 0:
-                    np.multiply(src, k2[:, :1], out=a)
+                    np.multiply(src, taps[0], out=a)
                 else:
-                    np.multiply(src, k2[:, tap:tap + 1], out=t)
+                    np.multiply(src, taps[tap], out=t)
                     a += t
             a += b2
-            _gelu_into(a, a, self.act2.precise)
-            z = scratch("mbconv.project", (o * r * wp,), x.dtype).reshape(o, r * wp)
-            np.matmul(w3, a, out=z)  # [O, E] @ [E, r*Wp] -> [O, r*Wp]
+            _gelu_into(a, a, p2)
+            z = scratch("mbconv.project", (r * wp * o,), x.dtype).reshape(r * wp, o)
+            np.matmul(a, w3t, out=z)  # [r*Wp, E] @ [E, O] -> [r*Wp, O]
             z += b3
-            z3 = z.reshape(o, r, wp)[:, :, :w]  # the window's extra columns dropped
-            z3 += x[bi, :, r0:r1]  # the residual
-            _gelu_into(np.ascontiguousarray(z3), y[bi, :, r0:r1], self.act3.precise)
+            z3 = z.reshape(r, wp, o)[:, :w]  # the window's extra columns dropped
+            z3 += xl[bi, r0:r1]  # the residual
+            _gelu_into(z3, y[bi, r0:r1], p3)
 
     with single_threaded_blas():
         parallel_rows(work, b * per_image, threads=row_threads())
-    return y
+    return y.transpose(0, 3, 1, 2)  # [B, H, W, O] -> its [B, O, H, W] view
 
 
 # Output rows per block of the fused PatchMerging pass.
-MERGING_ROWS = 4
+MERGING_ROWS = 8
 
 
 @implements(PatchMerging)
@@ -347,9 +369,9 @@ def patch_merging_forward(self: PatchMerging, x: np.ndarray) -> np.ndarray:
 
 
 # Rows per block of the fused Mlp pass: a block's [rows, 4C] hidden
-# activations (512 KB for MobileSAM's 128-channel stage) stay in the core's
+# activations (1 MB for MobileSAM's 128-channel stage) stay in the core's
 # cache between fc1, GELU and fc2.
-MLP_ROWS = 256
+MLP_ROWS = 512
 
 
 @implements(Mlp)
