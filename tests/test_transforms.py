@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
+import npsam
 import oracle
 from npsam.utils.transforms import ResizeLongestSide
 
@@ -65,26 +66,59 @@ def test_apply_coords_copies_and_keeps_float64():
                           official().apply_boxes(box, (1200, 1800)))
 
 
+# Both paths: the reference (pil_resize_bilinear, NumPy) and the fast layer (Pillow itself)
+PATHS = pytest.mark.parametrize("reference", [True, False], ids=["reference", "fast"])
+
+
+@PATHS
 @pytest.mark.parametrize("name", PHOTOS)
-def test_apply_image_real_photos_equal_official_byte_for_byte(name):
+def test_apply_image_real_photos_equal_official_byte_for_byte(name, reference):
     image = np.array(Image.open(IMAGES / name).convert("RGB"))
-    ours, theirs = ResizeLongestSide(1024).apply_image(image), official().apply_image(image)
+    with npsam.reference(reference):
+        ours = ResizeLongestSide(1024).apply_image(image)
+    theirs = official().apply_image(image)
     assert ours.dtype == theirs.dtype == np.uint8 and ours.shape == theirs.shape
     assert np.array_equal(ours, theirs), f"{name}: {np.count_nonzero(ours != theirs)} bytes differ"
+    assert ours.flags.writeable and ours.flags.c_contiguous
 
 
+@PATHS
 @given(h=st.integers(1, 300), w=st.integers(1, 300), target=st.sampled_from([1024, 256, 37]),
        seed=st.integers(0, 2**32 - 1))
-def test_apply_image_random_images_equal_official_byte_for_byte(h, w, target, seed):
+def test_apply_image_random_images_equal_official_byte_for_byte(h, w, target, seed, reference):
     image = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
     if min(ResizeLongestSide.get_preprocess_shape(h, w, target)) == 0:
         with pytest.raises(ValueError):
             official(target).apply_image(image)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError), npsam.reference(reference):
             ResizeLongestSide(target).apply_image(image)
         return
-    ours, theirs = ResizeLongestSide(target).apply_image(image), official(target).apply_image(image)
+    with npsam.reference(reference):
+        ours = ResizeLongestSide(target).apply_image(image)
+    theirs = official(target).apply_image(image)
     assert ours.shape == theirs.shape and np.array_equal(ours, theirs), f"{(h, w)} -> {target}"
+
+
+@given(h=st.integers(1, 120), w=st.integers(1, 120), channels=st.sampled_from([1, 3]), flip=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_apply_image_fast_path_equals_the_reference(h, w, channels, flip, seed):
+    """Tall and wide, one channel or three, strided views (a BGR photo reversed):
+    the Pillow call and the NumPy mirror agree byte for byte."""
+    image = np.random.default_rng(seed).integers(0, 256, (h, w, channels), dtype=np.uint8)
+    image = image[..., ::-1] if flip else image
+    fast_out = ResizeLongestSide(64).apply_image(image)
+    with npsam.reference():
+        ref_out = ResizeLongestSide(64).apply_image(image)
+    assert fast_out.shape == ref_out.shape and np.array_equal(fast_out, ref_out), (h, w, channels)
+
+
+def test_apply_image_fast_path_is_pillow_and_registered():
+    from npsam import fast
+    from npsam.fast import transforms as fast_transforms
+
+    fast._load()
+    assert fast._IMPLEMENTATIONS[(ResizeLongestSide, "apply_image")] is fast_transforms.apply_image
+    assert fast_transforms.pillow_image_module() is not None  # Pillow 13 is what the tests run with
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,7 @@ gets ``derived = None``.
 Where things are: ``ops`` (fast kernels), ``threads`` (worker threads, BLAS
 threads, work arrays), and one file per reference file with fast twins:
 ``nn`` (the torch.nn layers), ``common``, ``transformer``, ``mask_decoder``,
-``prompt_encoder``.
+``prompt_encoder``, ``transforms`` (the image resize, through Pillow).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ _REFERENCE: contextvars.ContextVar[bool] = contextvars.ContextVar("npsam_referen
 # The modules of this package that register implementations; imported on the
 # first call that asks for one, so that importing the reference costs nothing more.
 IMPLEMENTATION_MODULES: Tuple[str, ...] = ("nn", "common", "transformer", "mask_decoder", "prompt_encoder",
-                                          "image_encoder", "tiny_vit_sam", "automatic_mask_generator")
+                                          "image_encoder", "tiny_vit_sam", "automatic_mask_generator", "transforms")
 
 _IMPLEMENTATIONS: Dict[Tuple[type, str], Callable] = {}
 _DERIVERS: Dict[type, Callable] = {}

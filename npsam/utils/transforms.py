@@ -16,6 +16,7 @@ from typing import Tuple
 
 import numpy as np
 
+from .. import fast
 from ..kernels.resize import check_size, pil_resize_bilinear
 
 
@@ -31,6 +32,7 @@ class ResizeLongestSide:
             raise ValueError(f"target_length must be a positive integer, got {target_length!r}")
         self.target_length = int(target_length)
 
+    @fast.dispatch
     def apply_image(self, image: np.ndarray) -> np.ndarray:
         """Expects an [H, W, C] uint8 image (C = 1 or 3); returns [h, w, C] uint8."""
         image = np.asarray(image)
