@@ -156,8 +156,9 @@ def test_conv2d_bn(dtype, seed, folded, ks, stride, depthwise, side):
 
 @given(dtype=DTYPES, seed=st.integers(0, 2**16), k=st.sampled_from([1, 2, 3, 5]), stride=st.sampled_from([1, 2, 3]),
        padding=st.integers(0, 2), h=st.integers(1, 11), w=st.integers(1, 11), cols=st.sampled_from([1, 50, 1 << 20]),
-       channels_last=st.booleans())
-def test_fast_conv2d_against_the_reference_kernel(dtype, seed, k, stride, padding, h, w, cols, channels_last):
+       channels_last=st.booleans(), nhwc_input=st.booleans())
+def test_fast_conv2d_against_the_reference_kernel(dtype, seed, k, stride, padding, h, w, cols, channels_last,
+                                                  nhwc_input):
     """fast_ops.conv2d (im2col from the unpadded input, the border taps as
     zeros) against kernels/ops.conv2d on a padded copy, blocks of every size,
     in either layout."""
@@ -167,11 +168,13 @@ def test_fast_conv2d_against_the_reference_kernel(dtype, seed, k, stride, paddin
     assume(h + 2 * padding >= k and w + 2 * padding >= k)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((2, 3, h, w)).astype(dtype)
+    if nhwc_input:  # the [B, C, H, W] view of channels-last memory, read channels-last
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     weight = rng.standard_normal((4, 3, k, k)).astype(dtype)
     bias = rng.standard_normal(4).astype(dtype)
     with mock.patch.object(fast_ops, "CONV_COLS_ELEMENTS", cols):
         got = fast_ops.conv2d(x, weight, bias, stride, padding, channels_last=channels_last)
-    if channels_last:
+    if channels_last or nhwc_input:
         assert got.transpose(0, 2, 3, 1).flags.c_contiguous, "not the view of a channels-last array"
     assert_close(got, ref_ops.conv2d(x, weight, bias, stride, padding), TOL[dtype], "fast conv2d")
 

@@ -349,10 +349,18 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None,
     whole input, and larger blocks (CONV_COLS_ELEMENTS). The products are cut
     into other blocks of rows than the reference kernel's, which BLAS may sum
     in another order: within the tolerances. Blocks are fixed by the sizes,
-    never by the number of threads; BLAS runs single-threaded in each."""
+    never by the number of threads; BLAS runs single-threaded in each.
+
+    An input that is the [B, C, H, W] view of channels-last memory (the fast
+    TinyViT stem's first convolution gives one) is read channels-last: its
+    columns are gathered as [rows, Wo, K, K, C], each tap a copy of whole
+    pixels (C contiguous values) rather than of single values, and the result
+    is channels-last too."""
     b, c, h, w = x.shape
     o, cg, k, _ = weight.shape
     assert cg == c, "conv2d: groups == 1 only (depthwise: kernels.ops.depthwise_conv2d)"
+    if c > 1 and not x.flags.c_contiguous and x.transpose(0, 2, 3, 1).flags.c_contiguous:
+        return _conv2d_nhwc(x.transpose(0, 2, 3, 1), weight, bias, stride, padding, act)
     ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
     w2 = weight.reshape(o, c * k * k)  # [O, C*K*K]
     y = np.empty((b, ho * wo, o) if channels_last else (b, o, ho * wo), dtype=x.dtype)
@@ -400,3 +408,51 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None,
     if channels_last:
         return y.reshape(b, ho, wo, o).transpose(0, 3, 1, 2)  # [B, Ho, Wo, O] -> its [B, O, Ho, Wo] view
     return y.reshape(b, o, ho, wo)  # -> [B, O, Ho, Wo]
+
+
+def _conv2d_nhwc(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], stride: int, padding: int,
+                 act=None) -> np.ndarray:
+    """conv2d (see there) on channels-last x [B, H, W, C]: the [B, O, Ho, Wo]
+    view of a [B, Ho, Wo, O] result; each block's product is
+    [rows*Wo, K*K*C] @ [K*K*C, O] over columns gathered as [rows, Wo, K, K, C]."""
+    b, h, w, c = x.shape
+    o, _, k, _ = weight.shape
+    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    w2t = np.ascontiguousarray(weight.transpose(2, 3, 1, 0)).reshape(k * k * c, o)  # [K*K*C, O]
+    y = np.empty((b, ho * wo, o), dtype=x.dtype)
+    rows = max(1, min(ho, CONV_COLS_ELEMENTS // (c * k * k * wo)))  # output rows per block
+    per_image = -(-ho // rows)
+    col_ranges = [_tap_range(kj, stride, padding, w, wo) for kj in range(k)]
+
+    def work(start, stop):
+        for job in range(start, stop):
+            bi, r0, r1 = image_rows(job, per_image, rows, ho)
+            cols = scratch("conv2d.cols", (r1 - r0, wo, k, k, c), x.dtype)
+            for ki in range(k):
+                i_lo, i_hi = _tap_range(ki, stride, padding, h, ho)
+                i_lo, i_hi = min(max(i_lo, r0), r1), max(min(i_hi, r1), r0)
+                for kj in range(k):
+                    j_lo, j_hi = col_ranges[kj]
+                    dst = cols[:, :, ki, kj]  # [r, Wo, C]
+                    if i_lo > r0:
+                        dst[: i_lo - r0] = 0
+                    if i_hi < r1:
+                        dst[i_hi - r0:] = 0
+                    if j_lo > 0:
+                        dst[:, :j_lo] = 0
+                    if j_hi < wo:
+                        dst[:, j_hi:] = 0
+                    if i_hi > i_lo and j_hi > j_lo:
+                        y0, x0 = i_lo * stride + ki - padding, j_lo * stride + kj - padding
+                        dst[i_lo - r0:i_hi - r0, j_lo:j_hi] = x[bi, y0:y0 + stride * (i_hi - i_lo):stride,
+                                                               x0:x0 + stride * (j_hi - j_lo):stride]
+            out = y[bi, r0 * wo:r1 * wo]  # [r*Wo, O]
+            np.matmul(cols.reshape(-1, k * k * c), w2t, out=out)  # [r*Wo, K*K*C] @ [K*K*C, O]
+            if bias is not None:
+                out += bias
+            if act is not None:
+                act(out)
+
+    with single_threaded_blas():
+        parallel_rows(work, b * per_image, threads=row_threads())
+    return y.reshape(b, ho, wo, o).transpose(0, 3, 1, 2)  # [B, Ho, Wo, O] -> its [B, O, Ho, Wo] view

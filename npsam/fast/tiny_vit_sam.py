@@ -138,15 +138,18 @@ def patch_embed_forward(self: PatchEmbed, x: np.ndarray) -> np.ndarray:
     applied to each block of the first convolution's output while it is in
     cache, and the result laid out channels-last (the [B, C0, S/4, S/4] view of
     a [B, S/4, S/4, C0] array: the same values), as layer 0's MBConv reads it."""
+    first, second = self.seq[0], self.seq[2]
+    if any(getattr(m, "derived", None) is None or m.groups != 1 or m.ks == 1 for m in (first, second)):
+        return self.seq(x)  # (not loaded: the reference raises WeightsMissingError)
+    # both results channels-last: the second convolution gathers whole pixels,
+    # and layer 0's MBConv reads [B, S/4, S/4, C0] memory (see mbconv_forward)
     act = gelu_rows_ if not self.seq[1].precise else None
-    x = conv2d_bn_forward(self.seq[0], x, act=act)  # [B, 3, S, S] -> [B, C0/2, S/2, S/2]
+    x = fast_ops.conv2d(x, first.derived.weight, first.derived.bias, first.stride, first.pad, act=act,
+                        channels_last=True)  # [B, 3, S, S] -> [B, C0/2, S/2, S/2]
     if act is None:
         x = self.seq[1](x)
-    conv = self.seq[2]
-    if getattr(conv, "derived", None) is None or conv.groups != 1 or conv.ks == 1:
-        return conv(x)
-    # channels-last for layer 0's MBConv (see mbconv_forward): the [B, C0, S/4, S/4] view of [B, S/4, S/4, C0]
-    return fast_ops.conv2d(x, conv.derived.weight, conv.derived.bias, conv.stride, conv.pad, channels_last=True)
+    return fast_ops.conv2d(x, second.derived.weight, second.derived.bias, second.stride, second.pad,
+                           channels_last=True)  # -> [B, C0, S/4, S/4]
 
 
 # Rows of the image per block of the fused MBConv pass (see mbconv_forward).
