@@ -411,3 +411,23 @@ def test_reference_files_are_at_most_1_2x_their_official_twins():
         assert package == "segment_anything"
         ours, theirs = cl.code_lines(root / name), cl.code_lines(official_root / official)
         assert ours <= cl.LIMIT * theirs, f"{name}: {ours} code lines, {ours / theirs:.2f}x official {theirs}"
+
+
+@pytest.mark.parametrize("name", sorted(DTYPES))
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31), k=st.sampled_from([1, 2, 3]), stride=st.sampled_from([1, 2]),
+       padding=st.integers(0, 1), side=st.integers(2, 9), bias=st.booleans(), channels_last=st.booleans())
+def test_fast_conv2d_layer_matches_the_reference(name, seed, k, stride, padding, side, bias, channels_last):
+    """nn.Conv2d's fast twin (KxK and channels-last 1x1 convolutions through
+    fast ops.conv2d, the rest the reference kernel), either input layout."""
+    dtype, _, tol = DTYPES[name]
+    rng = np.random.default_rng(seed)
+    conv = nn.Conv2d(5, 7, k, stride, padding, bias=bias)
+    sd = {"weight": rng.standard_normal((7, 5, k, k)) / np.sqrt(5 * k * k)}
+    if bias:
+        sd["bias"] = rng.standard_normal(7)
+    conv.load_state_dict(sd, dtype=dtype)
+    x = rng.standard_normal((2, 5, side, side)).astype(dtype)
+    if channels_last:  # the [B, C, H, W] view of [B, H, W, C] memory, as the encoders' necks get it
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    close_pair(*both_paths(conv, x), tol, "Conv2d")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels.nn import GELU, LayerNorm, Linear, ReLU
+from ..kernels.nn import GELU, Conv2d, LayerNorm, Linear, ReLU
 from . import implements, ops
 
 
@@ -49,3 +49,22 @@ def gelu_(self: GELU, x: np.ndarray) -> np.ndarray:
 def relu_(self: ReLU, x: np.ndarray) -> np.ndarray:
     """Replaces ReLU.forward_ (the module call): max(x, 0) written into x, bit for bit."""
     return np.maximum(x, 0, out=x)
+
+
+@implements(Conv2d)
+def conv2d(self: Conv2d, x: np.ndarray) -> np.ndarray:
+    """Replaces Conv2d.forward (kernels/ops.py: conv2d_patchify, conv2d). A KxK
+    convolution (K > 1, groups 1, not a patchify one), and a 1x1 one on the
+    [B, C, H, W] view of channels-last memory (the encoders' necks get their
+    tokens so), run through fast ops.conv2d: im2col blocks over npsam's threads
+    with BLAS single-threaded, where the reference kernel's 1x1 product runs on
+    OpenBLAS's own threads, which then spin for a while and take the core the
+    next pass's thread needs (TinyViT's neck: 66 against 38 ms for its four
+    steps timed apart). The same products over other blocks: within the
+    tolerances. Everything else is the reference kernel."""
+    k, bias = self.kernel_size, (self.bias if self.has_bias else None)
+    channels_last = x.ndim == 4 and x.transpose(0, 2, 3, 1).flags.c_contiguous and not x.flags.c_contiguous
+    if self.groups == 1 and ((k > 1 and not (k == self.stride and self.padding == 0)) or
+                             (k == 1 and self.stride == 1 and self.padding == 0 and channels_last)):
+        return ops.conv2d(x, self.weight, bias, self.stride, self.padding)
+    return self.forward(x)

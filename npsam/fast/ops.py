@@ -337,11 +337,13 @@ def _tap_range(k_off: int, stride: int, padding: int, n_in: int, n_out: int):
 
 
 def conv2d(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None, stride: int = 1,
-           padding: int = 0, act=None, channels_last: bool = False) -> np.ndarray:
+           padding: int = 0, act=None, channels_last: bool = False, out: Optional[np.ndarray] = None) -> np.ndarray:
     """Stands for :func:`npsam.kernels.ops.conv2d` with groups == 1 (then ``act``,
     an in-place activation on each block's fresh output, if given). With
     ``channels_last`` the result is the [B, O, Ho, Wo] view of a [B, Ho, Wo, O]
-    array, each block's product taken as cols^T @ weight^T.
+    array, each block's product taken as cols^T @ weight^T. ``out``: a
+    C-contiguous array of the result's memory layout to write it into (a work
+    array the caller keeps).
 
     The same im2col products per block of output rows as the reference kernel,
     with the columns read straight from the unpadded input (the taps that fall
@@ -360,10 +362,10 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None,
     o, cg, k, _ = weight.shape
     assert cg == c, "conv2d: groups == 1 only (depthwise: kernels.ops.depthwise_conv2d)"
     if c > 1 and not x.flags.c_contiguous and x.transpose(0, 2, 3, 1).flags.c_contiguous:
-        return _conv2d_nhwc(x.transpose(0, 2, 3, 1), weight, bias, stride, padding, act)
+        return _conv2d_nhwc(x.transpose(0, 2, 3, 1), weight, bias, stride, padding, act, out)
     ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
     w2 = weight.reshape(o, c * k * k)  # [O, C*K*K]
-    y = np.empty((b, ho * wo, o) if channels_last else (b, o, ho * wo), dtype=x.dtype)
+    y = _out((b, ho * wo, o) if channels_last else (b, o, ho * wo), x.dtype, out)
     rows = max(1, min(ho, CONV_COLS_ELEMENTS // (c * k * k * wo)))  # output rows per block
     per_image = -(-ho // rows)
     col_ranges = [_tap_range(kj, stride, padding, w, wo) for kj in range(k)]
@@ -410,8 +412,16 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None,
     return y.reshape(b, o, ho, wo)  # -> [B, O, Ho, Wo]
 
 
+def _out(shape, dtype, out: Optional[np.ndarray]) -> np.ndarray:
+    """A fresh array, or ``out`` (a C-contiguous array of as many elements) as ``shape``."""
+    if out is None:
+        return np.empty(shape, dtype)
+    assert out.flags.c_contiguous and out.size == math.prod(shape) and out.dtype == dtype, "out: wrong array"
+    return out.reshape(shape)
+
+
 def _conv2d_nhwc(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], stride: int, padding: int,
-                 act=None) -> np.ndarray:
+                 act=None, out: Optional[np.ndarray] = None) -> np.ndarray:
     """conv2d (see there) on channels-last x [B, H, W, C]: the [B, O, Ho, Wo]
     view of a [B, Ho, Wo, O] result; each block's product is
     [rows*Wo, K*K*C] @ [K*K*C, O] over columns gathered as [rows, Wo, K, K, C]."""
@@ -419,7 +429,7 @@ def _conv2d_nhwc(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], 
     o, _, k, _ = weight.shape
     ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
     w2t = np.ascontiguousarray(weight.transpose(2, 3, 1, 0)).reshape(k * k * c, o)  # [K*K*C, O]
-    y = np.empty((b, ho * wo, o), dtype=x.dtype)
+    y = _out((b, ho * wo, o), x.dtype, out)
     rows = max(1, min(ho, CONV_COLS_ELEMENTS // (c * k * k * wo)))  # output rows per block
     per_image = -(-ho // rows)
     col_ranges = [_tap_range(kj, stride, padding, w, wo) for kj in range(k)]
