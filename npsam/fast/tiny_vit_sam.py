@@ -144,11 +144,8 @@ def patch_embed_forward(self: PatchEmbed, x: np.ndarray) -> np.ndarray:
     # both results channels-last: the second convolution gathers whole pixels,
     # and layer 0's MBConv reads [B, S/4, S/4, C0] memory (see mbconv_forward)
     act = gelu_rows_ if not self.seq[1].precise else None
-    b, _, s1, s2 = x.shape
-    ho, wo = (s1 + 2 * first.pad - first.ks) // first.stride + 1, (s2 + 2 * first.pad - first.ks) // first.stride + 1
-    hidden = scratch("stem.hidden", (b, ho, wo, first.derived.weight.shape[0]), x.dtype)  # kept: 33 MB fresh each call
     x = fast_ops.conv2d(x, first.derived.weight, first.derived.bias, first.stride, first.pad, act=act,
-                        channels_last=True, out=hidden)  # [B, 3, S, S] -> [B, C0/2, S/2, S/2]
+                        channels_last=True)  # [B, 3, S, S] -> [B, C0/2, S/2, S/2]
     if act is None:
         x = self.seq[1](x)
     return fast_ops.conv2d(x, second.derived.weight, second.derived.bias, second.stride, second.pad,
@@ -542,8 +539,7 @@ def _split(view: np.ndarray, shape) -> np.ndarray:
     return split
 
 
-def local_conv_channels_last(conv: Conv2d_BN, xp: np.ndarray, h: int, w: int,
-                             out: Optional[np.ndarray] = None) -> np.ndarray:
+def local_conv_channels_last(conv: Conv2d_BN, xp: np.ndarray, h: int, w: int) -> np.ndarray:
     """conv (a depthwise KxK Conv2d_BN, stride 1, padding K // 2) on tokens kept
     channels-last: xp [B, H + 2p + 1, W + 2p, C] holds the image zero-padded
     (and one more zero row, read only by dropped columns); returns [B, H, W, C].
@@ -553,14 +549,13 @@ def local_conv_channels_last(conv: Conv2d_BN, xp: np.ndarray, h: int, w: int,
     q + ki*Wp + kj, so each tap is one contiguous [rows*Wp, C] slice times the
     channel weights. The taps are summed as kernels/ops.depthwise_conv2d sums
     them (first tap, the others in (ki, kj) order, then the bias), so the
-    values are bit for bit the module path's. ``out``: a [B, H, W, C] array
-    to write the result into."""
+    values are bit for bit the module path's."""
     b, hp, wp, c = xp.shape
     folded = conv.derived
     k = folded.weight.shape[-1]
     taps = np.ascontiguousarray(folded.weight[:, 0].transpose(1, 2, 0))  # [C, K, K] -> [K, K, C]
     bias = folded.bias
-    y = np.empty((b, h, w, c), xp.dtype) if out is None else out
+    y = np.empty((b, h, w, c), xp.dtype)
     flat = xp.reshape(b, hp * wp, c)
     rows = LOCAL_CONV_ROWS
     per_image = -(-h // rows)
@@ -605,10 +600,10 @@ def tiny_vit_block_forward(self: TinyViTBlock, x: np.ndarray) -> np.ndarray:
     ws = self.window_size
     x4 = np.ascontiguousarray(x).reshape(b, h, w, c)  # [B, N, C] -> [B, H, W, C]
     nh, nw = -(-h // ws), -(-w // ws)
-    # the block's own work arrays (windows, the padded buffer, the local
-    # convolution's output) are kept per thread: fresh ones cost page faults
-    # and the kernel's zeroing of 26 MB per block of layer 1
-    windows = scratch("tinyvit.windows", (b, nh, nw, ws, ws, c), x.dtype)
+    # fresh arrays, not kept work arrays (threads.scratch): kept ones measured no
+    # faster warm, and a cold process (npsam segment) spent 0.2-0.4 s more in
+    # the kernel with them
+    windows = np.empty((b, nh, nw, ws, ws, c), x.dtype)
     if h == ws and w == ws:
         windows[:, 0, 0] = x4  # one window, no padding
     else:
@@ -616,12 +611,11 @@ def tiny_vit_block_forward(self: TinyViTBlock, x: np.ndarray) -> np.ndarray:
     flat = windows.reshape(b * nh * nw, ws * ws, c)
     attention_windows(self.attn, flat, flat)  # in place: each block reads its windows before writing them
     p = self.local_conv.derived.weight.shape[-1] // 2
-    xp = scratch("tinyvit.padded", (b, h + 2 * p + 1, w + 2 * p, c), x.dtype)  # zero-bordered for the local conv
+    xp = np.empty((b, h + 2 * p + 1, w + 2 * p, c), x.dtype)  # zero-bordered for the local conv
     xp[:, :p] = 0
     xp[:, p + h:] = 0
     xp[:, p:p + h, :p] = 0
     xp[:, p:p + h, p + w:] = 0
     window_reverse_add(windows, x4, xp[:, p:p + h, p:p + w])  # res_x + attn(x), in image order
-    x = local_conv_channels_last(self.local_conv, xp, h, w, out=scratch("tinyvit.local", (b, h, w, c), x.dtype))
-    x = x.reshape(b, n, c)  # -> [B, N, C]
+    x = local_conv_channels_last(self.local_conv, xp, h, w).reshape(b, n, c)  # -> [B, N, C]
     return mlp_rows(self.mlp, x, residual=x)  # x + self.mlp(x)
