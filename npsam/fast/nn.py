@@ -63,7 +63,7 @@ def conv2d(self: Conv2d, x: np.ndarray) -> np.ndarray:
     steps timed apart). The same products over other blocks: within the
     tolerances. Everything else is the reference kernel."""
     k, bias = self.kernel_size, (self.bias if self.has_bias else None)
-    channels_last = x.ndim == 4 and x.transpose(0, 2, 3, 1).flags.c_contiguous and not x.flags.c_contiguous
+    channels_last = ops.is_channels_last(x)
     if self.groups == 1 and ((k > 1 and not (k == self.stride and self.padding == 0)) or
                              (k == 1 and self.stride == 1 and self.padding == 0 and channels_last)):
         return ops.conv2d(x, self.weight, bias, self.stride, self.padding)

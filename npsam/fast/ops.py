@@ -360,47 +360,40 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None,
     b, c, h, w = x.shape
     o, cg, k, _ = weight.shape
     assert cg == c, "conv2d: groups == 1 only (depthwise: kernels.ops.depthwise_conv2d)"
-    if c > 1 and not x.flags.c_contiguous and x.transpose(0, 2, 3, 1).flags.c_contiguous:
-        return _conv2d_nhwc(x.transpose(0, 2, 3, 1), weight, bias, stride, padding, act)
+    nhwc = c > 1 and is_channels_last(x)
+    channels_last = channels_last or nhwc
     ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
-    w2 = weight.reshape(o, c * k * k)  # [O, C*K*K]
+    if nhwc:  # columns [r, Wo, K, K, C]; [r*Wo, K*K*C] @ [K*K*C, O]
+        wk = np.ascontiguousarray(weight.transpose(2, 3, 1, 0)).reshape(k * k * c, o)
+    else:  # columns [C, K, K, r, Wo]; [O, C*K*K] @ [C*K*K, r*Wo], or its transpose for channels-last
+        wk = weight.reshape(o, c * k * k)
     y = np.empty((b, ho * wo, o) if channels_last else (b, o, ho * wo), dtype=x.dtype)
     rows = max(1, min(ho, CONV_COLS_ELEMENTS // (c * k * k * wo)))  # output rows per block
     per_image = -(-ho // rows)
     col_ranges = [_tap_range(kj, stride, padding, w, wo) for kj in range(k)]
+    image = x.transpose(0, 2, 3, 1)  # [B, H, W, C] views: the gather below is written once for both layouts
 
     def work(start, stop):
         for job in range(start, stop):
             bi, r0, r1 = image_rows(job, per_image, rows, ho)
-            cols = scratch("conv2d.cols", (c, k, k, r1 - r0, wo), x.dtype)
-            for ki in range(k):
-                i_lo, i_hi = _tap_range(ki, stride, padding, h, ho)
-                i_lo, i_hi = min(max(i_lo, r0), r1), max(min(i_hi, r1), r0)
-                for kj in range(k):
-                    j_lo, j_hi = col_ranges[kj]
-                    dst = cols[:, ki, kj]  # [C, r, Wo]
-                    if i_lo > r0:
-                        dst[:, : i_lo - r0] = 0
-                    if i_hi < r1:
-                        dst[:, i_hi - r0:] = 0
-                    if j_lo > 0:
-                        dst[:, :, :j_lo] = 0
-                    if j_hi < wo:
-                        dst[:, :, j_hi:] = 0
-                    if i_hi > i_lo and j_hi > j_lo:
-                        y0, x0 = i_lo * stride + ki - padding, j_lo * stride + kj - padding
-                        dst[:, i_lo - r0:i_hi - r0, j_lo:j_hi] = x[bi, :, y0:y0 + stride * (i_hi - i_lo):stride,
-                                                                    x0:x0 + stride * (j_hi - j_lo):stride]
-            if channels_last:
+            if nhwc:
+                cols = scratch("conv2d.cols", (r1 - r0, wo, k, k, c), x.dtype)
+                tap = lambda ki, kj: cols[:, :, ki, kj]  # noqa: E731  [r, Wo, C]
+            else:
+                cols = scratch("conv2d.cols", (c, k, k, r1 - r0, wo), x.dtype)
+                tap = lambda ki, kj: cols[:, ki, kj].transpose(1, 2, 0)  # noqa: E731  [r, Wo, C], a view
+            _gather_columns(image[bi], tap, r0, r1, ho, stride, padding, col_ranges)
+            if nhwc:
                 out = y[bi, r0 * wo:r1 * wo]  # [r*Wo, O]
-                np.matmul(cols.reshape(c * k * k, -1).T, w2.T, out=out)  # [r*Wo, C*K*K] @ [C*K*K, O]
-                if bias is not None:
-                    out += bias
+                np.matmul(cols.reshape(-1, k * k * c), wk, out=out)  # [r*Wo, K*K*C] @ [K*K*C, O]
+            elif channels_last:
+                out = y[bi, r0 * wo:r1 * wo]  # [r*Wo, O]
+                np.matmul(cols.reshape(c * k * k, -1).T, wk.T, out=out)  # [r*Wo, C*K*K] @ [C*K*K, O]
             else:
                 out = y[bi, :, r0 * wo:r1 * wo]  # [O, r*Wo]
-                np.matmul(w2, cols.reshape(c * k * k, -1), out=out)  # [O, C*K*K] @ [C*K*K, r*Wo]
-                if bias is not None:
-                    out += bias[:, None]
+                np.matmul(wk, cols.reshape(c * k * k, -1), out=out)  # [O, C*K*K] @ [C*K*K, r*Wo]
+            if bias is not None:
+                out += bias if channels_last else bias[:, None]
             if act is not None:
                 act(out)
 
@@ -411,49 +404,37 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None,
     return y.reshape(b, o, ho, wo)  # -> [B, O, Ho, Wo]
 
 
-def _conv2d_nhwc(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], stride: int, padding: int,
-                 act=None) -> np.ndarray:
-    """conv2d (see there) on channels-last x [B, H, W, C]: the [B, O, Ho, Wo]
-    view of a [B, Ho, Wo, O] result; each block's product is
-    [rows*Wo, K*K*C] @ [K*K*C, O] over columns gathered as [rows, Wo, K, K, C]."""
-    b, h, w, c = x.shape
-    o, _, k, _ = weight.shape
-    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
-    w2t = np.ascontiguousarray(weight.transpose(2, 3, 1, 0)).reshape(k * k * c, o)  # [K*K*C, O]
-    y = np.empty((b, ho * wo, o), dtype=x.dtype)
-    rows = max(1, min(ho, CONV_COLS_ELEMENTS // (c * k * k * wo)))  # output rows per block
-    per_image = -(-ho // rows)
-    col_ranges = [_tap_range(kj, stride, padding, w, wo) for kj in range(k)]
+def is_channels_last(x: np.ndarray) -> bool:
+    """x [B, C, H, W] is the view of C-contiguous [B, H, W, C] memory (and not
+    C-contiguous itself): what the fast TinyViT stem, MBConv and the encoders'
+    token layouts hand to a convolution."""
+    return x.ndim == 4 and not x.flags.c_contiguous and x.transpose(0, 2, 3, 1).flags.c_contiguous
 
-    def work(start, stop):
-        for job in range(start, stop):
-            bi, r0, r1 = image_rows(job, per_image, rows, ho)
-            cols = scratch("conv2d.cols", (r1 - r0, wo, k, k, c), x.dtype)
-            for ki in range(k):
-                i_lo, i_hi = _tap_range(ki, stride, padding, h, ho)
-                i_lo, i_hi = min(max(i_lo, r0), r1), max(min(i_hi, r1), r0)
-                for kj in range(k):
-                    j_lo, j_hi = col_ranges[kj]
-                    dst = cols[:, :, ki, kj]  # [r, Wo, C]
-                    if i_lo > r0:
-                        dst[: i_lo - r0] = 0
-                    if i_hi < r1:
-                        dst[i_hi - r0:] = 0
-                    if j_lo > 0:
-                        dst[:, :j_lo] = 0
-                    if j_hi < wo:
-                        dst[:, j_hi:] = 0
-                    if i_hi > i_lo and j_hi > j_lo:
-                        y0, x0 = i_lo * stride + ki - padding, j_lo * stride + kj - padding
-                        dst[i_lo - r0:i_hi - r0, j_lo:j_hi] = x[bi, y0:y0 + stride * (i_hi - i_lo):stride,
-                                                               x0:x0 + stride * (j_hi - j_lo):stride]
-            out = y[bi, r0 * wo:r1 * wo]  # [r*Wo, O]
-            np.matmul(cols.reshape(-1, k * k * c), w2t, out=out)  # [r*Wo, K*K*C] @ [K*K*C, O]
-            if bias is not None:
-                out += bias
-            if act is not None:
-                act(out)
 
-    with single_threaded_blas():
-        parallel_rows(work, b * per_image, threads=row_threads())
-    return y.reshape(b, ho, wo, o).transpose(0, 3, 1, 2)  # [B, Ho, Wo, O] -> its [B, O, Ho, Wo] view
+def _gather_columns(image: np.ndarray, tap, r0: int, r1: int, ho: int, stride: int, padding: int,
+                    col_ranges) -> None:
+    """im2col for output rows [r0, r1): for every tap (ki, kj), tap(ki, kj)
+    (a [r, Wo, C] view into the columns) gets image [H, W, C] (any strides)
+    at rows i*stride + ki - padding and columns j*stride + kj - padding, and
+    zeros where those fall on the border."""
+    h = image.shape[0]
+    k = len(col_ranges)
+    wo = tap(0, 0).shape[1]
+    for ki in range(k):
+        i_lo, i_hi = _tap_range(ki, stride, padding, h, ho)
+        i_lo, i_hi = min(max(i_lo, r0), r1), max(min(i_hi, r1), r0)
+        for kj in range(k):
+            j_lo, j_hi = col_ranges[kj]
+            dst = tap(ki, kj)
+            if i_lo > r0:
+                dst[: i_lo - r0] = 0
+            if i_hi < r1:
+                dst[i_hi - r0:] = 0
+            if j_lo > 0:
+                dst[:, :j_lo] = 0
+            if j_hi < wo:
+                dst[:, j_hi:] = 0
+            if i_hi > i_lo and j_hi > j_lo:
+                y0, x0 = i_lo * stride + ki - padding, j_lo * stride + kj - padding
+                dst[i_lo - r0:i_hi - r0, j_lo:j_hi] = image[y0:y0 + stride * (i_hi - i_lo):stride,
+                                                            x0:x0 + stride * (j_hi - j_lo):stride]

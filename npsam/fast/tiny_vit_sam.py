@@ -7,18 +7,22 @@ What makes them faster than the reference:
 - **BatchNorm folded** into each Conv2d_BN's convolution, once, when the
   weights load (:func:`fold_batch_norm`, the official ``Conv2d_BN.fuse()``):
   one convolution with a bias instead of a convolution and a BatchNorm pass.
-- **Convolutions**: 1x1 convolutions as one matrix product in NCHW (no
-  transposes); 3x3 ones as im2col products per block of output rows, and
-  depthwise ones as sums of shifted planes per block of channels, the blocks
-  spread over worker threads (ops.conv2d, ops.depthwise_conv2d).
-- **GELU in place** on each convolution's or linear layer's fresh output (one
-  pass over memory instead of two, and no new array; the float32 GELU is the
-  fast sigmoid form of fast_ops.gelu).
+- **Fused passes over blocks**: MBConv, PatchMerging, the Mlp and the window
+  attention each run as one pass over blocks of image rows or of windows,
+  the blocks spread over worker threads with BLAS single-threaded in each, so
+  that a block's intermediates stay in cache through all its steps. Blocks
+  are fixed by the sizes, never by the number of threads.
+- **Channels-last**: the stem's output, layer 0 and the TinyViT blocks keep
+  their activations as [..., C] rows, which NumPy multiplies by per-channel
+  weights (the depthwise taps, :func:`sum_taps_`) twice as fast as [C, ...]
+  planes by per-channel columns; modules whose reference returns
+  [B, C, H, W] return the [B, C, H, W] view of that memory (the same values).
+- **No padded copies**: the window partition and reverse and the local
+  convolution's zero border are written in place of the reference's np.pad,
+  and KxK convolutions read their im2col columns from the unpadded input.
 - **Attention**: the bias gather ``attention_biases[:, attention_bias_idxs]``
   done once at load (the official ``eval()`` caches it as ``ab`` too), the
   softmax in place.
-- **C-order copies**: the tokens after the local convolution copied once into
-  [B, N, C] order, which the MLP's LayerNorm and the residual both read.
 
 Dimension letters: as in modeling/tiny_vit_sam.py (B, C, H, W, N, h, D, d, E, O).
 """
@@ -31,7 +35,7 @@ import numpy as np
 
 from . import derives, implements
 from . import ops as fast_ops
-from .threads import CHUNK, blocks, image_rows, parallel_blocks, parallel_rows, row_threads, scratch, single_threaded_blas
+from .threads import image_rows, parallel_blocks, parallel_rows, row_threads, scratch, single_threaded_blas
 from ..kernels import ops
 from ..modeling.tiny_vit_sam import (Attention, Conv2d_BN, MBConv, Mlp, PatchEmbed, PatchMerging,
                                      TinyViTBlock)
@@ -85,38 +89,41 @@ def conv1x1(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
 
 
 @implements(Conv2d_BN)
-def conv2d_bn_forward(self: Conv2d_BN, x: np.ndarray, act=None) -> np.ndarray:
+def conv2d_bn_forward(self: Conv2d_BN, x: np.ndarray) -> np.ndarray:
     """Replaces Conv2d_BN.forward (conv, then BatchNorm): the folded conv, one
     pass. BatchNorm at inference is an affine map per channel, so folding it
-    into the weights is exact up to rounding: within the encoder tolerances.
-    ``act``: an in-place activation applied to each block of the output while
-    it is in cache (fused passes call it so)."""
+    into the weights is exact up to rounding: within the encoder tolerances."""
     folded = getattr(self, "derived", None)
     if folded is None:
         return self.forward(x)  # not loaded: the reference raises WeightsMissingError
     if self.ks == 1 and self.stride == 1 and self.groups == 1:
-        y = conv1x1(x, folded.weight, folded.bias)  # [B, C, H, W] -> [B, O, H, W]
-    elif self.groups == 1:
-        return fast_ops.conv2d(x, folded.weight, folded.bias, self.stride, self.pad, act=act)  # -> [B, O, Ho, Wo]
-    else:
-        y = ops.conv2d(x, folded.weight, folded.bias, self.stride, self.pad, self.groups)  # depthwise
-    return y if act is None else act(y)
+        return conv1x1(x, folded.weight, folded.bias)  # [B, C, H, W] -> [B, O, H, W]
+    if self.groups == 1:
+        return fast_ops.conv2d(x, folded.weight, folded.bias, self.stride, self.pad)  # -> [B, O, Ho, Wo]
+    return ops.conv2d(x, folded.weight, folded.bias, self.stride, self.pad, self.groups)  # depthwise
 
 
-def gelu_(x: np.ndarray) -> np.ndarray:
-    """nn.GELU() written into x (a fresh array nothing else holds)."""
-    return fast_ops.gelu(x, out=x)
+def depthwise_taps(folded: FoldedConv) -> np.ndarray:
+    """A depthwise convolution's weights [C, 1, K, K] as [K, K, C] rows, which
+    multiply channels-last [..., C] blocks (see sum_taps_)."""
+    return np.ascontiguousarray(folded.weight[:, 0].transpose(1, 2, 0))
 
 
-def gelu_rows_(x: np.ndarray) -> np.ndarray:
-    """nn.GELU() written into x [R, M] (rows C-contiguous, the rows themselves
-    maybe strided: a block of a convolution's output), a few rows at a time."""
-    if x.dtype != np.float32:
-        x[...] = fast_ops.gelu(x)
-        return x
-    for lo, hi in blocks(0, x.shape[0], max(1, CHUNK // x.shape[-1])):
-        fast_ops._gelu_f32_block(x[lo:hi], x[lo:hi])
-    return x
+def sum_taps_(acc: np.ndarray, tmp: np.ndarray, source, taps: np.ndarray) -> np.ndarray:
+    """acc = the sum over the taps (ki, kj) of source(ki, kj) * taps[ki, kj]:
+    a depthwise convolution on channels-last [..., C] blocks (``source`` gives
+    each tap's input view, of acc's shape; ``tmp`` is work space of acc's
+    shape). Summed as kernels/ops.depthwise_conv2d sums them, the first tap
+    then the others in (ki, kj) order (its bias is the caller's), so bit for
+    bit its values."""
+    k = taps.shape[0]
+    np.multiply(source(0, 0), taps[0, 0], out=acc)
+    for ki in range(k):
+        for kj in range(k):
+            if ki or kj:
+                np.multiply(source(ki, kj), taps[ki, kj], out=tmp)
+                acc += tmp
+    return acc
 
 
 def _gelu_into(x: np.ndarray, out: np.ndarray, precise: bool = False) -> None:
@@ -143,7 +150,7 @@ def patch_embed_forward(self: PatchEmbed, x: np.ndarray) -> np.ndarray:
         return self.seq(x)  # (not loaded: the reference raises WeightsMissingError)
     # both results channels-last: the second convolution gathers whole pixels,
     # and layer 0's MBConv reads [B, S/4, S/4, C0] memory (see mbconv_forward)
-    act = gelu_rows_ if not self.seq[1].precise else None
+    act = None if self.seq[1].precise else (lambda block: _gelu_into(block, block))  # [r*Wo, C0/2] blocks
     x = fast_ops.conv2d(x, first.derived.weight, first.derived.bias, first.stride, first.pad, act=act,
                         channels_last=True)  # [B, 3, S, S] -> [B, C0/2, S/2, S/2]
     if act is None:
@@ -200,7 +207,7 @@ def mbconv_forward(self: MBConv, x: np.ndarray) -> np.ndarray:
     xl = channels_last(x)  # [B, H, W, C]
     e = d1.weight.shape[0]
     w1t, b1 = d1.weight.reshape(e, c).T, d1.bias  # [C, E], [E]
-    taps, b2 = np.ascontiguousarray(d2.weight.reshape(e, 9).T), d2.bias  # [9, E], [E]
+    taps, b2 = depthwise_taps(d2), d2.bias  # [3, 3, E], [E]
     o = d3.weight.shape[0]
     w3t, b3 = d3.weight.reshape(o, e).T, d3.bias  # [E, O], [O]
     rows = MBCONV_ROWS
@@ -242,14 +249,7 @@ def mbconv_forward(self: MBConv, x: np.ndarray) -> np.ndarray:
             flat = win.reshape(-1, e)  # [(rows + 3) * Wp, E]
             a = scratch("mbconv.acc", (r * wp * e,), x.dtype).reshape(r * wp, e)
             t = scratch("mbconv.tmp", (r * wp * e,), x.dtype).reshape(r * wp, e)
-            for tap in range(9):
-                off = (tap // 3) * wp + tap % 3
-                src = flat[off:off + r * wp]  # [r*Wp, E]
-                if tap == 0:
-                    np.multiply(src, taps[0], out=a)
-                else:
-                    np.multiply(src, taps[tap], out=t)
-                    a += t
+            sum_taps_(a, t, lambda ki, kj: flat[ki * wp + kj:ki * wp + kj + r * wp], taps)  # [r*Wp, E] each
             a += b2
             _gelu_into(a, a, p2)
             z = scratch("mbconv.project", (r * wp * o,), x.dtype).reshape(r * wp, o)
@@ -303,7 +303,7 @@ def patch_merging_forward(self: PatchMerging, x: np.ndarray) -> np.ndarray:
     s = self.stride_c
     e = d1.weight.shape[0]
     w1t, b1 = d1.weight.reshape(e, c).T, d1.bias  # [C, E], [E]
-    taps, b2 = np.ascontiguousarray(d2.weight[:, 0].transpose(1, 2, 0)), d2.bias  # [3, 3, E], [E]
+    taps, b2 = depthwise_taps(d2), d2.bias  # [3, 3, E], [E]
     o = d3.weight.shape[0]
     w3t, b3 = d3.weight.reshape(o, e).T, d3.bias  # [E, O], [O]
     ho, wo = (h + 2 - 3) // s + 1, (w + 2 - 3) // s + 1
@@ -314,24 +314,20 @@ def patch_merging_forward(self: PatchMerging, x: np.ndarray) -> np.ndarray:
     precise = self.act.precise
 
     def work(start, stop):
-        kept = {}  # (image, input block) -> its GELU(conv1) rows [r, W, E]; the last few blocks
+        # the GELU(conv1) rows [r, W, E] of the last input blocks, in slot jb % 3: an
+        # output block reads at most 3 consecutive input blocks, so never two in one slot
+        kept = [None] * 3  # (image, input block, rows)
 
         def expanded(bi, jb):
-            key = (bi, jb)
-            if key not in kept:
-                if len(kept) >= 3:
-                    slot = kept.pop(min(kept))[1]
-                else:
-                    slot = len(kept)
-                    while any(v[1] == slot for v in kept.values()):
-                        slot = (slot + 1) % 3
+            slot = jb % 3
+            if kept[slot] is None or kept[slot][:2] != (bi, jb):
                 r0, r1 = jb * rows_in, min(h, jb * rows_in + rows_in)
                 t = scratch(f"merging.expanded{slot}", ((r1 - r0) * w * e,), x.dtype).reshape(-1, e)
                 np.matmul(pixels(bi, r0, r1), w1t, out=t)  # [r*W, C] @ [C, E] -> [r*W, E]
                 t += b1
                 _gelu_into(t, t, precise)
-                kept[key] = (t.reshape(r1 - r0, w, e), slot, r0)
-            return kept[key]
+                kept[slot] = (bi, jb, t.reshape(r1 - r0, w, e))
+            return kept[slot][2]
 
         for job in range(start, stop):
             bi, r0, r1 = image_rows(job, per_image, rows_out, ho)
@@ -346,19 +342,13 @@ def patch_merging_forward(self: PatchMerging, x: np.ndarray) -> np.ndarray:
                     win[t, 1:w + 1] = 0
             lo, hi = max(0, top), min(h, top + n_rows)
             for jb in range(lo // rows_in, (hi - 1) // rows_in + 1):
-                rows, _, b0 = expanded(bi, jb)
+                rows, b0 = expanded(bi, jb), jb * rows_in
                 a0, a1 = max(lo, b0), min(hi, b0 + len(rows))
                 win[a0 - top:a1 - top, 1:w + 1] = rows[a0 - b0:a1 - b0]
             acc = scratch("merging.acc", (r * wo * e,), x.dtype).reshape(r, wo, e)
             tmp = scratch("merging.tmp", (r * wo * e,), x.dtype).reshape(r, wo, e)
-            for ki in range(3):
-                for kj in range(3):
-                    src = win[ki:ki + s * (r - 1) + 1:s, kj:kj + s * (wo - 1) + 1:s]  # [r, Wo, E]
-                    if ki == kj == 0:
-                        np.multiply(src, taps[ki, kj], out=acc)
-                    else:
-                        np.multiply(src, taps[ki, kj], out=tmp)
-                        acc += tmp
+            sum_taps_(acc, tmp, lambda ki, kj: win[ki:ki + s * (r - 1) + 1:s, kj:kj + s * (wo - 1) + 1:s],
+                      taps)  # [r, Wo, E] each
             acc += b2
             a = acc.reshape(r * wo, e)
             _gelu_into(a, a, precise)
@@ -552,8 +542,7 @@ def local_conv_channels_last(conv: Conv2d_BN, xp: np.ndarray, h: int, w: int) ->
     values are bit for bit the module path's."""
     b, hp, wp, c = xp.shape
     folded = conv.derived
-    k = folded.weight.shape[-1]
-    taps = np.ascontiguousarray(folded.weight[:, 0].transpose(1, 2, 0))  # [C, K, K] -> [K, K, C]
+    taps = depthwise_taps(folded)  # [K, K, C]
     bias = folded.bias
     y = np.empty((b, h, w, c), xp.dtype)
     flat = xp.reshape(b, hp * wp, c)
@@ -566,14 +555,7 @@ def local_conv_channels_last(conv: Conv2d_BN, xp: np.ndarray, h: int, w: int) ->
             m = (r1 - r0) * wp
             acc = scratch("local_conv.acc", (m, c), xp.dtype)
             tmp = scratch("local_conv.tmp", (m, c), xp.dtype)
-            for ki in range(k):
-                for kj in range(k):
-                    off = (r0 + ki) * wp + kj
-                    if ki == kj == 0:
-                        np.multiply(flat[bi, off:off + m], taps[ki, kj], out=acc)
-                    else:
-                        np.multiply(flat[bi, off:off + m], taps[ki, kj], out=tmp)
-                        acc += tmp
+            sum_taps_(acc, tmp, lambda ki, kj: flat[bi, (r0 + ki) * wp + kj:(r0 + ki) * wp + kj + m], taps)  # [m, C]
             acc += bias
             y[bi, r0:r1] = acc.reshape(r1 - r0, wp, c)[:, :w]
 
