@@ -26,10 +26,20 @@ that cannot change it:
 3. Survivors only: boxes, the crop-edge filter, uncropping and RLE run on the
    masks that passed the stability filter, one at a time for RLE.
 
+4. The same memory every batch (BatchWork): the batch's large arrays (the
+   transformer's per-prompt image rows, the kept prompts' low-res masks, a
+   group's masks and width pass) are made once per generate() and reused by
+   every batch, then dropped after its last batch. Fresh memory is not free:
+   every 4 KB page is faulted in and zeroed by the kernel, and dog.jpg's 16
+   batches faulted in about 5 GB this way (a third of the system's time in
+   clear_page, as much as 10 s of a 30 s run on a virtual machine).
+
 Memory: working_memory() estimates the peak of a batch (the process's base,
-the photo, the decoder's batch, one group of masks at photo size, one RLE);
-the group size is chosen to stay within the generator's ``memory_limit``, and
-a photo whose smallest working set (a group of one) does not fit is refused
+the photo, the arrays the batches share if they do, the decoder's batch, one
+group of masks at photo size, one RLE). memory_plan() shares the arrays when
+that fits within the generator's ``memory_limit`` (every photo up to about
+40 MP with the default limit) and chooses the group size; a photo whose
+smallest working set (a group of one, nothing shared) does not fit is refused
 before any work starts (check_memory).
 
 Dimension letters:
@@ -40,6 +50,7 @@ Dimension letters:
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Tuple
 
 import numpy as np
@@ -60,47 +71,102 @@ BASE_BYTES = 450 << 20
 # set_image makes of a crop while it resizes it (contiguous, PIL's).
 PHOTO_BYTES_PER_PIXEL = 3
 SET_IMAGE_BYTES_PER_PIXEL = 6
-# A decoder batch at its peak, per prompt (the transformer's image rows):
-# measured on MobileSAM, 64 prompts raise the peak by about 330 MB. After it,
-# the kept prompts' low-res masks (3 x 256 x 256 float32).
+# A decoder batch at its peak, per prompt: measured on MobileSAM, 64 prompts
+# raise the peak by about 330 MB. Of it, the transformer's per-prompt image
+# rows (64 x 64 x 256 float32) are BatchWork's, held from the first batch to
+# the last; the rest is the batch's own. After it, the kept prompts' low-res
+# masks (3 x 256 x 256 float32), BatchWork's too.
 DECODER_BYTES_PER_PROMPT = 6 << 20
+KEYS_BYTES_PER_PROMPT = 64 * 64 * 256 * 4
 LOW_RES_BYTES_PER_PROMPT = 3 * 256 * 256 * 4
-# Per mask of a group: its thresholded mask (1 byte per pixel), its rows of
-# the width pass (4 bytes per photo column and low-res row read, at most 256)
-# and, in each thread, a block of 64 rows of logits (4 bytes) and two of
-# comparisons (1 byte each) per photo column. (truck.jpg's peak, 1052 MiB,
-# passed the 1 GiB bound when the blocks were left out.)
+# Per mask of a group: its thresholded mask (1 byte per pixel) and its rows of
+# the width pass (4 bytes per photo column and low-res row read, at most 256),
+# BatchWork's; and, in each thread, a block of 64 rows of logits (4 bytes) and
+# two of comparisons (1 byte each) per photo column, during the masks phase.
+# (truck.jpg's peak, 1052 MiB, passed the 1 GiB bound when the blocks were left out.)
 MASK_BYTES_PER_PIXEL = 1
-MASK_BYTES_PER_COLUMN = 4 * 256 + threads.NUM_THREADS * 64 * (4 + 1 + 1)
+MASK_BYTES_PER_COLUMN = 4 * 256
+BLOCK_BYTES_PER_COLUMN = threads.NUM_THREADS * 64 * (4 + 1 + 1)
 # One mask at a time: its uncropped copy (crops only) and the RLE's
 # transposed copy and changes.
 RLE_BYTES_PER_PIXEL = 3
 
 
-def working_memory(points_per_batch: int, photo_size: Tuple[int, int], group: int) -> int:
+def working_memory(points_per_batch: int, photo_size: Tuple[int, int], group: int, pooled: bool = False,
+                   crops: bool = False) -> int:
     """Estimated peak bytes of generate() with ``group`` masks per group: the
-    largest of its three phases (embedding a crop; decoding a batch; the
-    batch's masks at photo size, a group at a time, and one mask's RLE), each
-    on top of the process's base and the photo."""
+    process's base and the photo, plus the largest of three phases (embedding
+    a crop; decoding a batch; the batch's masks at photo size, a group at a
+    time, and one mask's RLE). ``pooled``: the batches share their large
+    arrays (BatchWork), held from the first batch to the last, so through the
+    embedding of every crop after the first (``crops``) too."""
     h, w = (int(s) for s in photo_size)
     held = BASE_BYTES + PHOTO_BYTES_PER_PIXEL * h * w
     embed = SET_IMAGE_BYTES_PER_PIXEL * h * w
     decode = DECODER_BYTES_PER_PROMPT * points_per_batch
-    return held + max(embed, decode, _masks_phase(points_per_batch, h, w, group))
+    low_res = LOW_RES_BYTES_PER_PROMPT * points_per_batch
+    group_masks = group * (MASK_BYTES_PER_PIXEL * h * w + MASK_BYTES_PER_COLUMN * w)
+    masks = RLE_BYTES_PER_PIXEL * h * w + group * BLOCK_BYTES_PER_COLUMN * w
+    if not pooled:
+        return held + max(embed, decode, low_res + group_masks + masks)
+    shared = KEYS_BYTES_PER_PROMPT * points_per_batch + low_res + group_masks
+    decode -= KEYS_BYTES_PER_PROMPT * points_per_batch  # the keys are BatchWork's
+    return held + max(embed + (shared if crops else 0), shared + decode, shared + masks)
 
 
-def _masks_phase(points_per_batch: int, h: int, w: int, group: int) -> int:
-    return (LOW_RES_BYTES_PER_PROMPT * points_per_batch + RLE_BYTES_PER_PIXEL * h * w
-            + group * (MASK_BYTES_PER_PIXEL * h * w + MASK_BYTES_PER_COLUMN * w))
+def memory_plan(points_per_batch: int, photo_size: Tuple[int, int], memory_limit: int,
+                crops: bool = False) -> Tuple[bool, int]:
+    """(pooled, group): BatchWork when its held arrays fit within the limit
+    with a group of at least one mask, and the most masks per group (at least
+    1, at most a batch's masks) whose working_memory stays within it. A photo
+    too large for pooling (about 40 MP with the default limit) makes its
+    arrays batch by batch, as the official code does."""
+    for pooled in (True, False):
+        lo, hi = 1, 3 * points_per_batch
+        while lo < hi:  # working_memory grows with the group
+            mid = (lo + hi + 1) // 2
+            if working_memory(points_per_batch, photo_size, mid, pooled, crops) <= memory_limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        if not pooled or working_memory(points_per_batch, photo_size, lo, pooled, crops) <= memory_limit:
+            return pooled, lo
+    raise AssertionError("unreachable")
 
 
-def group_size(points_per_batch: int, photo_size: Tuple[int, int], memory_limit: int) -> int:
-    """The most masks per group that keep the masks phase within the limit
-    (at least 1, at most a batch's masks)."""
-    h, w = (int(s) for s in photo_size)
-    per_mask = _masks_phase(points_per_batch, h, w, 1) - _masks_phase(points_per_batch, h, w, 0)
-    spare = memory_limit - BASE_BYTES - PHOTO_BYTES_PER_PIXEL * h * w - _masks_phase(points_per_batch, h, w, 0)
-    return int(min(max(1, spare // per_mask), 3 * points_per_batch))
+def group_size(points_per_batch: int, photo_size: Tuple[int, int], memory_limit: int, crops: bool = False) -> int:
+    """The group of memory_plan."""
+    return memory_plan(points_per_batch, photo_size, memory_limit, crops)[1]
+
+
+class BatchWork:
+    """The large arrays of a batch, kept for the next one (see the module
+    docstring, 4.): ``get(key, shape, dtype)`` gives a C-contiguous array,
+    contents undefined, in the memory the last call with that key got (grown
+    when too small). The caller is done with it by the next get of that key.
+    One generate() call owns one: it is not shared between threads."""
+
+    def __init__(self) -> None:
+        self._arrays = {}
+
+    def get(self, key: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        size = math.prod(shape)
+        buf = self._arrays.get(key)
+        if buf is None or buf.size < size or buf.dtype != dtype:
+            self._arrays.pop(key, None)  # gone before its successor is made
+            buf = self._arrays[key] = np.empty(max(size, 1), dtype)
+        return buf[:size].reshape(shape)
+
+
+def _batch_work(self: SamAutomaticMaskGenerator) -> BatchWork:
+    """The generator's BatchWork for this batch: made by the first batch of a
+    generate() call, dropped after its last (see process_batch)."""
+    work = self.__dict__.get("_batch_work")
+    if work is None or getattr(self, "_batches_done", 0) == 0:
+        self.__dict__.pop("_batch_work", None)
+        work = self.__dict__["_batch_work"] = BatchWork()
+    return work
 
 
 @implements(SamAutomaticMaskGenerator, "check_memory")
@@ -109,7 +175,7 @@ def check_memory(self: SamAutomaticMaskGenerator, photo_size: Tuple[int, int]) -
     estimate, which holds whole batches at photo size) with this twin's: a
     group of one mask must fit in memory_limit."""
     limit = DEFAULT_MEMORY_LIMIT if self.memory_limit is None else self.memory_limit
-    need = working_memory(self.points_per_batch, photo_size, 1)
+    need = working_memory(self.points_per_batch, photo_size, 1)  # without BatchWork (see memory_plan)
     if need > limit:
         raise PhotoTooLargeError(too_large_message(photo_size, need, self.points_per_batch, limit))
 
@@ -122,6 +188,18 @@ def process_batch(self: SamAutomaticMaskGenerator, points: np.ndarray, im_size: 
     with pruned work (see the module docstring). Equal because every value
     kept is computed by the same products as the official path computes it,
     and every value skipped belongs to a mask the official path drops."""
+    limit = DEFAULT_MEMORY_LIMIT if self.memory_limit is None else self.memory_limit
+    pooled, group = memory_plan(self.points_per_batch, orig_size, limit, self.crop_n_layers > 0)
+    work = _batch_work(self) if pooled else None
+    try:
+        return _process_batch(self, points, im_size, crop_box, orig_size, group, work)
+    finally:
+        if getattr(self, "_batches_done", 0) + 1 >= getattr(self, "_batches_total", 0):
+            self.__dict__.pop("_batch_work", None)  # generate()'s last batch (or a call outside it)
+
+
+def _process_batch(self: SamAutomaticMaskGenerator, points: np.ndarray, im_size: Tuple[int, ...],
+                   crop_box, orig_size: Tuple[int, ...], group: int, work: Optional[BatchWork]) -> MaskData:
     orig_h, orig_w = orig_size
     predictor, model = self.predictor, self.predictor.model
 
@@ -135,7 +213,7 @@ def process_batch(self: SamAutomaticMaskGenerator, points: np.ndarray, im_size: 
     else:
         keep_masks = None
     iou_preds, low_res, kept = decode_iou_first(
-        predictor, in_points[:, None, :], in_labels[:, None], keep_masks)  # [N, C], [N, C, 256, 256] of kept prompts
+        predictor, in_points[:, None, :], in_labels[:, None], keep_masks, work)  # [N, C], [Nk, C, 256, 256]
 
     # Serialize predictions, as the official, and filter by predicted IoU
     n, c = iou_preds.shape
@@ -152,13 +230,11 @@ def process_batch(self: SamAutomaticMaskGenerator, points: np.ndarray, im_size: 
     # gets its box, the crop-edge filter and its RLE at once, so that no more
     # than a group of masks is ever held at photo size
     threshold, offset = model.mask_threshold, self.stability_score_offset
-    group = group_size(self.points_per_batch, orig_size,
-                       DEFAULT_MEMORY_LIMIT if self.memory_limit is None else self.memory_limit)
     scores, boxes, near_edge, rles = [], [], [], []
     for g0 in range(0, len(flat), group):
         inter, union, binary = masks_at_photo_size(
             low_res[low_index[g0:g0 + group]], predictor.input_size, predictor.original_size,
-            model.image_encoder.img_size, threshold, offset)  # [G], [G], [G, h, w] bool
+            model.image_encoder.img_size, threshold, offset, work)  # [G], [G], [G, h, w] bool
         # Calculate stability score
         # NOTE(reference): calculate_stability_score: int32 / int32 in torch's default float32
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -192,11 +268,12 @@ def process_batch(self: SamAutomaticMaskGenerator, points: np.ndarray, im_size: 
 
 
 def decode_iou_first(predictor, point_coords: np.ndarray, point_labels: np.ndarray,
-                     keep_masks: Optional[Callable[[np.ndarray], np.ndarray]]
+                     keep_masks: Optional[Callable[[np.ndarray], np.ndarray]], work: Optional[BatchWork] = None
                      ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """predictor.predict_batch's decoder step (multimask output), IoU first:
     -> iou_predictions [N, C], low-res logits [Nk, C, 256, 256] of the kept
-    prompts, kept [Nk] (prompt indices, increasing).
+    prompts, kept [Nk] (prompt indices, increasing). With ``work``, the
+    transformer's image rows and the low-res logits are its arrays.
 
     A prompt is kept when keep_masks(iou) (on its flattened [C] predictions)
     keeps any of its masks (all prompts when keep_masks is None). The prompt
@@ -226,9 +303,10 @@ def decode_iou_first(predictor, point_coords: np.ndarray, point_labels: np.ndarr
         output_tokens = np.concatenate([decoder.iou_token.weight, decoder.mask_tokens.weight], axis=0)  # [1+M, C]
         output_tokens = np.broadcast_to(output_tokens[None], (b,) + output_tokens.shape)  # -> [B, 1+M, C]
         tokens = np.concatenate([output_tokens, sparse], axis=1)  # -> [B, T, C]
-        src, pos_src, per_image = image_rows(image_embeddings, image_pe, dense)
         _, _, h, w = image_embeddings.shape
-        hs, src = forward_rows(src, pos_src, tokens, per_image)  # -> [B, T, C], [B, HW, C]
+        src, pos_src, per_image = image_rows(image_embeddings, image_pe, dense)
+        keys = None if work is None else work.get("keys", (b, h * w, src.shape[2]), src.dtype)
+        hs, src = forward_rows(src, pos_src, tokens, per_image, keys)  # -> [B, T, C], [B, HW, C]
         iou_token_out = hs[:, 0, :]  # -> [B, C]
         mask_tokens_out = hs[:, 1:(1 + decoder.num_mask_tokens), :]  # -> [B, M, C]
         iou_preds = decoder.iou_prediction_head(iou_token_out)[:, mask_slice]  # [B, C] -> [B, M] -> [B, 3]
@@ -237,8 +315,9 @@ def decode_iou_first(predictor, point_coords: np.ndarray, point_labels: np.ndarr
                              for i in range(decoder.num_mask_tokens)], axis=1)  # M x [B, C/8] -> [B, M, C/8]
         if len(kept) == 0:
             low_res = np.zeros((0, 3, 4 * h, 4 * w), dtype=hs.dtype)
-        else:  # the upscaling is per prompt: the kept prompts' rows of the batch's
-            low_res = upscaled_masks(src[kept], hyper_in[kept], h, w)[:, mask_slice]  # -> [Nk, 3, 4H, 4W]
+        else:  # the upscaling is per prompt: the kept prompts' rows of the batch's, read in place
+            out = None if work is None else work.get("low_res", (len(kept), 3, 4 * h, 4 * w), hs.dtype)
+            low_res = upscaled_masks(src, hyper_in, h, w, kept, mask_slice, out)  # -> [Nk, 3, 4H, 4W]
     return iou_preds, low_res, kept
 
 
@@ -253,12 +332,6 @@ def _fast_decoder_phases(decoder):
     """(check, image_rows, forward_rows, upscaled_masks): the steps of the fast
     decoder's predict_masks, to run with the upscaling on part of the batch;
     None when the decoder does not run them (then it runs whole)."""
-    if all(hasattr(decoder, name) for name in ("_check", "_image_rows", "_upscaled_masks")):
-        # the fused passes inside the decoder module
-        return (decoder._check, decoder._image_rows,
-                lambda src, pos_src, tokens, per_image: decoder.transformer.forward_rows(src, pos_src, tokens,
-                                                                                         per_image),
-                decoder._upscaled_masks)
     try:  # the fast decoder in the fast layer (npsam/fast/mask_decoder.py)
         from ..kernels.checks import check_decoder_inputs
         from . import implementation, mask_decoder as fast_decoder, transformer as fast_transformer
@@ -269,13 +342,14 @@ def _fast_decoder_phases(decoder):
     dtype = decoder.iou_token.weight.dtype
     return (lambda emb, pe, sparse, dense: check_decoder_inputs(decoder.transformer_dim, dtype, emb, pe, sparse, dense),
             lambda emb, pe, dense: fast_decoder.image_rows(decoder, emb, pe, dense),
-            lambda src, pos_src, tokens, per_image: fast_transformer.forward_rows(decoder.transformer, src, pos_src,
-                                                                                 tokens, per_image),
-            lambda src, hyper_in, h, w: fast_decoder.upscaled_masks(decoder, src, hyper_in, h, w))
+            lambda src, pos_src, tokens, per_image, keys: fast_transformer.forward_rows(
+                decoder.transformer, src, pos_src, tokens, per_image, keys),
+            lambda src, hyper_in, h, w, prompts, mask_slice, out: fast_decoder.upscaled_masks(
+                decoder, src, hyper_in, h, w, prompts, mask_slice, out))
 
 
 def masks_at_photo_size(low_res: np.ndarray, input_size: Tuple[int, int], original_size: Tuple[int, int],
-                        img_size: int, mask_threshold: float, offset: float
+                        img_size: int, mask_threshold: float, offset: float, work: Optional[BatchWork] = None
                         ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sam.postprocess_masks of low-res logits [G, 256, 256], then the stability
     counts and the threshold, without keeping the logits at photo size:
@@ -288,8 +362,10 @@ def masks_at_photo_size(low_res: np.ndarray, input_size: Tuple[int, int], origin
     gives; each block is counted and thresholded while in cache.
     NOTE(reference): calculate_stability_score counts in int16 per row, then
     int32 per mask: so do these counts. Logits that upscale_crop_resize would
-    not map (non-finite, near the overflow threshold) take it whole.
+    not map (non-finite, near the overflow threshold) take it whole. With
+    ``work``, the masks and the width pass are its arrays.
     """
+    work = BatchWork() if work is None else work
     x = np.ascontiguousarray(low_res)
     g, hl, wl = x.shape
     dtype = x.dtype
@@ -298,7 +374,7 @@ def masks_at_photo_size(low_res: np.ndarray, input_size: Tuple[int, int], origin
     limit = np.finfo(dtype).max / 4
     (h, w) = (int(original_size[0]), int(original_size[1]))
     crop = (int(input_size[0]), int(input_size[1]))
-    binary = np.empty((g, h, w), dtype=bool)  # [G, h, w]
+    binary = work.get("binary", (g, h, w), bool)  # [G, h, w]
     inter_rows = np.empty((g, h), dtype=np.int16)  # [G, h]
     union_rows = np.empty((g, h), dtype=np.int16)
     if x.size == 0:
@@ -313,7 +389,7 @@ def masks_at_photo_size(low_res: np.ndarray, input_size: Tuple[int, int], origin
         a_w, blocks_w = _axis_plan(wl, img_size, crop[1], w, dtype)  # [w, Wl]
         r0, r1 = min(b[2] for b in blocks_h), max(b[3] for b in blocks_h)  # the input rows any output reads
         xs = x[:, r0:r1]  # [G, Hr, Wl]
-        zt = np.empty((g, w, r1 - r0), dtype)  # [G, w, Hr]
+        zt = work.get("width", (g, w, r1 - r0), dtype)  # [G, w, Hr]
 
         def width(start, stop):  # as upscale_crop_resize's width pass
             for o0, o1, i0, i1 in blocks_w[start:stop]:

@@ -178,9 +178,18 @@ def image_rows(self: MaskDecoder, image_embeddings: np.ndarray, image_pe: np.nda
 UPSCALE_PIXELS = 2048
 
 
-def upscaled_masks(self: MaskDecoder, src: np.ndarray, hyper_in: np.ndarray, h: int, w: int) -> np.ndarray:
+def upscaled_masks(self: MaskDecoder, src: np.ndarray, hyper_in: np.ndarray, h: int, w: int,
+                   prompts: Optional[np.ndarray] = None, mask_slice: slice = slice(None),
+                   out: Optional[np.ndarray] = None) -> np.ndarray:
     """hyper_in @ output_upscaling(src), per pixel: src [B, HW, C], hyper_in
     [B, M, C/8] -> masks [B, M, 4H, 4W].
+
+    ``prompts`` (indices into B) upscales those prompts only, and
+    ``mask_slice`` keeps those of the M masks: -> [len(prompts), M', 4H, 4W],
+    the same bits as the whole call's rows (the block's products are the same:
+    the mask product still runs on all M, the slice is taken as it is stored),
+    without copying the selected prompts' [HW, C] rows out of src first.
+    ``out``: a C-contiguous array of that shape and dtype to write them to.
 
     The same computation as output_upscaling followed by the product with the
     hypernetwork weights, without interleaving pixels: a 2x2 stride-2
@@ -195,16 +204,19 @@ def upscaled_masks(self: MaskDecoder, src: np.ndarray, hyper_in: np.ndarray, h: 
     block in cache, blocks spread over threads (BLAS single-threaded inside).
     """
     conv1, ln, _, conv2, _ = (self.output_upscaling[i] for i in range(5))
-    b, hw, c = src.shape
+    prompts = np.arange(src.shape[0]) if prompts is None else np.asarray(prompts)
+    b, (hw, c) = len(prompts), src.shape[1:]
     o1, o2, m = conv1.out_channels, conv2.out_channels, hyper_in.shape[1]
     w1c, b1c, w2 = self.derived
-    masks = np.empty((b, m, 4 * h, 4 * w), dtype=src.dtype)
+    m_out = len(range(m)[mask_slice])
+    masks = np.empty((b, m_out, 4 * h, 4 * w), dtype=src.dtype) if out is None else out
     rows = max(1, UPSCALE_PIXELS // w)  # image rows per block
     per_image = -(-h // rows)
 
     def work(start, stop):
         for j in range(start, stop):
-            p, r0, r1 = threads.image_rows(j, per_image, rows, h)
+            i, r0, r1 = threads.image_rows(j, per_image, rows, h)
+            p = prompts[i]  # the prompt in src and hyper_in; i, its row in masks
             n = (r1 - r0) * w  # pixels in this block; its arrays are this thread's work arrays (threads.scratch)
             y1 = np.matmul(src[p, r0 * w:r1 * w], w1c, out=threads.scratch("upscale.y1", (n, 4 * o1), src.dtype))
             y1 = y1.reshape(-1, o1)  # [R, C] @ [C, 4*O1] -> [R*4, O1], centred
@@ -221,7 +233,8 @@ def upscaled_masks(self: MaskDecoder, src: np.ndarray, hyper_in: np.ndarray, h: 
             blk = np.matmul(y2, hyper_in[p].T, out=threads.scratch("upscale.y1", (16 * n, m), src.dtype))
             # [R*16, C/8] @ [C/8, M] -> [R*16, M], rows in (h, w, i, j, k, l) order
             blk = blk.reshape(r1 - r0, w, 2, 2, 2, 2, m).transpose(6, 0, 2, 4, 1, 3, 5)  # -> [M, h, i, k, w, j, l]
-            masks[p, :, 4 * r0:4 * r1].reshape(blk.shape)[...] = blk
+            blk = blk[mask_slice]  # -> [M', h, i, k, w, j, l]
+            masks[i, :, 4 * r0:4 * r1].reshape(blk.shape)[...] = blk
 
     threads.parallel_rows(work, b * per_image, threads=threads.row_threads())
     return masks

@@ -233,7 +233,8 @@ def two_way_transformer(self: TwoWayTransformer, image_embedding: np.ndarray, im
 
 
 def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe: np.ndarray,
-                 point_embedding: np.ndarray, per_image: Optional[PerImage] = None) -> Tuple[np.ndarray, np.ndarray]:
+                 point_embedding: np.ndarray, per_image: Optional[PerImage] = None,
+                 keys_out: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """TwoWayTransformer.forward on image locations as rows: image_embedding,
     image_pe [1 or B, HW, C] (only the first PE is read: the official PE is
     repeated per prompt), point_embedding [B, T, C] -> (queries [B, T, C], keys
@@ -267,6 +268,9 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
     step (2) and q_proj of step (4) on the image rows), and pass 0 becomes
     a small computation on them: see _layer0_cached. Editing a weight array
     in place (rather than loading weights) does not renew them.
+
+    ``keys_out``: a C-contiguous [B, HW, C] array to hold the keys returned
+    (else a new one is made; depth 0 returns a copy of the image side).
     """
     bk, hw, c = image_embedding.shape
     b, t, _ = point_embedding.shape
@@ -296,7 +300,7 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
         else:
             out_keys = keys
             if step4 is not None and keys is image_embedding:  # the first step (4): keys become per prompt
-                out_keys = np.empty((b, hw, c), dtype)
+                out_keys = np.empty((b, hw, c), dtype) if keys_out is None else keys_out
             attn_out = _pass(to_image, queries + point_embedding, step4, keys, out_keys, pe, rows, nblocks, t)
             keys = out_keys
         if i < len(self.layers):
