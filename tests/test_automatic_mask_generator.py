@@ -336,8 +336,21 @@ PRUNING_CASES = [
 ]
 
 
+@pytest.fixture(params=[None, 2], ids=["upscale-whole", "upscale-2-rows"])
+def upscale_block_rows(request, monkeypatch):
+    """The fast upscaling's blocks as they are (the test model's 16x16
+    embedding is one block), or of 2 image rows, so that the generator's twin
+    upscales only the blocks its masks read (photos wider than tall read
+    fewer rows than there are) while the official path upscales them all."""
+    from npsam.fast import mask_decoder
+
+    if request.param is not None:
+        monkeypatch.setattr(mask_decoder, "UPSCALE_PIXELS", request.param * EMBED_SIDE)
+    return request.param
+
+
 @pytest.mark.parametrize("case", PRUNING_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "defaults")
-def test_official_generator_on_npsam_predictor_equals_pruned_generator(official, ours, case):
+def test_official_generator_on_npsam_predictor_equals_pruned_generator(official, ours, case, upscale_block_rows):
     from npsam.automatic_mask_generator import SamAutomaticMaskGenerator
 
     image = _photo()
@@ -396,7 +409,7 @@ def test_generator_matches_official_with_npsam_predictor(official, ours, case):
 # ---------------------------------------------------------------- the twin's parts, bit for bit
 
 
-def test_decode_iou_first_is_the_decoders_output(ours):
+def test_decode_iou_first_is_the_decoders_output(ours, upscale_block_rows):
     from npsam.fast.automatic_mask_generator import _fast_decoder_phases, decode_iou_first
     from npsam.predictor import SamPredictor
 
@@ -419,10 +432,17 @@ def test_decode_iou_first_is_the_decoders_output(ours):
     np.testing.assert_array_equal(kept, expected)
     np.testing.assert_array_equal(low_res, low_full[expected])
 
+    # only the rows read: the blocks that cover the first 37 of 64 low-res rows
+    iou, low_res, kept = decode_iou_first(predictor, coords, labels, keep, rows_read=37)
+    rows = 4 * EMBED_SIDE if upscale_block_rows is None else 40  # 10 image rows: 5 blocks of 2
+    assert low_res.shape == (len(expected), 3, rows, 4 * EMBED_SIDE)
+    np.testing.assert_array_equal(iou, iou_full)
+    np.testing.assert_array_equal(low_res, low_full[expected][:, :, :rows])
+
 
 @pytest.mark.parametrize("size", [(200, 280), (37, 1100), (1024, 700)])
 def test_masks_at_photo_size_is_postprocess_masks(ours, size):
-    from npsam.fast.automatic_mask_generator import masks_at_photo_size
+    from npsam.fast.automatic_mask_generator import low_res_rows_read, masks_at_photo_size
     from npsam.utils.amg import calculate_stability_score
     from npsam.utils.transforms import ResizeLongestSide
 
@@ -435,6 +455,22 @@ def test_masks_at_photo_size_is_postprocess_masks(ours, size):
     with np.errstate(invalid="ignore", divide="ignore"):
         np.testing.assert_array_equal(inter.astype(np.float32) / union.astype(np.float32),
                                       calculate_stability_score(full, 0.0, 1.0))
+
+    # the rows read alone give the same, also through the two resizes (a non-finite logit)
+    rows = low_res_rows_read(input_size, size, IMG_SIZE, 64)
+    assert (rows < 64) == (size[0] < size[1]), "a photo wider than tall leaves rows unread"
+    for case in ("finite", "inf"):
+        if case == "inf":
+            low_res[1, rows - 1, 5] = np.inf
+            full = ours.postprocess_masks(low_res[:, None], input_size, size)[:, 0]
+        inter, union, binary = masks_at_photo_size(low_res[:, :rows], input_size, size, IMG_SIZE, 0.0, 1.0,
+                                                   low_res_height=64)
+        np.testing.assert_array_equal(binary, full > 0.0, err_msg=case)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            np.testing.assert_array_equal(inter.astype(np.float32) / union.astype(np.float32),
+                                          calculate_stability_score(full, 0.0, 1.0), err_msg=case)
+    with pytest.raises(ValueError, match="low_res: expected at least"):
+        masks_at_photo_size(low_res[:, :rows - 1], input_size, size, IMG_SIZE, 0.0, 1.0, low_res_height=64)
 
 
 # ---------------------------------------------------------------- memory

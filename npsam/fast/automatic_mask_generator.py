@@ -15,7 +15,11 @@ that cannot change it:
    the mask product run only for prompts with a mask whose predicted IoU
    passes ``pred_iou_thresh``. The upscaling is per prompt, so a kept
    prompt's low-res masks are the same numbers the whole batch would give.
-2. Photo size per small group: only masks that passed the IoU filter are
+2. Only the rows read: the masks at photo size read the low-res masks'
+   rows of the crop (Sam.postprocess_masks crops the padding away: a 3:2
+   photo fills 683 of the 1024 rows), so the upscaling runs on the image
+   rows those need (low_res_rows_read) and no further.
+3. Photo size per small group: only masks that passed the IoU filter are
    resized to the photo, a group at a time (as many as the memory limit
    allows), and never as float logits of the whole photo: the two bilinear
    resizes run as the separable map of ``Sam.postprocess_masks``
@@ -23,10 +27,10 @@ that cannot change it:
    each block is counted for the stability score and thresholded at once
    (masks_at_photo_size). The same matrix products as upscale_crop_resize
    (per mask and per block), so the same bits.
-3. Survivors only: boxes, the crop-edge filter, uncropping and RLE run on the
+4. Survivors only: boxes, the crop-edge filter, uncropping and RLE run on the
    masks that passed the stability filter, one at a time for RLE.
 
-4. The same memory every batch (BatchWork): the batch's large arrays (the
+5. The same memory every batch (BatchWork): the batch's large arrays (the
    transformer's per-prompt image rows, the kept prompts' low-res masks, a
    group's masks and width pass) are made once per generate() and reused by
    every batch, then dropped after its last batch. Fresh memory is not free:
@@ -60,6 +64,7 @@ from ..automatic_mask_generator import (DEFAULT_MEMORY_LIMIT, PhotoTooLargeError
 from ..kernels.resize import _axis_plan, upscale_crop_resize
 from ..utils.amg import MaskData, batched_mask_to_box, is_box_near_crop_edge, mask_to_rle, uncrop_masks
 from . import implements, threads
+from .mask_decoder import upscaled_rows
 
 # What the process holds anyway (the interpreter, NumPy, the model's weights,
 # the fast layer's work arrays, the image encoder's run on its 1024 input).
@@ -212,8 +217,10 @@ def _process_batch(self: SamAutomaticMaskGenerator, points: np.ndarray, im_size:
             return iou_preds > self.pred_iou_thresh
     else:
         keep_masks = None
+    img_size = model.image_encoder.img_size
+    rows_read = low_res_rows_read(predictor.input_size, predictor.original_size, img_size, 4 * predictor.features.shape[2])
     iou_preds, low_res, kept = decode_iou_first(
-        predictor, in_points[:, None, :], in_labels[:, None], keep_masks, work)  # [N, C], [Nk, C, 256, 256]
+        predictor, in_points[:, None, :], in_labels[:, None], keep_masks, work, rows_read)  # [N, C], [Nk, C, Hr, 256]
 
     # Serialize predictions, as the official, and filter by predicted IoU
     n, c = iou_preds.shape
@@ -234,7 +241,7 @@ def _process_batch(self: SamAutomaticMaskGenerator, points: np.ndarray, im_size:
     for g0 in range(0, len(flat), group):
         inter, union, binary = masks_at_photo_size(
             low_res[low_index[g0:g0 + group]], predictor.input_size, predictor.original_size,
-            model.image_encoder.img_size, threshold, offset, work)  # [G], [G], [G, h, w] bool
+            img_size, threshold, offset, work, 4 * predictor.features.shape[2])  # [G], [G], [G, h, w] bool
         # Calculate stability score
         # NOTE(reference): calculate_stability_score: int32 / int32 in torch's default float32
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -268,12 +275,15 @@ def _process_batch(self: SamAutomaticMaskGenerator, points: np.ndarray, im_size:
 
 
 def decode_iou_first(predictor, point_coords: np.ndarray, point_labels: np.ndarray,
-                     keep_masks: Optional[Callable[[np.ndarray], np.ndarray]], work: Optional[BatchWork] = None
-                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     keep_masks: Optional[Callable[[np.ndarray], np.ndarray]], work: Optional[BatchWork] = None,
+                     rows_read: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """predictor.predict_batch's decoder step (multimask output), IoU first:
-    -> iou_predictions [N, C], low-res logits [Nk, C, 256, 256] of the kept
+    -> iou_predictions [N, C], low-res logits [Nk, C, Hr, 256] of the kept
     prompts, kept [Nk] (prompt indices, increasing). With ``work``, the
     transformer's image rows and the low-res logits are its arrays.
+    ``rows_read``: the low-res rows needed, from the top; Hr is that rounded
+    up to the upscaling's blocks (all 256 rows when None, or without the
+    fast decoder).
 
     A prompt is kept when keep_masks(iou) (on its flattened [C] predictions)
     keeps any of its masks (all prompts when keep_masks is None). The prompt
@@ -314,11 +324,22 @@ def decode_iou_first(predictor, point_coords: np.ndarray, point_labels: np.ndarr
         hyper_in = np.stack([decoder.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :])
                              for i in range(decoder.num_mask_tokens)], axis=1)  # M x [B, C/8] -> [B, M, C/8]
         if len(kept) == 0:
-            low_res = np.zeros((0, 3, 4 * h, 4 * w), dtype=hs.dtype)
+            low_res = np.zeros((0, 3, 4 * h, 4 * w), dtype=hs.dtype)  # (no row is read)
         else:  # the upscaling is per prompt: the kept prompts' rows of the batch's, read in place
-            out = None if work is None else work.get("low_res", (len(kept), 3, 4 * h, 4 * w), hs.dtype)
-            low_res = upscaled_masks(src, hyper_in, h, w, kept, mask_slice, out)  # -> [Nk, 3, 4H, 4W]
+            rows = None if rows_read is None else -(-rows_read // 4)  # image rows: 4 low-res rows each
+            n_rows = upscaled_rows(h, w, rows)
+            out = None if work is None else work.get("low_res", (len(kept), 3, 4 * n_rows, 4 * w), hs.dtype)
+            low_res = upscaled_masks(src, hyper_in, h, w, kept, mask_slice, out, rows)  # -> [Nk, 3, 4H', 4W]
     return iou_preds, low_res, kept
+
+
+def low_res_rows_read(input_size: Tuple[int, int], original_size: Tuple[int, int], img_size: int,
+                      low_res_height: int) -> int:
+    """How many low-res rows, from the top, Sam.postprocess_masks reads to make
+    masks of original_size from a crop of input_size: the rest lie in the
+    padding the crop removes (their weights in the separable map are 0)."""
+    _, blocks_h = _axis_plan(low_res_height, img_size, int(input_size[0]), int(original_size[0]), np.float32)
+    return max(b[3] for b in blocks_h)
 
 
 def _kept_prompts(iou_preds: np.ndarray, keep_masks) -> np.ndarray:
@@ -344,13 +365,13 @@ def _fast_decoder_phases(decoder):
             lambda emb, pe, dense: fast_decoder.image_rows(decoder, emb, pe, dense),
             lambda src, pos_src, tokens, per_image, keys: fast_transformer.forward_rows(
                 decoder.transformer, src, pos_src, tokens, per_image, keys),
-            lambda src, hyper_in, h, w, prompts, mask_slice, out: fast_decoder.upscaled_masks(
-                decoder, src, hyper_in, h, w, prompts, mask_slice, out))
+            lambda src, hyper_in, h, w, prompts, mask_slice, out, rows: fast_decoder.upscaled_masks(
+                decoder, src, hyper_in, h, w, prompts, mask_slice, out, rows))
 
 
 def masks_at_photo_size(low_res: np.ndarray, input_size: Tuple[int, int], original_size: Tuple[int, int],
-                        img_size: int, mask_threshold: float, offset: float, work: Optional[BatchWork] = None
-                        ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                        img_size: int, mask_threshold: float, offset: float, work: Optional[BatchWork] = None,
+                        low_res_height: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sam.postprocess_masks of low-res logits [G, 256, 256], then the stability
     counts and the threshold, without keeping the logits at photo size:
     -> intersections [G] int32 (pixels > threshold + offset), unions [G] int32
@@ -364,10 +385,13 @@ def masks_at_photo_size(low_res: np.ndarray, input_size: Tuple[int, int], origin
     int32 per mask: so do these counts. Logits that upscale_crop_resize would
     not map (non-finite, near the overflow threshold) take it whole. With
     ``work``, the masks and the width pass are its arrays.
+    ``low_res_height``: low_res holds the first rows of masks this high (at
+    least the rows read, low_res_rows_read); None: it holds them whole.
     """
     work = BatchWork() if work is None else work
     x = np.ascontiguousarray(low_res)
-    g, hl, wl = x.shape
+    g, hx, wl = x.shape
+    hl = hx if low_res_height is None else int(low_res_height)
     dtype = x.dtype
     high = np.asarray(mask_threshold + offset, dtype=dtype)
     low = np.asarray(mask_threshold - offset, dtype=dtype)
@@ -377,18 +401,25 @@ def masks_at_photo_size(low_res: np.ndarray, input_size: Tuple[int, int], origin
     binary = work.get("binary", (g, h, w), bool)  # [G, h, w]
     inter_rows = np.empty((g, h), dtype=np.int16)  # [G, h]
     union_rows = np.empty((g, h), dtype=np.int16)
+    a_h, blocks_h = _axis_plan(hl, img_size, crop[0], h, dtype)  # [h, Hl]
+    a_w, blocks_w = _axis_plan(wl, img_size, crop[1], w, dtype)  # [w, Wl]
+    r0, r1 = min(b[2] for b in blocks_h), max(b[3] for b in blocks_h)  # the input rows any output reads
+    if hx < r1:
+        raise ValueError(f"low_res: expected at least the {r1} rows read of {hl}, got {hx}")
+    xs = x[:, r0:r1]  # [G, Hr, Wl]
     if x.size == 0:
         pass
-    elif not (-limit < x.min() and x.max() < limit):  # as upscale_crop_resize: the two resizes, whole
-        full = upscale_crop_resize(x[:, None], (img_size, img_size), crop, (h, w))[:, 0]  # [G, h, w]
+    elif not (-limit < xs.min() and xs.max() < limit):  # as upscale_crop_resize: the two resizes, whole
+        # NOTE(reference): upscale_crop_resize decides on every row; the rows not
+        # read, absent here, are finite for finite weights (the logits come from
+        # layer-normed rows), and the two resizes never read them (zeros here)
+        whole = np.zeros((g, hl, wl), dtype)
+        whole[:, :hx] = x
+        full = upscale_crop_resize(whole[:, None], (img_size, img_size), crop, (h, w))[:, 0]  # [G, h, w]
         np.greater(full, mask_threshold, out=binary)
         inter_rows[...] = (full > high).sum(-1, dtype=np.int16)
         union_rows[...] = (full > low).sum(-1, dtype=np.int16)
     else:
-        a_h, blocks_h = _axis_plan(hl, img_size, crop[0], h, dtype)  # [h, Hl]
-        a_w, blocks_w = _axis_plan(wl, img_size, crop[1], w, dtype)  # [w, Wl]
-        r0, r1 = min(b[2] for b in blocks_h), max(b[3] for b in blocks_h)  # the input rows any output reads
-        xs = x[:, r0:r1]  # [G, Hr, Wl]
         zt = work.get("width", (g, w, r1 - r0), dtype)  # [G, w, Hr]
 
         def width(start, stop):  # as upscale_crop_resize's width pass
