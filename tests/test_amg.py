@@ -86,6 +86,38 @@ def test_mask_data_cat_promotes_like_torch_cat():
         np.testing.assert_array_equal(ours["b"], theirs["b"].numpy())
 
 
+def test_mask_data_cat_copies_rle_records_as_deepcopy_does():
+    """The fast twin of cat copies RLE records without deepcopy: the same data
+    as the reference cat and the official one, nothing shared with the input
+    but the (immutable) counts, and any other item deep-copied."""
+    import npsam
+
+    rles = [{"size": [2, 3], "counts": [1, 4, 1]}, {"size": [2, 3], "counts": [0, 6]},
+            {"size": [2, 3], "counts": [np.int64(6)]}, {"size": [2, 3], "counts": [[1], 5]},
+            ["not", ["an", "rle"]]]
+    results = []
+    for reference in (False, True):
+        first = amg.MaskData(rles=[dict(r) if isinstance(r, dict) else r for r in rles[:1]])
+        new = amg.MaskData(rles=rles)
+        if reference:
+            with npsam.reference():
+                first.cat(new)
+        else:
+            first.cat(new)
+        results.append(first["rles"])
+        for got, given_ in zip(first["rles"][1:], rles):
+            assert got == given_ and got is not given_
+            if isinstance(got, dict):
+                assert got["counts"] is not given_["counts"] and got["size"] is not given_["size"]
+                assert all(a is not b for a, b in zip(got["counts"], given_["counts"]) if isinstance(b, list))
+            else:
+                assert got[1] is not given_[1]
+    theirs = ref.MaskData(rles=list(rles[:1]))
+    theirs.cat(ref.MaskData(rles=rles))
+    assert results[0] == results[1] == theirs["rles"]
+    assert [type(c) for c in results[0][3]["counts"]] == [np.int64]
+
+
 def test_mask_data_rejects_other_types():
     with pytest.raises(ValueError, match="x"):
         amg.MaskData(x=3)
@@ -200,6 +232,28 @@ def test_mask_to_rle_and_back(masks):
         np.testing.assert_array_equal(back, ref.rle_to_mask(rle))
         np.testing.assert_array_equal(back, m)
         assert amg.area_from_rle(rle) == ref.area_from_rle(rle) == int(m.sum())
+
+
+@given(masks=masks_strategy())
+def test_rle_of_mask_is_mask_to_rle(masks):
+    """The generator's fast RLE of one mask (found without a transposed copy)
+    against the official mask_to_rle_pytorch."""
+    from npsam.fast.automatic_mask_generator import rle_of_mask
+
+    theirs = ref.mask_to_rle_pytorch(torch.as_tensor(masks))
+    for m, t in zip(masks, theirs):
+        ours = rle_of_mask(m)
+        assert ours == t
+        assert all(type(c) is int for c in ours["counts"]) and all(type(s) is int for s in ours["size"])
+
+
+def test_rle_of_mask_photo_sized():
+    from npsam.fast.automatic_mask_generator import rle_of_mask
+
+    yy, xx = np.mgrid[:1200, :1801]
+    blob = ((yy - 600) ** 2 / 300 ** 2 + (xx - 900) ** 2 / 500 ** 2) < 1
+    for m in (blob, ~blob, np.zeros_like(blob), np.ones_like(blob), blob ^ (xx % 7 == 0)):
+        assert rle_of_mask(m) == ref.mask_to_rle_pytorch(torch.as_tensor(m[None]))[0]
 
 
 def test_rle_to_mask_rejects_wrong_counts():

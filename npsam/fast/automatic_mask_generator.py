@@ -28,7 +28,8 @@ that cannot change it:
    (masks_at_photo_size). The same matrix products as upscale_crop_resize
    (per mask and per block), so the same bits.
 4. Survivors only: boxes, the crop-edge filter, uncropping and RLE run on the
-   masks that passed the stability filter, one at a time for RLE.
+   masks that passed the stability filter, one at a time for RLE (rle_of_mask:
+   the same counts as mask_to_rle, found without a transposed copy).
 
 5. The same memory every batch (BatchWork): the batch's large arrays (the
    transformer's per-prompt image rows, the kept prompts' low-res masks, a
@@ -55,6 +56,7 @@ Dimension letters:
 from __future__ import annotations
 
 import math
+from copy import deepcopy
 from typing import Callable, Optional, Tuple
 
 import numpy as np
@@ -62,7 +64,7 @@ import numpy as np
 from ..automatic_mask_generator import (DEFAULT_MEMORY_LIMIT, PhotoTooLargeError, SamAutomaticMaskGenerator,
                                         too_large_message)
 from ..kernels.resize import _axis_plan, upscale_crop_resize
-from ..utils.amg import MaskData, batched_mask_to_box, is_box_near_crop_edge, mask_to_rle, uncrop_masks
+from ..utils.amg import MaskData, _cat_like_torch, batched_mask_to_box, is_box_near_crop_edge, uncrop_masks
 from . import implements, threads
 from .mask_decoder import upscaled_rows
 
@@ -256,7 +258,7 @@ def _process_batch(self: SamAutomaticMaskGenerator, points: np.ndarray, im_size:
             near_edge.append(bool(is_box_near_crop_edge(box[None], crop_box, [0, 0, orig_w, orig_h])[0]))
             if not near_edge[-1]:
                 # Compress to RLE
-                rles.append(mask_to_rle(uncrop_masks(binary[i][None], crop_box, orig_h, orig_w))[0])
+                rles.append(rle_of_mask(uncrop_masks(binary[i][None], crop_box, orig_h, orig_w)[0]))
         del binary
 
     # The official filters, in order, on the data: the same records
@@ -442,3 +444,72 @@ def masks_at_photo_size(low_res: np.ndarray, input_size: Tuple[int, int], origin
     intersections = inter_rows.sum(-1, dtype=np.int32)  # [G, h] -> [G]
     unions = union_rows.sum(-1, dtype=np.int32)  # [G, h] -> [G]
     return intersections, unions, binary
+
+
+# ---------------------------------------------------------------------------
+# RLE and MaskData.cat
+# ---------------------------------------------------------------------------
+def rle_of_mask(mask: np.ndarray) -> dict:
+    """Stands for utils/amg.mask_to_rle on one mask [H, W] bool: the same
+    uncompressed RLE (the same counts, in column-major order), 7x faster on a
+    1800x1200 photo (0.7 against 5.4 ms).
+
+    mask_to_rle transposes the mask to column-major order and finds every
+    change between neighbours of that order. The same changes, found in place:
+    a change between rows r-1 and r of column c sits at c*H + r - 1, and one
+    between the last pixel of column c-1 and the first of column c at c*H - 1.
+    Sorted, they are mask_to_rle's change indices, so the counts are equal.
+    """
+    h, w = mask.shape
+    m = mask.view(np.uint8)
+    r, c = np.divmod(_flatnonzero_sparse(m[1:] != m[:-1]), w)  # [H-1, W] changes down a column
+    changes = np.concatenate([c * h + r, (np.flatnonzero(m[0, 1:] != m[-1, :-1]) + 1) * h - 1])
+    changes.sort()
+    cur_idxs = np.concatenate([[0], changes + 1, [h * w]])
+    counts = [] if m[0, 0] == 0 else [0]
+    counts.extend(np.diff(cur_idxs).tolist())
+    return {"size": [h, w], "counts": counts}
+
+
+def _flatnonzero_sparse(x: np.ndarray) -> np.ndarray:
+    """np.flatnonzero of a C-contiguous bool array with few Trues (a mask's
+    edges): the 8-byte words that hold any first, then the bytes within them
+    (np.nonzero over every byte takes 1.6 ns a byte)."""
+    flat = x.reshape(-1)
+    n8 = flat.size - flat.size % 8
+    words = np.flatnonzero(flat[:n8].view(np.uint64))  # [K] words holding a True
+    r, c = np.nonzero(flat[:n8].reshape(-1, 8)[words])
+    return np.concatenate([words[r] * 8 + c, np.flatnonzero(flat[n8:]) + n8])
+
+
+@implements(MaskData, "cat")
+def mask_data_cat(self: MaskData, new_stats: MaskData) -> None:
+    """Replaces MaskData.cat: the same data, with RLE records (dicts of a size
+    and a list of counts, the generator's lists) copied as deepcopy would copy
+    them (new dicts and lists, the same int objects) without deepcopy's walk
+    over every count: 3 s of truck.jpg's run. Any other list item is deep-copied."""
+    for k, v in new_stats.items():
+        if k not in self._stats or self._stats[k] is None:
+            self._stats[k] = _copy(v)
+        elif isinstance(v, np.ndarray):
+            self._stats[k] = _cat_like_torch(self._stats[k], v)
+        else:  # list
+            self._stats[k] = self._stats[k] + _copy(v)
+
+
+def _copy(v):
+    if not isinstance(v, list):
+        return deepcopy(v)
+    return [_copy_rle(item) if _is_rle(item) else deepcopy(item) for item in v]
+
+
+def _is_rle(item) -> bool:
+    return (type(item) is dict and item.keys() == {"size", "counts"} and type(item["size"]) is list
+            and type(item["counts"]) is list and set(map(type, item["size"])) <= {int})
+
+
+def _copy_rle(rle: dict) -> dict:
+    counts = rle["counts"]
+    if not set(map(type, counts)) <= {int}:  # not plain ints (immutable, so shared as deepcopy shares them)
+        return deepcopy(rle)
+    return {"size": list(rle["size"]), "counts": list(counts)}

@@ -21,6 +21,7 @@ from typing import Any, Dict, Generator, ItemsView, List, Tuple
 
 import numpy as np
 
+from .. import fast
 
 class MaskData:
     """Mirror of utils/amg.py: MaskData (masks and their data, batched).
@@ -61,6 +62,7 @@ class MaskData:
             else:  # list, integer indices
                 self._stats[k] = [v[i] for i in keep]
 
+    @fast.dispatch  # the fast twin copies RLE records without deepcopy's walk over every count
     def cat(self, new_stats: "MaskData") -> None:
         for k, v in new_stats.items():
             if k not in self._stats or self._stats[k] is None:
