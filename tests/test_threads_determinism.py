@@ -148,3 +148,33 @@ def test_environment_variable_is_checked(monkeypatch):
         monkeypatch.setenv("NPSAM_NUM_THREADS", bad)
         with pytest.raises(ValueError, match=r"NPSAM_NUM_THREADS must be a whole number.*got '" + bad):
             threads._threads_from_environment()
+
+
+def test_no_huge_pages_turns_numpys_request_off_and_restores_it():
+    """threads.no_huge_pages: NumPy's huge-page request is off inside (nested,
+    and from another thread), and back to what it was after the last exit."""
+    import threading
+
+    switch = threads._set_madvise
+    assert switch is not None, "this NumPy should have the huge-page switch"
+
+    def current():
+        value = switch(True)
+        switch(value)
+        return value
+
+    for before in (True, False):
+        switch(before)
+        try:
+            with threads.no_huge_pages():
+                assert current() is False
+                with threads.no_huge_pages():
+                    assert current() is False
+                inner = threading.Thread(target=lambda: threads.no_huge_pages().__enter__().__exit__())
+                inner.start()
+                inner.join()
+                assert current() is False, "another thread's exit must not turn it back on"
+                assert np.ones(2 << 20).sum() == 2 << 20  # large arrays are still made
+            assert current() is before
+        finally:
+            switch(True)

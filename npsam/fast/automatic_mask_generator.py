@@ -199,7 +199,8 @@ def process_batch(self: SamAutomaticMaskGenerator, points: np.ndarray, im_size: 
     pooled, group = memory_plan(self.points_per_batch, orig_size, limit, self.crop_n_layers > 0)
     work = _batch_work(self) if pooled else None
     try:
-        return _process_batch(self, points, im_size, crop_box, orig_size, group, work)
+        with threads.no_huge_pages():  # (see there: a batch makes many large arrays)
+            return _process_batch(self, points, im_size, crop_box, orig_size, group, work)
     finally:
         if getattr(self, "_batches_done", 0) + 1 >= getattr(self, "_batches_total", 0):
             self.__dict__.pop("_batch_work", None)  # generate()'s last batch (or a call outside it)
