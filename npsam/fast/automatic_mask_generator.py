@@ -28,8 +28,9 @@ that cannot change it:
    (masks_at_photo_size). The same matrix products as upscale_crop_resize
    (per mask and per block), so the same bits.
 4. Survivors only: boxes, the crop-edge filter, uncropping and RLE run on the
-   masks that passed the stability filter, one at a time for RLE (rle_of_mask:
-   the same counts as mask_to_rle, found without a transposed copy).
+   masks that passed the stability filter, one mask at a time, the masks
+   spread over the threads (rle_of_mask: the same counts as mask_to_rle,
+   found without a transposed copy).
 
 5. The same memory every batch (BatchWork): the batch's large arrays (the
    transformer's per-prompt image rows, the kept prompts' low-res masks, a
@@ -251,15 +252,26 @@ def _process_batch(self: SamAutomaticMaskGenerator, points: np.ndarray, im_size:
             score = inter.astype(np.float32) / union.astype(np.float32)  # [G]
         scores.append(score)
         passed = score >= self.stability_score_thresh if self.stability_score_thresh > 0.0 else np.ones(len(score), bool)
-        for i in np.flatnonzero(passed):
-            # Threshold masks and calculate boxes
-            box = batched_mask_to_box(binary[i])  # [h, w] -> [4] int64
-            boxes.append(box)
-            # Filter boxes that touch crop boundaries
-            near_edge.append(bool(is_box_near_crop_edge(box[None], crop_box, [0, 0, orig_w, orig_h])[0]))
-            if not near_edge[-1]:
+        survivors = np.flatnonzero(passed)
+        found = [None] * len(survivors)  # (box, near crop edge, RLE or None) per survivor, in order
+
+        def survivor_records(start, stop):  # each mask on its own: spread over the threads
+            for j in range(start, stop):
+                mask = binary[survivors[j]]  # [h, w]
+                # Threshold masks and calculate boxes
+                box = batched_mask_to_box(mask)  # [h, w] -> [4] int64
+                # Filter boxes that touch crop boundaries
+                near = bool(is_box_near_crop_edge(box[None], crop_box, [0, 0, orig_w, orig_h])[0])
                 # Compress to RLE
-                rles.append(rle_of_mask(uncrop_masks(binary[i][None], crop_box, orig_h, orig_w)[0]))
+                rle = None if near else rle_of_mask(uncrop_masks(mask[None], crop_box, orig_h, orig_w)[0])
+                found[j] = (box, near, rle)
+
+        threads.parallel_rows(survivor_records, len(survivors))
+        for box, near, rle in found:
+            boxes.append(box)
+            near_edge.append(near)
+            if not near:
+                rles.append(rle)
         del binary
 
     # The official filters, in order, on the data: the same records
