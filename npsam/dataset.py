@@ -42,6 +42,7 @@ import glob
 import hashlib
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,10 +181,24 @@ def _names(photos: Sequence[Path]) -> List[str]:
 # One photo (runs in the worker)
 # ---------------------------------------------------------------------------
 _GENERATORS: Dict[Tuple[Model, Tuple[Tuple[str, Any], ...], Optional[int]], Any] = {}
+# A generator holds its photo's embedding and its batches' work arrays, so it
+# segments one photo at a time: a Dask worker with several threads (a user's
+# cluster) runs several jobs at once in one process, and they take turns on
+# it (each generate() already keeps every core busy). The first lock guards
+# the cache itself.
+_GENERATORS_LOCK = threading.Lock()
+_GENERATE_LOCKS: Dict[int, threading.Lock] = {}
 
 
 def _generator(job: Job):
-    """The generator for this job's weights and options, built once per process."""
+    """The generator for this job's weights and options, built once per process,
+    and the lock to hold while it runs."""
+    with _GENERATORS_LOCK:
+        generator = _cached_generator(job)
+        return generator, _GENERATE_LOCKS.setdefault(id(generator), threading.Lock())
+
+
+def _cached_generator(job: Job):
     key = (job.model, job.options, job.memory_limit)
     generator = _GENERATORS.get(key)
     if generator is None:
@@ -214,9 +229,10 @@ def segment_job(job: Job) -> Tuple[str, str, str]:
         image = load_image(job.photo)
     except (OSError, ValueError) as error:
         return job.photo, "failed", " ".join(str(error).split())
-    generator = _generator(job)
+    generator, lock = _generator(job)
     try:
-        records = generator.generate(image)
+        with lock:
+            records = generator.generate(image)
     except Exception as error:  # e.g. a photo too large for the memory limit: reported, the run goes on
         return job.photo, "failed", f"{type(error).__name__}: {' '.join(str(error).split())}"
     h, w = image.shape[:2]

@@ -233,3 +233,34 @@ def test_dask_worker_killed_mid_run_loses_nothing_and_duplicates_nothing(photos,
     assert [Path(p).name for p, _ in summary.failed] == ["broken.jpg"]
     assert _coco(tmp_path / "dask") == _coco(out)
     assert not [p for p in (tmp_path / "dask").rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_photos_segmented_at_once_in_one_process_give_the_serial_results(photos, serial, tmp_path):
+    """A Dask worker with several threads runs several photos at once in one
+    process, on the process's one generator: each must come out as in the
+    serial run (the generator holds its photo's embedding and work arrays)."""
+    import threading
+
+    out, _ = serial
+    jobs = [job for job in dataset.plan([str(photos)], tmp_path / "threads", OPTIONS)
+            if Path(job.photo).name in GOOD] * 2
+    results, errors = {}, []
+
+    def run(i, job):
+        try:
+            results[i] = dataset.segment_job(job)
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    workers = [threading.Thread(target=run, args=(i, job)) for i, job in enumerate(jobs)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert not errors, errors
+    assert sorted(status for _, status, _ in results.values()) == ["done"] * len(jobs)
+    for job in jobs[:len(GOOD)]:
+        name = Path(job.name + ".json")
+        ours = json.loads((tmp_path / "threads" / dataset.ANNOTATIONS / name).read_text())
+        theirs = json.loads((out / dataset.ANNOTATIONS / name).read_text())
+        assert ours["annotations"] == theirs["annotations"], job.photo
