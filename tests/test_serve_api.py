@@ -319,6 +319,28 @@ def test_uploads(served, tmp_path):
     assert sorted(p.name for p in server.library.upload_dir.iterdir()) == sorted([record["id"], tiff_record["id"]])
 
 
+def test_everything_takes_turns_with_clicks_batch_by_batch(served):
+    """Each batch of "everything" holds the decoder lock that clicks hold (the
+    fast layer's BLAS setting is process-wide): while a click holds it, no
+    batch runs, whichever path (the fast twin or the reference) decodes it."""
+    server, client, _folder, _outside = served
+    pid = photo_id(client, "sub/dog.jpg")
+    wait_ready(client, pid)
+    base = f"/api/sessions/{new_session(client)}/photos/{pid}"
+    with server.decoder_lock:
+        job = client.post(base + "/everything", json={"points_per_side": 2})
+        assert job.status_code == 202
+        url = base.split("/photos/")[0] + f"/jobs/{job.json()['id']}"
+        time.sleep(2.0)
+        state = client.get(url).json()
+        assert state["state"] == "running" and state.get("done", 0) == 0, state
+    deadline = time.monotonic() + 120
+    while (state := client.get(url).json())["state"] not in ("done", "error"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert state["state"] == "done", state
+
+
 def test_everything(served):
     server, client, _folder, _outside = served
     pid = photo_id(client, "sub/dog.jpg")

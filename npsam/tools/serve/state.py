@@ -926,13 +926,13 @@ class Server:
             # The photo's embedding is already computed: the generator's one crop
             # (crop_n_layers=0, the whole photo) takes it instead of set_image.
             generator.predictor.set_image = lambda crop: generator.predictor.set_embedding(features, crop.shape[:2])
-            batch = generator.predictor.predict_batch
+            batch = generator._process_batch  # the decoder's batch (the fast layer's twin, or predict_batch)
 
             def locked_batch(*args, **kwargs):  # a click waits for one batch at most
                 with self.decoder_lock:
                     return batch(*args, **kwargs)
 
-            generator.predictor.predict_batch = locked_batch
+            generator._process_batch = locked_batch
             records = generator.generate(photo.load())
             # One palette PNG: each pixel names the smallest mask covering it
             # (masks drawn largest first, as overlay_masks and show_anns do).
