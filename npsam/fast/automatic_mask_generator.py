@@ -435,18 +435,18 @@ def masks_at_photo_size(low_res: np.ndarray, input_size: Tuple[int, int], origin
         inter_rows[...] = (full > high).sum(-1, dtype=np.int16)
         union_rows[...] = (full > low).sum(-1, dtype=np.int16)
     else:
-        zt = work.get("width", (g, w, r1 - r0), dtype)  # [G, w, Hr]
+        z = work.get("width", (g, r1 - r0, w), dtype)  # [G, Hr, w]
 
         def width(start, stop):  # as upscale_crop_resize's width pass
             for o0, o1, i0, i1 in blocks_w[start:stop]:
-                # [o, K] @ [G, K, Hr] -> [G, o, Hr]
-                np.matmul(a_w[o0:o1, i0:i1], xs[:, :, i0:i1].transpose(0, 2, 1), out=zt[:, o0:o1])
+                # [G, Hr, K] @ [K, o] -> [G, Hr, o]
+                np.matmul(xs[:, :, i0:i1], a_w[o0:o1, i0:i1].T, out=z[:, :, o0:o1])
 
         def height(start, stop):  # as its height pass, each block counted and thresholded here
             for o0, o1, i0, i1 in blocks_h[start:stop]:
                 out = threads.scratch("everything.rows", (g, o1 - o0, w), dtype)  # [G, o, w]
                 # [o, K] @ [G, K, w] -> [G, o, w]
-                np.matmul(a_h[o0:o1, i0:i1], zt[:, :, i0 - r0:i1 - r0].transpose(0, 2, 1), out=out)
+                np.matmul(a_h[o0:o1, i0:i1], z[:, i0 - r0:i1 - r0], out=out)
                 np.greater(out, mask_threshold, out=binary[:, o0:o1])
                 inter_rows[:, o0:o1] = (out > high).sum(-1, dtype=np.int16)
                 union_rows[:, o0:o1] = (out > low).sum(-1, dtype=np.int16)

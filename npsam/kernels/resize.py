@@ -420,21 +420,22 @@ def upscale_crop_resize(x: np.ndarray, size, crop, out_size) -> np.ndarray:
     a_w, blocks_w = _axis_plan(W, size[1], crop[1], w, dtype)  # [w, W]
     r0, r1 = min(b[2] for b in blocks_h), max(b[3] for b in blocks_h)  # the input rows any output reads
     xs = x.reshape(B * C, H, W)[:, r0:r1]  # [P, Hr, W]
-    # Width first, as ATen: zt[p] = A_w @ xs[p]^T, kept transposed so that both
-    # passes write whole contiguous rows
-    zt = np.empty((B * C, w, r1 - r0), dtype)  # [P, w, Hr]
+    # Width first, as ATen: z[p] = xs[p] @ A_w^T, in image order, so that the
+    # height pass reads whole rows of it (a product with a plain operand: twice
+    # as fast at photo size as with a transposed one)
+    z = np.empty((B * C, r1 - r0, w), dtype)  # [P, Hr, w]
     out = np.empty((B, C, h, w), dtype)
     out_p = out.reshape(B * C, h, w)
 
     def width(start, stop):
         for o0, o1, i0, i1 in blocks_w[start:stop]:
-            # [o, K] @ [P, K, Hr] -> [P, o, Hr]
-            np.matmul(a_w[o0:o1, i0:i1], xs[:, :, i0:i1].transpose(0, 2, 1), out=zt[:, o0:o1])
+            # [P, Hr, K] @ [K, o] -> [P, Hr, o]
+            np.matmul(xs[:, :, i0:i1], a_w[o0:o1, i0:i1].T, out=z[:, :, o0:o1])
 
     def height(start, stop):
         for o0, o1, i0, i1 in blocks_h[start:stop]:
             # [o, K] @ [P, K, w] -> [P, o, w]
-            np.matmul(a_h[o0:o1, i0:i1], zt[:, :, i0 - r0:i1 - r0].transpose(0, 2, 1), out=out_p[:, o0:o1])
+            np.matmul(a_h[o0:o1, i0:i1], z[:, i0 - r0:i1 - r0], out=out_p[:, o0:o1])
 
     with threads.single_threaded_blas():
         threads.parallel_rows(width, len(blocks_w), threads=threads.row_threads())
