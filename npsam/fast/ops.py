@@ -136,7 +136,7 @@ def exp_below_max_(x: np.ndarray, m: np.ndarray) -> np.ndarray:
     x -= m
     n = x.shape[-1]
     floor = EXP_FLOOR[x.dtype]
-    if n >= 64:
+    if n >= 32:
         key = (n, x.dtype)
         floor = _FLOOR_ROWS.get(key)
         if floor is None:
