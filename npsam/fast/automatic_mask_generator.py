@@ -31,8 +31,7 @@ that cannot change it:
    masks that passed the stability filter, one mask at a time, the masks
    spread over the threads (rle_of_mask: the same counts as mask_to_rle,
    found without a transposed copy).
-
-5. The same memory every batch (BatchWork): the batch's large arrays (the
+5. The same memory every batch (threads.WorkArrays): the batch's large arrays (the
    transformer's per-prompt image rows, the kept prompts' low-res masks, a
    group's masks and width pass) are made once per generate() and reused by
    every batch, then dropped after its last batch. Fresh memory is not free:
@@ -65,7 +64,7 @@ import numpy as np
 from ..automatic_mask_generator import (DEFAULT_MEMORY_LIMIT, PhotoTooLargeError, SamAutomaticMaskGenerator,
                                         too_large_message)
 from ..kernels.resize import _axis_plan, upscale_crop_resize
-from ..utils.amg import MaskData, _cat_like_torch, batched_mask_to_box, is_box_near_crop_edge, uncrop_masks
+from ..utils.amg import MaskData, batched_mask_to_box, is_box_near_crop_edge, uncrop_masks
 from . import implements, threads
 from .mask_decoder import upscaled_rows
 
@@ -81,15 +80,15 @@ PHOTO_BYTES_PER_PIXEL = 3
 SET_IMAGE_BYTES_PER_PIXEL = 6
 # A decoder batch at its peak, per prompt: measured on MobileSAM, 64 prompts
 # raise the peak by about 330 MB. Of it, the transformer's per-prompt image
-# rows (64 x 64 x 256 float32) are BatchWork's, held from the first batch to
-# the last; the rest is the batch's own. After it, the kept prompts' low-res
-# masks (3 x 256 x 256 float32), BatchWork's too.
+# rows (64 x 64 x 256 float32) are shared by the batches, held from the first
+# to the last; the rest is the batch's own. After it, the kept prompts'
+# low-res masks (3 x 256 x 256 float32), shared too.
 DECODER_BYTES_PER_PROMPT = 6 << 20
 KEYS_BYTES_PER_PROMPT = 64 * 64 * 256 * 4
 LOW_RES_BYTES_PER_PROMPT = 3 * 256 * 256 * 4
 # Per mask of a group: its thresholded mask (1 byte per pixel) and its rows of
 # the width pass (4 bytes per photo column and low-res row read, at most 256),
-# BatchWork's; and, in each thread, a block of 64 rows of logits (4 bytes) and
+# shared; and, in each thread, a block of 64 rows of logits (4 bytes) and
 # two of comparisons (1 byte each) per photo column, during the masks phase.
 # (truck.jpg's peak, 1052 MiB, passed the 1 GiB bound when the blocks were left out.)
 MASK_BYTES_PER_PIXEL = 1
@@ -106,7 +105,7 @@ def working_memory(points_per_batch: int, photo_size: Tuple[int, int], group: in
     process's base and the photo, plus the largest of three phases (embedding
     a crop; decoding a batch; the batch's masks at photo size, a group at a
     time, and one mask's RLE). ``pooled``: the batches share their large
-    arrays (BatchWork), held from the first batch to the last, so through the
+    arrays (threads.WorkArrays), held from the first batch to the last, so through the
     embedding of every crop after the first (``crops``) too."""
     h, w = (int(s) for s in photo_size)
     held = BASE_BYTES + PHOTO_BYTES_PER_PIXEL * h * w
@@ -118,13 +117,13 @@ def working_memory(points_per_batch: int, photo_size: Tuple[int, int], group: in
     if not pooled:
         return held + max(embed, decode, low_res + group_masks + masks)
     shared = KEYS_BYTES_PER_PROMPT * points_per_batch + low_res + group_masks
-    decode -= KEYS_BYTES_PER_PROMPT * points_per_batch  # the keys are BatchWork's
+    decode -= KEYS_BYTES_PER_PROMPT * points_per_batch  # the keys are shared
     return held + max(embed + (shared if crops else 0), shared + decode, shared + masks)
 
 
 def memory_plan(points_per_batch: int, photo_size: Tuple[int, int], memory_limit: int,
                 crops: bool = False) -> Tuple[bool, int]:
-    """(pooled, group): BatchWork when its held arrays fit within the limit
+    """(pooled, group): shared work arrays when they fit within the limit
     with a group of at least one mask, and the most masks per group (at least
     1, at most a batch's masks) whose working_memory stays within it. A photo
     too large for pooling (about 40 MP with the default limit) makes its
@@ -147,33 +146,13 @@ def group_size(points_per_batch: int, photo_size: Tuple[int, int], memory_limit:
     return memory_plan(points_per_batch, photo_size, memory_limit, crops)[1]
 
 
-class BatchWork:
-    """The large arrays of a batch, kept for the next one (see the module
-    docstring, 4.): ``get(key, shape, dtype)`` gives a C-contiguous array,
-    contents undefined, in the memory the last call with that key got (grown
-    when too small). The caller is done with it by the next get of that key.
-    One generate() call owns one: it is not shared between threads."""
-
-    def __init__(self) -> None:
-        self._arrays = {}
-
-    def get(self, key: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
-        dtype = np.dtype(dtype)
-        size = math.prod(shape)
-        buf = self._arrays.get(key)
-        if buf is None or buf.size < size or buf.dtype != dtype:
-            self._arrays.pop(key, None)  # gone before its successor is made
-            buf = self._arrays[key] = np.empty(max(size, 1), dtype)
-        return buf[:size].reshape(shape)
-
-
-def _batch_work(self: SamAutomaticMaskGenerator) -> BatchWork:
-    """The generator's BatchWork for this batch: made by the first batch of a
-    generate() call, dropped after its last (see process_batch)."""
+def _batch_work(self: SamAutomaticMaskGenerator) -> threads.WorkArrays:
+    """The work arrays the generator's batches share: made by the first batch
+    of a generate() call, dropped after its last (see process_batch)."""
     work = self.__dict__.get("_batch_work")
     if work is None or getattr(self, "_batches_done", 0) == 0:
         self.__dict__.pop("_batch_work", None)
-        work = self.__dict__["_batch_work"] = BatchWork()
+        work = self.__dict__["_batch_work"] = threads.WorkArrays()
     return work
 
 
@@ -183,7 +162,7 @@ def check_memory(self: SamAutomaticMaskGenerator, photo_size: Tuple[int, int]) -
     estimate, which holds whole batches at photo size) with this twin's: a
     group of one mask must fit in memory_limit."""
     limit = DEFAULT_MEMORY_LIMIT if self.memory_limit is None else self.memory_limit
-    need = working_memory(self.points_per_batch, photo_size, 1)  # without BatchWork (see memory_plan)
+    need = working_memory(self.points_per_batch, photo_size, 1)  # nothing shared (see memory_plan)
     if need > limit:
         raise PhotoTooLargeError(too_large_message(photo_size, need, self.points_per_batch, limit))
 
@@ -208,7 +187,7 @@ def process_batch(self: SamAutomaticMaskGenerator, points: np.ndarray, im_size: 
 
 
 def _process_batch(self: SamAutomaticMaskGenerator, points: np.ndarray, im_size: Tuple[int, ...],
-                   crop_box, orig_size: Tuple[int, ...], group: int, work: Optional[BatchWork]) -> MaskData:
+                   crop_box, orig_size: Tuple[int, ...], group: int, work: Optional[threads.WorkArrays]) -> MaskData:
     orig_h, orig_w = orig_size
     predictor, model = self.predictor, self.predictor.model
 
@@ -222,7 +201,8 @@ def _process_batch(self: SamAutomaticMaskGenerator, points: np.ndarray, im_size:
     else:
         keep_masks = None
     img_size = model.image_encoder.img_size
-    rows_read = low_res_rows_read(predictor.input_size, predictor.original_size, img_size, 4 * predictor.features.shape[2])
+    low_res_height = 4 * predictor.features.shape[2]  # the masks' rows: two 2x upscalings of the embedding's
+    rows_read = low_res_rows_read(predictor.input_size, predictor.original_size, img_size, low_res_height)
     iou_preds, low_res, kept = decode_iou_first(
         predictor, in_points[:, None, :], in_labels[:, None], keep_masks, work, rows_read)  # [N, C], [Nk, C, Hr, 256]
 
@@ -245,7 +225,7 @@ def _process_batch(self: SamAutomaticMaskGenerator, points: np.ndarray, im_size:
     for g0 in range(0, len(flat), group):
         inter, union, binary = masks_at_photo_size(
             low_res[low_index[g0:g0 + group]], predictor.input_size, predictor.original_size,
-            img_size, threshold, offset, work, 4 * predictor.features.shape[2])  # [G], [G], [G, h, w] bool
+            img_size, threshold, offset, work, low_res_height)  # [G], [G], [G, h, w] bool
         # Calculate stability score
         # NOTE(reference): calculate_stability_score: int32 / int32 in torch's default float32
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -290,7 +270,7 @@ def _process_batch(self: SamAutomaticMaskGenerator, points: np.ndarray, im_size:
 
 
 def decode_iou_first(predictor, point_coords: np.ndarray, point_labels: np.ndarray,
-                     keep_masks: Optional[Callable[[np.ndarray], np.ndarray]], work: Optional[BatchWork] = None,
+                     keep_masks: Optional[Callable[[np.ndarray], np.ndarray]], work: Optional[threads.WorkArrays] = None,
                      rows_read: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """predictor.predict_batch's decoder step (multimask output), IoU first:
     -> iou_predictions [N, C], low-res logits [Nk, C, Hr, 256] of the kept
@@ -385,7 +365,7 @@ def _fast_decoder_phases(decoder):
 
 
 def masks_at_photo_size(low_res: np.ndarray, input_size: Tuple[int, int], original_size: Tuple[int, int],
-                        img_size: int, mask_threshold: float, offset: float, work: Optional[BatchWork] = None,
+                        img_size: int, mask_threshold: float, offset: float, work: Optional[threads.WorkArrays] = None,
                         low_res_height: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sam.postprocess_masks of low-res logits [G, 256, 256], then the stability
     counts and the threshold, without keeping the logits at photo size:
@@ -403,7 +383,7 @@ def masks_at_photo_size(low_res: np.ndarray, input_size: Tuple[int, int], origin
     ``low_res_height``: low_res holds the first rows of masks this high (at
     least the rows read, low_res_rows_read); None: it holds them whole.
     """
-    work = BatchWork() if work is None else work
+    work = threads.WorkArrays() if work is None else work
     x = np.ascontiguousarray(low_res)
     g, hx, wl = x.shape
     hl = hx if low_res_height is None else int(low_res_height)
@@ -497,32 +477,24 @@ def _flatnonzero_sparse(x: np.ndarray) -> np.ndarray:
 
 @implements(MaskData, "cat")
 def mask_data_cat(self: MaskData, new_stats: MaskData) -> None:
-    """Replaces MaskData.cat: the same data, with RLE records (dicts of a size
-    and a list of counts, the generator's lists) copied as deepcopy would copy
-    them (new dicts and lists, the same int objects) without deepcopy's walk
-    over every count: 3 s of truck.jpg's run. Any other list item is deep-copied."""
-    for k, v in new_stats.items():
-        if k not in self._stats or self._stats[k] is None:
-            self._stats[k] = _copy(v)
-        elif isinstance(v, np.ndarray):
-            self._stats[k] = _cat_like_torch(self._stats[k], v)
-        else:  # list
-            self._stats[k] = self._stats[k] + _copy(v)
+    """Replaces MaskData.cat: the official loop (MaskData._cat) with RLE records
+    (dicts of a size and a list of counts, the generator's lists) copied as
+    deepcopy would copy them (new dicts and lists, the same int objects)
+    without deepcopy's walk over every count: 3 s of truck.jpg's run. Any
+    other item is deep-copied."""
+    self._cat(new_stats, _copy)
 
 
 def _copy(v):
+    """deepcopy(v), with each RLE record of a list (a size and counts, lists of
+    plain ints: immutable, so shared as deepcopy shares them) copied as new
+    lists in a new dict."""
     if not isinstance(v, list):
         return deepcopy(v)
-    return [_copy_rle(item) if _is_rle(item) else deepcopy(item) for item in v]
+    return [{"size": list(item["size"]), "counts": list(item["counts"])} if _is_rle(item) else deepcopy(item)
+            for item in v]
 
 
 def _is_rle(item) -> bool:
-    return (type(item) is dict and item.keys() == {"size", "counts"} and type(item["size"]) is list
-            and type(item["counts"]) is list and set(map(type, item["size"])) <= {int})
-
-
-def _copy_rle(rle: dict) -> dict:
-    counts = rle["counts"]
-    if not set(map(type, counts)) <= {int}:  # not plain ints (immutable, so shared as deepcopy shares them)
-        return deepcopy(rle)
-    return {"size": list(rle["size"]), "counts": list(counts)}
+    return (type(item) is dict and item.keys() == {"size", "counts"}
+            and all(type(part) is list and set(map(type, part)) <= {int} for part in item.values()))

@@ -185,8 +185,13 @@ def upscaled_rows(h: int, w: int, rows: Optional[int]) -> int:
     whole blocks of UPSCALE_PIXELS // w rows."""
     if rows is None:
         return h
-    block_rows = max(1, UPSCALE_PIXELS // w)
+    block_rows = _upscale_block_rows(w)
     return min(h, -(-min(max(rows, 1), h) // block_rows) * block_rows)
+
+
+def _upscale_block_rows(w: int) -> int:
+    """Image rows per block of the upscaling pass (UPSCALE_PIXELS pixels)."""
+    return max(1, UPSCALE_PIXELS // w)
 
 
 def upscaled_masks(self: MaskDecoder, src: np.ndarray, hyper_in: np.ndarray, h: int, w: int,
@@ -223,7 +228,7 @@ def upscaled_masks(self: MaskDecoder, src: np.ndarray, hyper_in: np.ndarray, h: 
     o1, o2, m = conv1.out_channels, conv2.out_channels, hyper_in.shape[1]
     w1c, b1c, w2 = self.derived
     m_out = len(range(m)[mask_slice])
-    block_rows = max(1, UPSCALE_PIXELS // w)  # image rows per block
+    block_rows = _upscale_block_rows(w)
     h_out = upscaled_rows(h, w, rows)
     per_image = -(-h_out // block_rows)  # blocks per prompt
     masks = np.empty((b, m_out, 4 * h_out, 4 * w), dtype=src.dtype) if out is None else out

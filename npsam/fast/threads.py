@@ -6,6 +6,7 @@ Dimension letters as in :mod:`npsam.kernels.ops`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -202,48 +203,65 @@ def _find_openblas():
     return False
 
 
-class _SingleThreadedBlas:
-    """Context manager: OpenBLAS on one thread inside, its setting restored when
-    the last open one (in any thread) exits; nothing where no OpenBLAS was found.
-    Active whatever NUM_THREADS is, 1 included, so that a fused pass makes the
-    same single-threaded BLAS calls on any number of threads. Nests."""
+class _HeldWhileOpen:
+    """Context manager: a process-wide setting held at ``value`` while any
+    ``with`` of it is open, in any thread, and restored to what it was when
+    the last one exits. Nests. ``swap(value)`` sets the setting and returns
+    the value it had. One instance per setting (single_threaded_blas,
+    no_huge_pages); where the setting cannot be made, they give _NotHeld."""
 
-    def __init__(self):
-        self.active = blas_controllable()
+    active = True
+
+    def __init__(self, swap: Callable, value) -> None:
+        self.swap, self.value = swap, value
+        self.depth = 0  # open contexts, in all threads
+        self.saved = None  # the setting before the first of them
+        self.lock = threading.Lock()
 
     def __enter__(self):
-        global _single_depth, _saved_threads
-        if self.active:
-            with _blas_lock:
-                if _single_depth == 0:
-                    _saved_threads = _blas[1]()
-                    if _saved_threads != 1:
-                        _blas[0](1)
-                _single_depth += 1
+        with self.lock:
+            if self.depth == 0:
+                self.saved = self.swap(self.value)
+            self.depth += 1
         return self
 
     def __exit__(self, *exc):
-        global _single_depth
-        if self.active:
-            with _blas_lock:
-                _single_depth -= 1
-                if _single_depth == 0 and _saved_threads != 1:
-                    _blas[0](_saved_threads)
+        with self.lock:
+            self.depth -= 1
+            if self.depth == 0:
+                self.swap(self.saved)
 
 
-_single_depth = 0  # open single_threaded_blas contexts, in all threads
-_saved_threads = 1  # BLAS threads before the first of them
+class _NotHeld(contextlib.nullcontext):
+    """A _HeldWhileOpen for a setting this process cannot make: nothing."""
+
+    active = False
+
+
+def _swap_blas_threads(n: int) -> int:
+    set_, get = _blas
+    before = get()
+    if before != n:
+        set_(n)
+    return before
+
+
+# OpenBLAS on one thread, active whatever NUM_THREADS is, 1 included, so that
+# a fused pass makes the same single-threaded BLAS calls on any number of threads.
+_single_blas = _HeldWhileOpen(_swap_blas_threads, 1)
 
 
 def blas_is_single() -> bool:
     """Inside single_threaded_blas (where OpenBLAS was found): row passes may
     spread their matrix products over our threads. Does not depend on
     NUM_THREADS, so neither does the choice of a fused pass over a plain one."""
-    return _single_depth > 0
+    return _single_blas.depth > 0
 
 
-def single_threaded_blas() -> _SingleThreadedBlas:
-    return _SingleThreadedBlas()
+def single_threaded_blas():
+    """Context manager: OpenBLAS on one thread inside (see _HeldWhileOpen);
+    nothing where no OpenBLAS was found."""
+    return _single_blas if blas_controllable() else _NotHeld()
 
 
 def blas_controllable() -> bool:
@@ -280,37 +298,14 @@ def _madvise_switch() -> Optional[Callable[[bool], bool]]:
     return getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
 
 
-class _NoHugePages:
-    """Context manager: NumPy's huge-page request off inside, restored when the
-    last open one (in any thread) exits; nothing on a NumPy without the switch.
-    Nests."""
-
-    def __enter__(self):
-        global _huge_depth, _huge_saved
-        if _set_madvise is not None:
-            with _huge_lock:
-                if _huge_depth == 0:
-                    _huge_saved = _set_madvise(False)
-                _huge_depth += 1
-        return self
-
-    def __exit__(self, *exc):
-        global _huge_depth
-        if _set_madvise is not None:
-            with _huge_lock:
-                _huge_depth -= 1
-                if _huge_depth == 0:
-                    _set_madvise(_huge_saved)
-
-
 _set_madvise = _madvise_switch()
-_huge_lock = threading.Lock()
-_huge_depth = 0  # open no_huge_pages contexts, in all threads
-_huge_saved = True  # NumPy's setting before the first of them
+_no_huge_pages = None if _set_madvise is None else _HeldWhileOpen(_set_madvise, False)
 
 
-def no_huge_pages() -> _NoHugePages:
-    return _NoHugePages()
+def no_huge_pages():
+    """Context manager: NumPy's huge-page request off inside (see
+    _HeldWhileOpen); nothing on a NumPy without the switch."""
+    return _NotHeld() if _no_huge_pages is None else _no_huge_pages
 
 
 # ---------------------------------------------------------------------------
@@ -330,18 +325,36 @@ def no_huge_pages() -> _NoHugePages:
 _scratch = threading.local()
 
 
-def scratch(key: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
-    """A C-contiguous work array of ``shape`` and ``dtype`` for this thread,
-    contents undefined. The next call with the same ``key`` on this thread
-    returns the same memory (grown if need be), so the caller must be done
-    with it by then, and must not hand it out."""
+def work_array(arrays: dict, key: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
+    """A C-contiguous array of ``shape`` and ``dtype`` kept in ``arrays`` under
+    ``key``, contents undefined: the memory the last call with that key got,
+    grown (the old array dropped first) when it is too small or of another
+    dtype. The caller must be done with it by the next call with that key."""
     dtype = np.dtype(dtype)
     size = math.prod(shape)
-    bufs = _scratch.__dict__
-    buf = bufs.get(key)
+    buf = arrays.get(key)
     if buf is None or buf.size < size or buf.dtype != dtype:
-        buf = bufs[key] = np.empty(max(size, 1), dtype)
+        arrays.pop(key, None)
+        buf = arrays[key] = np.empty(max(size, 1), dtype)
     return buf[:size].reshape(shape)
+
+
+def scratch(key: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
+    """work_array for this thread, kept for the thread's life: the same key on
+    the same thread returns the same memory, so the caller must not hand it out."""
+    return work_array(_scratch.__dict__, key, shape, dtype)
+
+
+class WorkArrays:
+    """Work arrays owned by one caller rather than by a thread (the generator's
+    batches share theirs: fast/automatic_mask_generator.py): ``get`` is
+    work_array on its own set, dropped with it."""
+
+    def __init__(self) -> None:
+        self._arrays = {}
+
+    def get(self, key: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
+        return work_array(self._arrays, key, shape, dtype)
 
 
 def image_rows(job: int, per_image: int, rows: int, n: int) -> Tuple[int, int, int]:

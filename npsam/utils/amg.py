@@ -64,13 +64,17 @@ class MaskData:
 
     @fast.dispatch  # the fast twin copies RLE records without deepcopy's walk over every count
     def cat(self, new_stats: "MaskData") -> None:
+        self._cat(new_stats, deepcopy)
+
+    def _cat(self, new_stats: "MaskData", copy) -> None:
+        """The official cat, with the official deepcopy given as ``copy``."""
         for k, v in new_stats.items():
             if k not in self._stats or self._stats[k] is None:
-                self._stats[k] = deepcopy(v)
+                self._stats[k] = copy(v)
             elif isinstance(v, np.ndarray):
                 self._stats[k] = _cat_like_torch(self._stats[k], v)
             else:  # list
-                self._stats[k] = self._stats[k] + deepcopy(v)
+                self._stats[k] = self._stats[k] + copy(v)
 
     def to_numpy(self) -> None:
         """NOTE(reference): moves torch tensors to NumPy; every value here is one already."""
