@@ -180,45 +180,41 @@ def _names(photos: Sequence[Path]) -> List[str]:
 # ---------------------------------------------------------------------------
 # One photo (runs in the worker)
 # ---------------------------------------------------------------------------
-_GENERATORS: Dict[Tuple[Model, Tuple[Tuple[str, Any], ...], Optional[int]], Any] = {}
 # A generator holds its photo's embedding and its batches' work arrays, so it
 # segments one photo at a time: a Dask worker with several threads (a user's
 # cluster) runs several jobs at once in one process, and they take turns on
-# it (each generate() already keeps every core busy). The first lock guards
-# the cache itself.
+# it (each generate() already keeps every core busy). Each is kept with the
+# lock they take turns on; _GENERATORS_LOCK guards the cache itself.
+_GENERATORS: Dict[Tuple[Model, Tuple[Tuple[str, Any], ...], Optional[int]], Tuple[Any, threading.Lock]] = {}
 _GENERATORS_LOCK = threading.Lock()
-_GENERATE_LOCKS: Dict[int, threading.Lock] = {}
 
 
-def _generator(job: Job):
+def _generator(job: Job) -> Tuple[Any, threading.Lock]:
     """The generator for this job's weights and options, built once per process,
     and the lock to hold while it runs."""
-    with _GENERATORS_LOCK:
-        generator = _cached_generator(job)
-        return generator, _GENERATE_LOCKS.setdefault(id(generator), threading.Lock())
-
-
-def _cached_generator(job: Job):
     key = (job.model, job.options, job.memory_limit)
-    generator = _GENERATORS.get(key)
-    if generator is None:
-        from .automatic_mask_generator import SamAutomaticMaskGenerator
-        from .tools.cli import load_model
+    with _GENERATORS_LOCK:
+        if key not in _GENERATORS:
+            _GENERATORS[key] = (_new_generator(job), threading.Lock())
+        return _GENERATORS[key]
 
-        sam = None
-        for (model, _, _), other in _GENERATORS.items():  # the model once per process, whatever the options
-            if model == job.model:
-                sam = other.predictor.model
-                break
-        if sam is None:
-            sam, _ = load_model(job.model.checkpoint, job.model.model_type)
-        options = dict(job.options)
-        grids = options.pop("point_grids")
-        options["point_grids"] = None if grids is None else [np.asarray(g) for g in grids]
-        options["output_mode"] = "uncompressed_rle"  # encoded below
-        generator = SamAutomaticMaskGenerator(sam, memory_limit=job.memory_limit, **options)
-        _GENERATORS[key] = generator
-    return generator
+
+def _new_generator(job: Job):
+    from .automatic_mask_generator import SamAutomaticMaskGenerator
+    from .tools.cli import load_model
+
+    sam = None
+    for (model, _, _), (other, _) in _GENERATORS.items():  # the model once per process, whatever the options
+        if model == job.model:
+            sam = other.predictor.model
+            break
+    if sam is None:
+        sam, _ = load_model(job.model.checkpoint, job.model.model_type)
+    options = dict(job.options)
+    grids = options.pop("point_grids")
+    options["point_grids"] = None if grids is None else [np.asarray(g) for g in grids]
+    options["output_mode"] = "uncompressed_rle"  # encoded below
+    return SamAutomaticMaskGenerator(sam, memory_limit=job.memory_limit, **options)
 
 
 def segment_job(job: Job) -> Tuple[str, str, str]:
