@@ -299,7 +299,7 @@ def decode_iou_first(predictor, point_coords: np.ndarray, point_labels: np.ndarr
                                      multimask_output=True)  # -> [N, C, 256, 256], [N, C]
         kept = _kept_prompts(iou_preds, keep_masks)
         return iou_preds, low_res[kept], kept
-    check, image_rows, forward_rows, upscaled_masks = phases
+    check, image_rows, step4_record, forward_rows, upscaled_masks = phases
     image_embeddings, image_pe, sparse, dense = check(predictor.features, image_pe, sparse, dense)
     # NOTE(reference): MaskDecoder.forward with multimask_output=True keeps tokens 1..3
     mask_slice = slice(1, None)
@@ -311,7 +311,10 @@ def decode_iou_first(predictor, point_coords: np.ndarray, point_labels: np.ndarr
         _, _, h, w = image_embeddings.shape
         src, pos_src, per_image = image_rows(image_embeddings, image_pe, dense)
         keys = None if work is None else work.get("keys", (b, h * w, src.shape[2]), src.dtype)
-        hs, src = forward_rows(src, pos_src, tokens, per_image, keys)  # -> [B, T, C], [B, HW, C]
+        rows = None if rows_read is None else -(-rows_read // 4)  # image rows: 4 low-res rows each
+        n_rows = upscaled_rows(h, w, rows)
+        record, image_side = step4_record(src, per_image, tokens.shape[:2], n_rows * w, work)
+        hs, src = forward_rows(src, pos_src, tokens, per_image, keys, record)  # -> [B, T, C], [B, HW, C]
         iou_token_out = hs[:, 0, :]  # -> [B, C]
         mask_tokens_out = hs[:, 1:(1 + decoder.num_mask_tokens), :]  # -> [B, M, C]
         iou_preds = decoder.iou_prediction_head(iou_token_out)[:, mask_slice]  # [B, C] -> [B, M] -> [B, 3]
@@ -321,10 +324,9 @@ def decode_iou_first(predictor, point_coords: np.ndarray, point_labels: np.ndarr
         if len(kept) == 0:
             low_res = np.zeros((0, 3, 4 * h, 4 * w), dtype=hs.dtype)  # (no row is read)
         else:  # the upscaling is per prompt: the kept prompts' rows of the batch's, read in place
-            rows = None if rows_read is None else -(-rows_read // 4)  # image rows: 4 low-res rows each
-            n_rows = upscaled_rows(h, w, rows)
             out = None if work is None else work.get("low_res", (len(kept), 3, 4 * n_rows, 4 * w), hs.dtype)
-            low_res = upscaled_masks(src, hyper_in, h, w, kept, mask_slice, out, rows)  # -> [Nk, 3, 4H', 4W]
+            low_res = upscaled_masks(src, hyper_in, h, w, kept, mask_slice, out, rows,
+                                     record, image_side)  # -> [Nk, 3, 4H', 4W]
     return iou_preds, low_res, kept
 
 
@@ -345,7 +347,7 @@ def _kept_prompts(iou_preds: np.ndarray, keep_masks) -> np.ndarray:
 
 
 def _fast_decoder_phases(decoder):
-    """(check, image_rows, forward_rows, upscaled_masks): the steps of the fast
+    """(check, image_rows, step4_record, forward_rows, upscaled_masks): the steps of the fast
     decoder's predict_masks, to run with the upscaling on part of the batch;
     None when the decoder does not run them (then it runs whole)."""
     try:  # the fast decoder in the fast layer (npsam/fast/mask_decoder.py)
@@ -358,10 +360,13 @@ def _fast_decoder_phases(decoder):
     dtype = decoder.iou_token.weight.dtype
     return (lambda emb, pe, sparse, dense: check_decoder_inputs(decoder.transformer_dim, dtype, emb, pe, sparse, dense),
             lambda emb, pe, dense: fast_decoder.image_rows(decoder, emb, pe, dense),
-            lambda src, pos_src, tokens, per_image, keys: fast_transformer.forward_rows(
-                decoder.transformer, src, pos_src, tokens, per_image, keys),
-            lambda src, hyper_in, h, w, prompts, mask_slice, out, rows: fast_decoder.upscaled_masks(
-                decoder, src, hyper_in, h, w, prompts, mask_slice, out, rows))
+            lambda src, per_image, batch, rows, work: fast_decoder.step4_record(
+                decoder, src, per_image, batch, rows, work),
+            lambda src, pos_src, tokens, per_image, keys, record: fast_transformer.forward_rows(
+                decoder.transformer, src, pos_src, tokens, per_image, keys, record),
+            lambda src, hyper_in, h, w, prompts, mask_slice, out, rows, record, image_side:
+                fast_decoder.upscaled_masks(decoder, src, hyper_in, h, w, prompts, mask_slice, out, rows,
+                                            record, image_side))
 
 
 def masks_at_photo_size(low_res: np.ndarray, input_size: Tuple[int, int], original_size: Tuple[int, int],

@@ -18,7 +18,7 @@ from ..kernels import ops as ref_ops
 from ..kernels.checks import check_finite
 from ..modeling.mask_decoder import MLP, MaskDecoder
 from . import derives, implements, ops, threads
-from .transformer import PerImage, forward_rows
+from .transformer import PerImage, Step4Record, forward_rows
 
 
 class MLPDerived(NamedTuple):
@@ -52,10 +52,24 @@ class UpscalingDerived(NamedTuple):
     product itself, computed in float64 and rounded once. Same mathematics,
     within the tolerances; it saves LayerNorm2d's two passes for the mean.
     w2 [O1, 2*2*O2], columns (k, l, O2).
+
+    The chain: the first product, keys @ w1c + b1c, taken back through each
+    layer's step (4) and norm4 (see upscaled_masks), computed in float64 and
+    rounded once. With W_L = w1c and, for layer i, norm4's weight g_i and bias b_i:
+
+        chain_weights[i]    W_i = diag(g_i) W_(i+1)        [C, 2*2*O1]
+        chain_mean_rows[i]  -1^T W_i                       [2*2*O1]: the row for norm4's mean
+        chain_shifts[i]     b_(i-1) W_i / h (0 for i = 0)  [2*2*O1]: added to each of the h*T
+                            rows of vo_i W_i (each head's softmax weights sum to 1)
+        chain_bias          b_(L-1) W_L + b1c              [2*2*O1]
     """
     w1c: np.ndarray
     b1c: np.ndarray
     w2: np.ndarray
+    chain_weights: Tuple[np.ndarray, ...]
+    chain_mean_rows: Tuple[np.ndarray, ...]
+    chain_shifts: Tuple[np.ndarray, ...]
+    chain_bias: np.ndarray
 
 
 @derives(MaskDecoder)
@@ -63,11 +77,25 @@ def upscaling_weights(self: MaskDecoder) -> UpscalingDerived:
     conv1, conv2 = self.output_upscaling[0], self.output_upscaling[3]
     c, o1 = conv1.in_channels, conv1.out_channels
     dt = conv1.weight.dtype
+    f64 = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
     w1 = conv1.weight.transpose(0, 2, 3, 1).reshape(c, 4, o1).astype(np.float64)  # (C, O1, 2, 2) -> [C, 2*2, O1]
     w1 -= w1.mean(axis=2, keepdims=True)
-    b1 = conv1.bias.astype(np.float64)
+    w1 = w1.reshape(c, 4 * o1)
+    b1 = f64(conv1.bias)
+    b1c = b1 - b1.mean()
     w2 = conv2.weight.transpose(0, 2, 3, 1).reshape(o1, -1)  # (O1, O2, 2, 2) -> [O1, 2*2*O2]
-    return UpscalingDerived(w1.reshape(c, 4 * o1).astype(dt), (b1 - b1.mean()).astype(dt), np.ascontiguousarray(w2))
+    layers = list(self.transformer.layers)
+    weights = [None] * len(layers)
+    w = w1  # W_L
+    for i in reversed(range(len(layers))):
+        w = weights[i] = f64(layers[i].norm4.weight)[:, None] * w  # W_i = diag(g_i) W_(i+1)
+    shifts = [np.zeros(4 * o1)] + [f64(layers[i - 1].norm4.bias) @ weights[i]
+                                   / layers[i].cross_attn_image_to_token.num_heads for i in range(1, len(layers))]
+    bias = (f64(layers[-1].norm4.bias) @ w1 if layers else 0) + np.tile(b1c, 4)  # b1c on each output pixel
+    cast = lambda a: np.ascontiguousarray(a, dtype=dt)  # noqa: E731
+    return UpscalingDerived(cast(w1), cast(b1c), np.ascontiguousarray(w2),
+                            tuple(cast(x) for x in weights), tuple(cast(-x.sum(axis=0)) for x in weights),
+                            tuple(cast(x) for x in shifts), cast(bias))
 
 
 @dataclass
@@ -108,13 +136,15 @@ def predict_masks(self: MaskDecoder, image_embeddings: np.ndarray, image_pe: np.
         tokens = np.concatenate([output_tokens, sparse_prompt_embeddings], axis=1)  # -> [B, T, C]
         src, pos_src, per_image = image_rows(self, image_embeddings, image_pe, dense_prompt_embeddings)
         _, c, h, w = image_embeddings.shape
+        record, image_side = step4_record(self, src, per_image, tokens.shape[:2], h * w)
 
-        hs, src = forward_rows(self.transformer, src, pos_src, tokens, per_image)  # -> [B, T, C], [B, HW, C]
+        hs, src = forward_rows(self.transformer, src, pos_src, tokens, per_image,
+                               record=record)  # -> [B, T, C], [B, HW, C]
         iou_token_out = hs[:, 0, :]  # -> [B, C]
         mask_tokens_out = hs[:, 1:(1 + self.num_mask_tokens), :]  # -> [B, M, C]
         hyper_in = np.stack([self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :])
                              for i in range(self.num_mask_tokens)], axis=1)  # M x [B, C/8] -> [B, M, C/8]
-        masks = upscaled_masks(self, src, hyper_in, h, w)  # -> [B, M, 4H, 4W]
+        masks = upscaled_masks(self, src, hyper_in, h, w, record=record, image_side=image_side)  # -> [B, M, 4H, 4W]
         iou_pred = self.iou_prediction_head(iou_token_out)  # [B, C] -> [B, M]
         return masks, iou_pred
 
@@ -171,6 +201,38 @@ def image_rows(self: MaskDecoder, image_embeddings: np.ndarray, image_pe: np.nda
     return kept.src, kept.pos_src, kept.transformer
 
 
+def step4_record(self: MaskDecoder, src: np.ndarray, per_image: Optional[PerImage], batch: Tuple[int, int],
+                 rows: int, work: Optional[threads.WorkArrays] = None
+                 ) -> Tuple[Optional[Step4Record], Optional[np.ndarray]]:
+    """(record, image_side) for upscaled_masks to compute its first product
+    from what the transformer's steps (4) compute (see there), on the first
+    ``rows`` image rows of a batch of (B, T) prompts and tokens: with one image
+    for every prompt (``per_image``) and a transformer of at least one layer;
+    (None, None) otherwise (the product then reads the keys)."""
+    if per_image is None or not self.derived.chain_weights:
+        return None, None
+    return (Step4Record.empty(self.transformer, *batch, rows, src.dtype, work),
+            upscaling_image_side(self, per_image, src))
+
+
+def upscaling_image_side(self: MaskDecoder, per_image: PerImage, src: np.ndarray) -> np.ndarray:
+    """src [1, HW, C] @ chain_weights[0] -> [HW, 2*2*O1] (read-only), the image
+    rows' part of the upscaling's first product, kept with the image
+    (per_image) for the weights it was made with. Blocks of 512 rows, fixed
+    whatever the number of threads."""
+    kept = per_image.upscaling
+    if kept is None or kept[0] is not self.derived:
+        w0 = self.derived.chain_weights[0]
+        hw = src.shape[1]
+        side = np.empty((hw, w0.shape[1]), src.dtype)
+        with threads.single_threaded_blas():
+            threads.parallel_blocks(lambda lo, hi: np.matmul(src[0, lo:hi], w0, out=side[lo:hi]), hw, 512,
+                                    threads=threads.row_threads())
+        side.flags.writeable = False
+        kept = per_image.upscaling = (self.derived, side)
+    return kept[1]
+
+
 # Input pixels per block of the upscaling pass (its y2 is 16x as many rows):
 # 8 rows of a 64x64 embedding. Fewer, larger blocks mean fewer calls from the
 # threads, which share the GIL (one prompt decodes 7% faster with 2048), but
@@ -196,7 +258,8 @@ def _upscale_block_rows(w: int) -> int:
 
 def upscaled_masks(self: MaskDecoder, src: np.ndarray, hyper_in: np.ndarray, h: int, w: int,
                    prompts: Optional[np.ndarray] = None, mask_slice: slice = slice(None),
-                   out: Optional[np.ndarray] = None, rows: Optional[int] = None) -> np.ndarray:
+                   out: Optional[np.ndarray] = None, rows: Optional[int] = None,
+                   record: Optional[Step4Record] = None, image_side: Optional[np.ndarray] = None) -> np.ndarray:
     """hyper_in @ output_upscaling(src), per pixel: src [B, HW, C], hyper_in
     [B, M, C/8] -> masks [B, M, 4H, 4W].
 
@@ -221,26 +284,50 @@ def upscaled_masks(self: MaskDecoder, src: np.ndarray, hyper_in: np.ndarray, h: 
 
     So it runs as one pass over blocks of whole image rows, every step of a
     block in cache, blocks spread over threads (BLAS single-threaded inside).
+
+    With a ``record`` (a Step4Record of these prompts, transformer.py) and
+    ``image_side`` (upscaling_image_side), the first product is not read from
+    the keys but assembled from what each layer's step (4) computed, row by
+    row (UpscalingDerived's names; p_i the row's softmax weights, vo_i the
+    prompt's token side, mean_i and rstd_i norm4's statistics):
+
+        keys_(i+1) W_(i+1) = rstd_i * (keys_i W_i + p_i^T vo_i W_i - mean_i 1^T W_i)
+                             + b_i W_(i+1),        keys_0 = the image rows,
+
+    the same mathematics in another association (chain_bias is b_(L-1) W_L
+    + b1c: see UpscalingDerived). keys_0 W_0 is kept per
+    image; each layer adds a product of h*T + 1 = 57 terms a row, where
+    keys_L @ w1c has C = 256: 45% of the multiply-adds, and within the
+    tolerances (tests/test_fast_vs_reference.py).
     """
     conv1, ln, _, conv2, _ = (self.output_upscaling[i] for i in range(5))
     prompts = np.arange(src.shape[0]) if prompts is None else np.asarray(prompts)
     b, (hw, c) = len(prompts), src.shape[1:]
     o1, o2, m = conv1.out_channels, conv2.out_channels, hyper_in.shape[1]
-    w1c, b1c, w2 = self.derived
+    w1c, b1c, w2 = self.derived[:3]
     m_out = len(range(m)[mask_slice])
     block_rows = _upscale_block_rows(w)
     h_out = upscaled_rows(h, w, rows)
     per_image = -(-h_out // block_rows)  # blocks per prompt
     masks = np.empty((b, m_out, 4 * h_out, 4 * w), dtype=src.dtype) if out is None else out
+    if record is not None:
+        if record.rows < h_out * w:
+            raise ValueError(f"record: expected at least the {h_out * w} image rows upscaled, got {record.rows}")
+        values = _chain_values(self.derived, record, prompts)  # [L, b, h*T + 1, 4*O1]
 
     def work(start, stop):
         for j in range(start, stop):
             i, r0, r1 = threads.image_rows(j, per_image, block_rows, h)
             p = prompts[i]  # the prompt in src and hyper_in; i, its row in masks
             n = (r1 - r0) * w  # pixels in this block; its arrays are this thread's work arrays (threads.scratch)
-            y1 = np.matmul(src[p, r0 * w:r1 * w], w1c, out=threads.scratch("upscale.y1", (n, 4 * o1), src.dtype))
-            y1 = y1.reshape(-1, o1)  # [R, C] @ [C, 4*O1] -> [R*4, O1], centred
-            y1 += b1c
+            y1 = threads.scratch("upscale.y1", (n, 4 * o1), src.dtype)
+            if record is None:
+                np.matmul(src[p, r0 * w:r1 * w], w1c, out=y1)  # [R, C] @ [C, 4*O1] -> [R, 4*O1]
+                y1 = y1.reshape(-1, o1)  # -> [R*4, O1], centred
+                y1 += b1c
+            else:
+                _chain_rows(self.derived, record, values[:, i], image_side, p, r0 * w, r1 * w, y1)  # -> [R, 4*O1]
+                y1 = y1.reshape(-1, o1)  # -> [R*4, O1], centred, with b1c
             # LayerNorm2d: over O1, per pixel (rows centred by the weights)
             ops.layer_norm_rows(y1, ln.weight, ln.bias, ln.eps, out=y1, centred=True)
             ops.gelu_block(y1, y1)
@@ -258,3 +345,39 @@ def upscaled_masks(self: MaskDecoder, src: np.ndarray, hyper_in: np.ndarray, h: 
 
     threads.parallel_rows(work, b * per_image, threads=threads.row_threads())
     return masks
+
+
+def _chain_values(d: UpscalingDerived, record: Step4Record, prompts: np.ndarray) -> np.ndarray:
+    """Each layer's [vo_i W_i + shift_i; -1^T W_i] for the prompts -> [L, b, h*T + 1, 4*O1]."""
+    nl, b = len(d.chain_weights), len(prompts)
+    ht = record.weights.shape[2] - 1
+    out = np.empty((nl, b, ht + 1, d.chain_weights[0].shape[1]), record.weights.dtype)
+
+    def work(start, stop):
+        for k in range(start, stop):
+            i, q = divmod(k, b)
+            np.matmul(record.values[i][prompts[q]], d.chain_weights[i], out=out[i, q, :ht])  # [h*T, C] @ [C, 4*O1]
+            out[i, q, :ht] += d.chain_shifts[i]
+            out[i, q, ht] = d.chain_mean_rows[i]
+
+    threads.parallel_rows(work, nl * b, threads=threads.row_threads())
+    return out
+
+
+def _chain_rows(d: UpscalingDerived, record: Step4Record, values: np.ndarray, image_side: np.ndarray,
+                p: int, lo: int, hi: int, out: np.ndarray) -> np.ndarray:
+    """keys_L @ w1c + b1c on image rows [lo, hi) of prompt p, from the record
+    (see upscaled_masks): ``values`` [L, h*T + 1, 4*O1] the prompt's
+    _chain_values -> ``out`` [R, 4*O1]."""
+    tmp = threads.scratch("upscale.chain", out.shape, out.dtype)
+    for i in range(len(d.chain_weights)):
+        weights = record.weights[i, p, :, lo:hi].T  # [R, h*T + 1]: the softmax weights, then the mean
+        y = out if i == 0 else tmp
+        np.matmul(weights, values[i], out=y)  # [R, h*T + 1] @ [h*T + 1, 4*O1] -> [R, 4*O1]
+        if i == 0:
+            out += image_side[lo:hi]  # keys_0 W_0
+        else:
+            out += tmp
+        out *= record.rstd[i, p, lo:hi, None]
+    out += d.chain_bias
+    return out

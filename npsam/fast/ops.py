@@ -242,11 +242,14 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float,
 
 
 def layer_norm_rows(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray,
-                    add: Optional[np.ndarray] = None, centred: bool = False) -> np.ndarray:
+                    add: Optional[np.ndarray] = None, centred: bool = False,
+                    stats: Optional[tuple] = None) -> np.ndarray:
     """layer_norm on one block of rows, no threads, no checks: x, out (may be x)
     and add [r, C] C-contiguous. Row sums are matrix-vector products.
     ``centred``: x's rows have mean 0 already (by construction: see
-    fast/mask_decoder.py, upscaling_weights), so the mean is not subtracted."""
+    fast/mask_decoder.py, upscaling_weights), so the mean is not subtracted.
+    ``stats``: (mean, rstd), two arrays of at most r values, given the first
+    rows' mean and 1 / sqrt(var + eps) as this computation used them."""
     c = x.shape[-1]
     dt = x.dtype.type
     if add is not None:
@@ -254,6 +257,7 @@ def layer_norm_rows(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: fl
     if centred:
         if out is not x:
             out[...] = x
+        mean = None
     else:
         mean = x @ _ones(c, x.dtype)  # [r, C] -> [r]
         mean *= dt(1.0 / c)
@@ -263,6 +267,10 @@ def layer_norm_rows(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: fl
     var += dt(eps)
     np.sqrt(var, out=var)
     np.divide(1, var, out=var)
+    if stats is not None:
+        mean_out, rstd_out = stats
+        mean_out[...] = 0 if mean is None else mean[:len(mean_out)]
+        rstd_out[...] = var[:len(rstd_out)]
     out *= var[:, None]
     out *= weight
     out += bias

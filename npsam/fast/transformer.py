@@ -157,23 +157,26 @@ def from_image_values(attn: Attention, v: np.ndarray) -> np.ndarray:
 
 
 def from_image_rows(attn: Attention, q: np.ndarray, kq: np.ndarray, kb: np.ndarray, vo: np.ndarray,
-                    out: Optional[np.ndarray] = None) -> np.ndarray:
+                    out: Optional[np.ndarray] = None, keep: Optional[np.ndarray] = None) -> np.ndarray:
     """The image attending to the tokens, image side, for one prompt: image rows
     q [R, C] and that prompt's kq, kb, vo ([h*T, C], [h*T, 1], [h*T, C]) -> [R, C]
-    (written into ``out`` when given)."""
+    (written into ``out`` when given; ``keep``: see from_image_logits)."""
     logits = kq @ q.T  # [h*T, C] @ [C, R] -> [h*T, R]: image rows along the long axis
     logits += kb
-    return from_image_logits(attn, logits, vo, out)
+    return from_image_logits(attn, logits, vo, out, keep)
 
 
 def from_image_logits(attn: Attention, logits: np.ndarray, vo: np.ndarray,
-                      out: Optional[np.ndarray] = None) -> np.ndarray:
+                      out: Optional[np.ndarray] = None, keep: Optional[np.ndarray] = None) -> np.ndarray:
     """The rest of from_image_rows, from one prompt's logits [h*T, R] (or
     [h, T, R]), in place: softmax over T within each head, then the sum of
-    vo's rows [h*T, C] they weight -> [R, C] (written into ``out`` when given)."""
+    vo's rows [h*T, C] they weight -> [R, C] (written into ``out`` when given).
+    ``keep``: an [h*T, R'] array (R' <= R) given the weights of the first R' rows."""
     r = logits.shape[-1]
-    p = ops.softmax_(logits.reshape(attn.num_heads, -1, r), axis=1)  # over T within each head
-    return np.matmul(p.reshape(-1, r).T, vo, out=out)  # [R, h*T] @ [h*T, C] -> [R, C]
+    p = ops.softmax_(logits.reshape(attn.num_heads, -1, r), axis=1).reshape(-1, r)  # over T within each head
+    if keep is not None:
+        keep[...] = p[:, :keep.shape[1]]
+    return np.matmul(p.T, vo, out=out)  # [R, h*T] @ [h*T, C] -> [R, C]
 
 
 def attend_from_image(attn: Attention, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -212,8 +215,44 @@ class Layer0Projections(NamedTuple):
 @dataclass
 class PerImage:
     """The transformer's work kept with one image shared by every prompt (held by
-    fast/mask_decoder.py's ImageRows): layer 0's projections, computed on first use."""
+    fast/mask_decoder.py's ImageRows): layer 0's projections, computed on first
+    use, and the upscaling's product of the image rows (fast/mask_decoder.py,
+    upscaling_image_side): (the derived values it was made with, the product)."""
     layer0: Optional[Layer0Projections] = None
+    upscaling: Optional[Tuple[object, np.ndarray]] = None
+
+
+@dataclass
+class Step4Record:
+    """What every layer's step (4) computes on the first ``rows`` image rows of
+    each prompt, kept for the upscaling (fast/mask_decoder.py, upscaled_masks):
+
+        weights [L, B, h*T + 1, rows]: the softmax weights of each image row
+            over the (head, token) pairs, then norm4's mean of the row;
+        rstd [L, B, rows]: norm4's 1 / sqrt(var + eps) of the row;
+        values: per layer, the token side vo [B, h*T, C] (from_image_values).
+
+    Row by row, step (4) and norm4 of layer i turn keys_i into
+        keys_(i+1) = (keys_i + p_i^T vo_i - mean_i) * rstd_i * w_i + b_i,
+    so these and the image rows give the keys after the last layer, and any
+    product of them, without reading the keys themselves."""
+    rows: int
+    weights: np.ndarray
+    rstd: np.ndarray
+    values: list
+
+    @staticmethod
+    def empty(transformer: TwoWayTransformer, b: int, t: int, rows: int, dtype,
+              work=None) -> "Step4Record":
+        """A record for ``b`` prompts of ``t`` tokens, ``rows`` image rows; its
+        arrays from ``work`` (threads.WorkArrays) when given."""
+        heads = {layer.cross_attn_image_to_token.num_heads for layer in transformer.layers}
+        assert len(heads) == 1, "every layer's step (4) has the same heads"
+        shapes = {"weights": (len(transformer.layers), b, heads.pop() * t + 1, rows),
+                  "rstd": (len(transformer.layers), b, rows)}
+        arrays = {k: np.empty(v, dtype) if work is None else work.get(f"step4.{k}", v, dtype)
+                  for k, v in shapes.items()}
+        return Step4Record(rows, arrays["weights"], arrays["rstd"], [None] * len(transformer.layers))
 
 
 @implements(TwoWayTransformer)
@@ -234,7 +273,8 @@ def two_way_transformer(self: TwoWayTransformer, image_embedding: np.ndarray, im
 
 def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe: np.ndarray,
                  point_embedding: np.ndarray, per_image: Optional[PerImage] = None,
-                 keys_out: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+                 keys_out: Optional[np.ndarray] = None,
+                 record: Optional[Step4Record] = None) -> Tuple[np.ndarray, np.ndarray]:
     """TwoWayTransformer.forward on image locations as rows: image_embedding,
     image_pe [1 or B, HW, C] (only the first PE is read: the official PE is
     repeated per prompt), point_embedding [B, T, C] -> (queries [B, T, C], keys
@@ -271,6 +311,8 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
 
     ``keys_out``: a C-contiguous [B, HW, C] array to hold the keys returned
     (else a new one is made; depth 0 returns a copy of the image side).
+    ``record``: a Step4Record for these prompts, filled as the passes run
+    (the same computation: it only keeps copies of what step (4) computes).
     """
     bk, hw, c = image_embedding.shape
     b, t, _ = point_embedding.shape
@@ -280,7 +322,7 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
     pe = image_pe[0]  # [HW, C]
     keys = image_embedding  # [1 or B, HW, C]: not written; the first step (4) makes [B, HW, C]
     queries = point_embedding
-    step4 = None  # (_Step4 or _Layer0Step4, norm4) of the layer whose step (4) the next pass runs
+    step4 = None  # (_Step4 or _Layer0Step4, norm4, layer) of the layer whose step (4) the next pass runs
     cached = per_image is not None and bk == 1 and len(self.layers) > 0
     for i in range(len(self.layers) + 1):
         if i < len(self.layers):
@@ -301,7 +343,8 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
             out_keys = keys
             if step4 is not None and keys is image_embedding:  # the first step (4): keys become per prompt
                 out_keys = np.empty((b, hw, c), dtype) if keys_out is None else keys_out
-            attn_out = _pass(to_image, queries + point_embedding, step4, keys, out_keys, pe, rows, nblocks, t)
+            attn_out = _pass(to_image, queries + point_embedding, step4, keys, out_keys, pe, rows, nblocks, t,
+                             record)
             keys = out_keys
         if i < len(self.layers):
             queries = layer.norm2(queries + attn_out)
@@ -312,7 +355,9 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
             if i == 0 and cached:  # step (4) on the image rows' q_proj kept per image
                 step4[0].set_tokens(queries + point_embedding, queries)
             else:
-                step4 = (_Step4(layer.cross_attn_image_to_token, queries + point_embedding, queries), layer.norm4)
+                step4 = (_Step4(layer.cross_attn_image_to_token, queries + point_embedding, queries), layer.norm4, i)
+            if record is not None:
+                record.values[i] = step4[0].vo
         else:
             queries = self.norm_final_attn(queries + attn_out)
     if keys is image_embedding:  # no step (4) ran (depth 0): the keys are the image embedding itself
@@ -321,7 +366,7 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
 
 
 def _pass(to_image: Attention, q: np.ndarray, step4, keys: np.ndarray, new_keys: np.ndarray,
-          pe: np.ndarray, rows: int, nblocks: int, t: int) -> np.ndarray:
+          pe: np.ndarray, rows: int, nblocks: int, t: int, record: Optional[Step4Record] = None) -> np.ndarray:
     """One fused pass over the image rows: the pending step (4) (if any) from
     keys into new_keys (may be keys), then step (2) of ``to_image`` for the
     tokens q [B, T, C] -> [B, T, C]."""
@@ -335,7 +380,8 @@ def _pass(to_image: Attention, q: np.ndarray, step4, keys: np.ndarray, new_keys:
 
     def work(start, stop):
         for j in range(start, stop):
-            _block(j * rows, min(hw, (j + 1) * rows), j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts)
+            _block(j * rows, min(hw, (j + 1) * rows), j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts,
+                   record)
 
     threads.parallel_rows(work, nblocks, threads=threads.row_threads())
     big = m_parts.max(axis=0)  # [B, h*T]
@@ -346,9 +392,10 @@ def _pass(to_image: Attention, q: np.ndarray, step4, keys: np.ndarray, new_keys:
     return to_image_output(to_image, pv, t)  # -> [B, T, C]
 
 
-def _block(lo, hi, j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts) -> None:
+def _block(lo, hi, j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts, record=None) -> None:
     """Image rows [lo, hi), block j, of a fused pass (see forward_rows): keys
-    [1 or B, HW, C] in, new_keys [B, HW, C] out when the pass runs a step (4).
+    [1 or B, HW, C] in, new_keys [B, HW, C] out when the pass runs a step (4),
+    and its rows below record.rows kept in ``record`` (Step4Record).
     Its [R, C] and [h*T, R] temporaries are this thread's work arrays
     (threads.scratch): the same every call, so no fresh pages to fault in."""
     b, ht = qk.shape[:2]
@@ -367,11 +414,15 @@ def _block(lo, hi, j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts) 
         residual = keys[0 if shared else p, lo:hi]  # [R, C]
         if step4 is not None:
             # (4) of the previous layer: the image rows attend to the tokens, then norm4
-            step, norm = step4
+            step, norm, layer = step4
+            keep = stats = None
+            if record is not None and lo < record.rows:  # these rows' weights and norm4's statistics
+                kept = record.weights[layer, p, :, lo:min(hi, record.rows)]  # [h*T + 1, R']
+                keep, stats = kept[:-1], (kept[-1], record.rstd[layer, p, lo:min(hi, record.rows)])
             attn_out = step(p, lo, hi, key_rows(residual) if step.needs_key_rows else None,
-                            out=threads.scratch("decoder.step4", shape, dtype))  # -> [R, C]
+                            out=threads.scratch("decoder.step4", shape, dtype), keep=keep)  # -> [R, C]
             v_rows = ops.layer_norm_rows(attn_out, norm.weight, norm.bias, norm.eps, out=new_keys[p, lo:hi],
-                                         add=residual)
+                                         add=residual, stats=stats)
             k_rows = np.add(v_rows, pe_blk, out=attn_out)  # into step (4)'s work array, read by now
         else:
             v_rows, k_rows = residual, key_rows(residual)
@@ -423,7 +474,7 @@ def _layer0_cached(layer: TwoWayAttentionBlock, queries: np.ndarray, point_embed
 
     threads.parallel_rows(work, b * nh, threads=threads.row_threads())
     attn_out = _proj(to_image.out_proj, to_image.derived.out_t, ref_ops.recombine_heads(out))  # -> [B, T, C]
-    return attn_out, (_Layer0Step4(from_image, kept.q4_t), layer.norm4)  # its token side after steps (2)-(3)
+    return attn_out, (_Layer0Step4(from_image, kept.q4_t), layer.norm4, 0)  # its token side after steps (2)-(3)
 
 
 def _layer0_projections(layer: TwoWayAttentionBlock, src: np.ndarray, pe: np.ndarray) -> Layer0Projections:
@@ -466,8 +517,9 @@ class _Step4:
         self.attn = attn
         self.kq, self.kb, self.vo = from_image_token_side(attn, q, v)  # k = q (queries + PE), v (queries)
 
-    def __call__(self, p: int, lo: int, hi: int, k_rows: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
-        return from_image_rows(self.attn, k_rows, self.kq[p], self.kb[p], self.vo[p], out)  # -> [R, C]
+    def __call__(self, p: int, lo: int, hi: int, k_rows: np.ndarray, out: Optional[np.ndarray] = None,
+                 keep: Optional[np.ndarray] = None) -> np.ndarray:
+        return from_image_rows(self.attn, k_rows, self.kq[p], self.kb[p], self.vo[p], out, keep)  # -> [R, C]
 
 
 class _Layer0Step4:
@@ -489,6 +541,7 @@ class _Layer0Step4:
         self.kh = _proj(a.k_proj, a.derived.k_t, q).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # -> [B, h, T, D]
         self.vo = from_image_values(a, v)  # -> [B, h*T, C]
 
-    def __call__(self, p: int, lo: int, hi: int, k_rows: None, out: Optional[np.ndarray] = None) -> np.ndarray:
+    def __call__(self, p: int, lo: int, hi: int, k_rows: None, out: Optional[np.ndarray] = None,
+                 keep: Optional[np.ndarray] = None) -> np.ndarray:
         logits = self.kh[p] @ self.q4_t[:, :, lo:hi]  # [h, T, D] @ [h, D, R] -> [h, T, R]
-        return from_image_logits(self.attn, logits, self.vo[p], out)  # -> [R, C]
+        return from_image_logits(self.attn, logits, self.vo[p], out, keep)  # -> [R, C]
