@@ -98,6 +98,24 @@ def test_softmax_weights_keep_products_normal_and_match_torch(dtype):
     assert_close(ops.softmax(x, -1), torch.softmax(torch.from_numpy(x), -1).numpy(), tol, "softmax")
 
 
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
+def test_exp2_sums_give_softmax_weights_kept_normal(dtype):
+    """exp2_sums_ on logits scaled by log2(e): the same floor at sqrt(tiny),
+    and weights / sums is torch's softmax of the unscaled logits."""
+    np_dtype, _, tol = DTYPES[dtype]
+    rng = np.random.default_rng(1)
+    spread = np.concatenate([[0.0], -np.geomspace(1, 1e5, 4095)])
+    x = (rng.permuted(np.tile(spread, (8, 1)), axis=1) + rng.normal(0, 5, (8, 1))).astype(np_dtype)
+    tiny = np.finfo(np_dtype).tiny
+    weights = (x * np_dtype(np.log2(np.e))).reshape(2, 4, -1)  # [h, T, HW], as the decoder's layer 0
+    sums = ops.exp2_sums_(weights)
+    assert sums.shape == (2, 4)
+    assert weights.max() == 1 and weights.min() >= np.sqrt(tiny)
+    np.testing.assert_array_equal(sums, weights.sum(axis=-1))
+    expected = torch.softmax(torch.from_numpy(x), -1).numpy().reshape(2, 4, -1)
+    assert_close(weights / sums[..., None], expected, tol, "exp2 softmax")
+
+
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 def test_gelu_threads_blocks_and_in_place_change_nothing(n_threads):
     x = np.random.default_rng(0).standard_normal((3, 70001)).astype(np.float32) * 3

@@ -459,20 +459,24 @@ def _layer0_cached(layer: TwoWayAttentionBlock, queries: np.ndarray, point_embed
     # step (2): the tokens attend to the image
     b, t, c = queries.shape
     nh, d = to_image.num_heads, to_image.internal_dim // to_image.num_heads
+    hw = src.shape[0]
     qh = _proj(to_image.q_proj, to_image.derived.q_t, queries + point_embedding)
     qh = qh.reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # [B, T, I] -> [B, h, T, D]
+    # NOTE(reference): the logits are divided by sqrt(D); here q is multiplied by
+    # log2(e) / sqrt(D), so that the softmax's exponentials are powers of two
+    qh = qh * queries.dtype.type(math.log2(math.e) / math.sqrt(d))
     out = np.empty((b, nh, t, d), queries.dtype)
-    scale = queries.dtype.type(math.sqrt(d))
+    v_rows = kept.v_t.transpose(0, 2, 1)  # [h, D, HW] -> [h, HW, D]
 
-    def work(start, stop):  # one (prompt, head) at a time, spread over threads
-        for i in range(start, stop):
-            p, hd = divmod(i, nh)
-            attn = qh[p, hd] @ kept.k_t[hd]  # [T, D] @ [D, HW] -> [T, HW]
-            attn /= scale
-            ops.softmax_(attn, axis=1)  # over HW
-            np.matmul(attn, kept.v_t[hd].T, out=out[p, hd])  # [T, HW] @ [HW, D] -> [T, D]
+    def work(start, stop):  # one prompt at a time, every head, spread over threads
+        for p in range(start, stop):
+            attn = np.matmul(qh[p], kept.k_t, out=threads.scratch("decoder.layer0", (nh, t, hw), qh.dtype))
+            # [h, T, D] @ [h, D, HW] -> [h, T, HW]
+            sums = ops.exp2_sums_(attn)  # the softmax over HW, not yet divided by its sums: [h, T]
+            np.matmul(attn, v_rows, out=out[p])  # [h, T, HW] @ [h, HW, D] -> [h, T, D]
+            out[p] /= sums[..., None]
 
-    threads.parallel_rows(work, b * nh, threads=threads.row_threads())
+    threads.parallel_rows(work, b, threads=threads.row_threads())
     attn_out = _proj(to_image.out_proj, to_image.derived.out_t, ref_ops.recombine_heads(out))  # -> [B, T, C]
     return attn_out, (_Layer0Step4(from_image, kept.q4_t), layer.norm4, 0)  # its token side after steps (2)-(3)
 
