@@ -138,13 +138,14 @@ def predict_masks(self: MaskDecoder, image_embeddings: np.ndarray, image_pe: np.
         _, c, h, w = image_embeddings.shape
         record, image_side = step4_record(self, src, per_image, tokens.shape[:2], h * w)
 
-        hs, src = forward_rows(self.transformer, src, pos_src, tokens, per_image,
-                               record=record)  # -> [B, T, C], [B, HW, C]
+        hs, keys = forward_rows(self.transformer, src, pos_src, tokens, per_image, record=record,
+                                keys_wanted=record is None)  # -> [B, T, C], [B, HW, C] (or None)
         iou_token_out = hs[:, 0, :]  # -> [B, C]
         mask_tokens_out = hs[:, 1:(1 + self.num_mask_tokens), :]  # -> [B, M, C]
         hyper_in = np.stack([self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :])
                              for i in range(self.num_mask_tokens)], axis=1)  # M x [B, C/8] -> [B, M, C/8]
-        masks = upscaled_masks(self, src, hyper_in, h, w, record=record, image_side=image_side)  # -> [B, M, 4H, 4W]
+        masks = upscaled_masks(self, src if keys is None else keys, hyper_in, h, w, record=record,
+                               image_side=image_side)  # -> [B, M, 4H, 4W]
         iou_pred = self.iou_prediction_head(iou_token_out)  # [B, C] -> [B, M]
         return masks, iou_pred
 
@@ -287,7 +288,8 @@ def upscaled_masks(self: MaskDecoder, src: np.ndarray, hyper_in: np.ndarray, h: 
 
     With a ``record`` (a Step4Record of these prompts, transformer.py) and
     ``image_side`` (upscaling_image_side), the first product is not read from
-    the keys but assembled from what each layer's step (4) computed, row by
+    the keys (src may then be the image rows [1, HW, C]: only their number
+    and width are read) but assembled from what each layer's step (4) computed, row by
     row (UpscalingDerived's names; p_i the row's softmax weights, vo_i the
     prompt's token side, mean_i and rstd_i norm4's statistics):
 
@@ -301,7 +303,7 @@ def upscaled_masks(self: MaskDecoder, src: np.ndarray, hyper_in: np.ndarray, h: 
     tolerances (tests/test_fast_vs_reference.py).
     """
     conv1, ln, _, conv2, _ = (self.output_upscaling[i] for i in range(5))
-    prompts = np.arange(src.shape[0]) if prompts is None else np.asarray(prompts)
+    prompts = np.arange(hyper_in.shape[0]) if prompts is None else np.asarray(prompts)
     b, (hw, c) = len(prompts), src.shape[1:]
     o1, o2, m = conv1.out_channels, conv2.out_channels, hyper_in.shape[1]
     w1c, b1c, w2 = self.derived[:3]

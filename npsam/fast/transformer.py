@@ -273,8 +273,8 @@ def two_way_transformer(self: TwoWayTransformer, image_embedding: np.ndarray, im
 
 def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe: np.ndarray,
                  point_embedding: np.ndarray, per_image: Optional[PerImage] = None,
-                 keys_out: Optional[np.ndarray] = None,
-                 record: Optional[Step4Record] = None) -> Tuple[np.ndarray, np.ndarray]:
+                 keys_out: Optional[np.ndarray] = None, record: Optional[Step4Record] = None,
+                 keys_wanted: bool = True) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """TwoWayTransformer.forward on image locations as rows: image_embedding,
     image_pe [1 or B, HW, C] (only the first PE is read: the official PE is
     repeated per prompt), point_embedding [B, T, C] -> (queries [B, T, C], keys
@@ -313,6 +313,9 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
     (else a new one is made; depth 0 returns a copy of the image side).
     ``record``: a Step4Record for these prompts, filled as the passes run
     (the same computation: it only keeps copies of what step (4) computes).
+    ``keys_wanted``: False returns None for the keys: the last pass then
+    keeps each block's keys in this thread's work array, not in [B, HW, C]
+    memory (the upscaling reads the record instead: fast/mask_decoder.py).
     """
     bk, hw, c = image_embedding.shape
     b, t, _ = point_embedding.shape
@@ -341,7 +344,9 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
             attn_out, step4 = _layer0_cached(layer, queries, point_embedding, image_embedding[0], pe, per_image)
         else:
             out_keys = keys
-            if step4 is not None and keys is image_embedding:  # the first step (4): keys become per prompt
+            if step4 is not None and i == len(self.layers) and not keys_wanted:
+                out_keys = None  # the last step (4): its keys are read in its blocks only
+            elif step4 is not None and keys is image_embedding:  # the first step (4): keys become per prompt
                 out_keys = np.empty((b, hw, c), dtype) if keys_out is None else keys_out
             attn_out = _pass(to_image, queries + point_embedding, step4, keys, out_keys, pe, rows, nblocks, t,
                              record)
@@ -360,6 +365,8 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
                 record.values[i] = step4[0].vo
         else:
             queries = self.norm_final_attn(queries + attn_out)
+    if not keys_wanted:
+        return queries, None
     if keys is image_embedding:  # no step (4) ran (depth 0): the keys are the image embedding itself
         keys = np.broadcast_to(image_embedding, (b, hw, c)).copy()
     return queries, keys
@@ -368,7 +375,7 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
 def _pass(to_image: Attention, q: np.ndarray, step4, keys: np.ndarray, new_keys: np.ndarray,
           pe: np.ndarray, rows: int, nblocks: int, t: int, record: Optional[Step4Record] = None) -> np.ndarray:
     """One fused pass over the image rows: the pending step (4) (if any) from
-    keys into new_keys (may be keys), then step (2) of ``to_image`` for the
+    keys into new_keys (may be keys; None: into work arrays), then step (2) of ``to_image`` for the
     tokens q [B, T, C] -> [B, T, C]."""
     b, c = q.shape[0], pe.shape[1]
     hw = pe.shape[0]
@@ -421,8 +428,8 @@ def _block(lo, hi, j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts, 
                 keep, stats = kept[:-1], (kept[-1], record.rstd[layer, p, lo:min(hi, record.rows)])
             attn_out = step(p, lo, hi, key_rows(residual) if step.needs_key_rows else None,
                             out=threads.scratch("decoder.step4", shape, dtype), keep=keep)  # -> [R, C]
-            v_rows = ops.layer_norm_rows(attn_out, norm.weight, norm.bias, norm.eps, out=new_keys[p, lo:hi],
-                                         add=residual, stats=stats)
+            v_rows = threads.scratch("decoder.keys", shape, dtype) if new_keys is None else new_keys[p, lo:hi]
+            ops.layer_norm_rows(attn_out, norm.weight, norm.bias, norm.eps, out=v_rows, add=residual, stats=stats)
             k_rows = np.add(v_rows, pe_blk, out=attn_out)  # into step (4)'s work array, read by now
         else:
             v_rows, k_rows = residual, key_rows(residual)
