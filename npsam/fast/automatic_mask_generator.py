@@ -43,7 +43,7 @@ Memory: working_memory() estimates the peak of a batch (the process's base,
 the photo, the arrays the batches share if they do, the decoder's batch, one
 group of masks at photo size, one RLE). memory_plan() shares the arrays when
 that fits within the generator's ``memory_limit`` (every photo up to about
-40 MP with the default limit) and chooses the group size; a photo whose
+20 MP with the default limit) and chooses the group size; a photo whose
 smallest working set (a group of one, nothing shared) does not fit is refused
 before any work starts (check_memory).
 
@@ -78,13 +78,18 @@ BASE_BYTES = 450 << 20
 # set_image makes of a crop while it resizes it (contiguous, PIL's).
 PHOTO_BYTES_PER_PIXEL = 3
 SET_IMAGE_BYTES_PER_PIXEL = 6
-# A decoder batch at its peak, per prompt: measured on MobileSAM, 64 prompts
-# raise the peak by about 330 MB. Of it, the transformer's per-prompt image
-# rows (64 x 64 x 256 float32) are shared by the batches, held from the first
-# to the last; the rest is the batch's own. After it, the kept prompts'
-# low-res masks (3 x 256 x 256 float32), shared too.
-DECODER_BYTES_PER_PROMPT = 6 << 20
+# A decoder batch at its peak, per prompt. Of it, the transformer's per-prompt
+# image rows (64 x 64 x 256 float32) are shared by the batches, held from the
+# first to the last, and so is what each layer's step (4) keeps for the
+# upscaling (transformer.Step4Record: 2 layers x (8 heads x 7 tokens + 1)
+# x 64 x 64 float32, with norm4's 1 / std per row); the rest is the batch's
+# own. After it, the kept prompts' low-res masks (3 x 256 x 256 float32),
+# shared too. Measured on MobileSAM and dog.jpg, two batches of 64 prompts:
+# the peak rises by 404 MiB (the record holds 172 of 256 rows there), and
+# this model counts 436.
+DECODER_BYTES_PER_PROMPT = 5 << 20
 KEYS_BYTES_PER_PROMPT = 64 * 64 * 256 * 4
+STEP4_RECORD_BYTES_PER_PROMPT = 2 * (8 * 7 + 2) * 64 * 64 * 4
 LOW_RES_BYTES_PER_PROMPT = 3 * 256 * 256 * 4
 # Per mask of a group: its thresholded mask (1 byte per pixel) and its rows of
 # the width pass (4 bytes per photo column and low-res row read, at most 256),
@@ -110,14 +115,14 @@ def working_memory(points_per_batch: int, photo_size: Tuple[int, int], group: in
     h, w = (int(s) for s in photo_size)
     held = BASE_BYTES + PHOTO_BYTES_PER_PIXEL * h * w
     embed = SET_IMAGE_BYTES_PER_PIXEL * h * w
-    decode = DECODER_BYTES_PER_PROMPT * points_per_batch
+    decode = (DECODER_BYTES_PER_PROMPT + STEP4_RECORD_BYTES_PER_PROMPT) * points_per_batch
     low_res = LOW_RES_BYTES_PER_PROMPT * points_per_batch
     group_masks = group * (MASK_BYTES_PER_PIXEL * h * w + MASK_BYTES_PER_COLUMN * w)
     masks = RLE_BYTES_PER_PIXEL * h * w + group * BLOCK_BYTES_PER_COLUMN * w
     if not pooled:
         return held + max(embed, decode, low_res + group_masks + masks)
-    shared = KEYS_BYTES_PER_PROMPT * points_per_batch + low_res + group_masks
-    decode -= KEYS_BYTES_PER_PROMPT * points_per_batch  # the keys are shared
+    shared = (KEYS_BYTES_PER_PROMPT + STEP4_RECORD_BYTES_PER_PROMPT) * points_per_batch + low_res + group_masks
+    decode -= (KEYS_BYTES_PER_PROMPT + STEP4_RECORD_BYTES_PER_PROMPT) * points_per_batch  # shared
     return held + max(embed + (shared if crops else 0), shared + decode, shared + masks)
 
 
@@ -126,7 +131,7 @@ def memory_plan(points_per_batch: int, photo_size: Tuple[int, int], memory_limit
     """(pooled, group): shared work arrays when they fit within the limit
     with a group of at least one mask, and the most masks per group (at least
     1, at most a batch's masks) whose working_memory stays within it. A photo
-    too large for pooling (about 40 MP with the default limit) makes its
+    too large for pooling (about 20 MP with the default limit) makes its
     arrays batch by batch, as the official code does."""
     for pooled in (True, False):
         lo, hi = 1, 3 * points_per_batch
