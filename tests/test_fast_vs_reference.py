@@ -227,6 +227,22 @@ def test_fast_two_way_transformer_matches_the_reference(name, seed, depth, b, t,
     for _ in range(2):  # computed, then read from the record
         close_pair(fast_tr.forward_rows(tr, rows, pe_rows, tokens, per_image), expected, tol, "forward_rows shared")
         assert (per_image.layer0 is not None) == (depth > 0)
+    # what the mask decoder asks for: the first tokens' final attention only, no
+    # keys, and each step (4)'s record, from which the keys follow row by row
+    first = (t + 1) // 2
+    recorded = (h * w + 1) // 2
+    record = fast_tr.Step4Record.empty(tr, b, t, recorded, dtype) if depth else None
+    queries, keys = fast_tr.forward_rows(tr, rows, pe_rows, tokens, per_image, record=record, keys_wanted=False,
+                                         final_tokens=first)
+    assert keys is None and queries.shape == (b, first, 64)
+    assert_close(queries, expected[0][:, :first], tol, "forward_rows, the first tokens")
+    if depth:
+        keys = np.broadcast_to(rows[:, :recorded], (b, recorded, 64)).astype(np.float64)
+        for i, layer in enumerate(tr.layers):
+            p, mean = record.weights[i, :, :-1], record.weights[i, :, -1]  # [B, h*T, R], [B, R]
+            x = keys + p.transpose(0, 2, 1) @ record.values[i] - mean[..., None]
+            keys = x * record.rstd[i][..., None] * layer.norm4.weight + layer.norm4.bias
+        assert_close(keys, expected[1][:, :recorded], tol, "keys from the step (4) record")
 
 
 @pytest.mark.parametrize("name", sorted(DTYPES))

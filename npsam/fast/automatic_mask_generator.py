@@ -319,7 +319,7 @@ def decode_iou_first(predictor, point_coords: np.ndarray, point_labels: np.ndarr
         rows = None if rows_read is None else -(-rows_read // 4)  # image rows: 4 low-res rows each
         n_rows = upscaled_rows(h, w, rows)
         record, image_side = step4_record(src, per_image, tokens.shape[:2], n_rows * w, work)
-        hs, keys = forward_rows(src, pos_src, tokens, per_image, keys, record)  # -> [B, T, C], [B, HW, C] (or None)
+        hs, keys = forward_rows(src, pos_src, tokens, per_image, keys, record)  # -> [B, 1+M, C], [B, HW, C] (or None)
         src = src if keys is None else keys  # the upscaling reads the keys, or the record
         iou_token_out = hs[:, 0, :]  # -> [B, C]
         mask_tokens_out = hs[:, 1:(1 + decoder.num_mask_tokens), :]  # -> [B, M, C]
@@ -369,7 +369,8 @@ def _fast_decoder_phases(decoder):
             lambda src, per_image, batch, rows, work: fast_decoder.step4_record(
                 decoder, src, per_image, batch, rows, work),
             lambda src, pos_src, tokens, per_image, keys, record: fast_transformer.forward_rows(
-                decoder.transformer, src, pos_src, tokens, per_image, keys, record, keys_wanted=record is None),
+                decoder.transformer, src, pos_src, tokens, per_image, keys, record, keys_wanted=record is None,
+                final_tokens=1 + decoder.num_mask_tokens),
             lambda src, hyper_in, h, w, prompts, mask_slice, out, rows, record, image_side:
                 fast_decoder.upscaled_masks(decoder, src, hyper_in, h, w, prompts, mask_slice, out, rows,
                                             record, image_side))

@@ -139,7 +139,8 @@ def predict_masks(self: MaskDecoder, image_embeddings: np.ndarray, image_pe: np.
         record, image_side = step4_record(self, src, per_image, tokens.shape[:2], h * w)
 
         hs, keys = forward_rows(self.transformer, src, pos_src, tokens, per_image, record=record,
-                                keys_wanted=record is None)  # -> [B, T, C], [B, HW, C] (or None)
+                                keys_wanted=record is None, final_tokens=1 + self.num_mask_tokens)
+        # -> [B, 1+M, C] (the IoU and mask tokens), [B, HW, C] (or None)
         iou_token_out = hs[:, 0, :]  # -> [B, C]
         mask_tokens_out = hs[:, 1:(1 + self.num_mask_tokens), :]  # -> [B, M, C]
         hyper_in = np.stack([self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :])

@@ -274,7 +274,8 @@ def two_way_transformer(self: TwoWayTransformer, image_embedding: np.ndarray, im
 def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe: np.ndarray,
                  point_embedding: np.ndarray, per_image: Optional[PerImage] = None,
                  keys_out: Optional[np.ndarray] = None, record: Optional[Step4Record] = None,
-                 keys_wanted: bool = True) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+                 keys_wanted: bool = True, final_tokens: Optional[int] = None
+                 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """TwoWayTransformer.forward on image locations as rows: image_embedding,
     image_pe [1 or B, HW, C] (only the first PE is read: the official PE is
     repeated per prompt), point_embedding [B, T, C] -> (queries [B, T, C], keys
@@ -316,6 +317,11 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
     ``keys_wanted``: False returns None for the keys: the last pass then
     keeps each block's keys in this thread's work array, not in [B, HW, C]
     memory (the upscaling reads the record instead: fast/mask_decoder.py).
+    ``final_tokens``: the final attention runs for the first final_tokens
+    tokens only, and the queries returned are those [B, final_tokens, C]:
+    each token's attention to the image and its norm_final_attn read no other
+    token, so theirs are the same values (the mask decoder reads the IoU and
+    mask tokens, never the prompts' own).
     """
     bk, hw, c = image_embedding.shape
     b, t, _ = point_embedding.shape
@@ -348,8 +354,10 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
                 out_keys = None  # the last step (4): its keys are read in its blocks only
             elif step4 is not None and keys is image_embedding:  # the first step (4): keys become per prompt
                 out_keys = np.empty((b, hw, c), dtype) if keys_out is None else keys_out
-            attn_out = _pass(to_image, queries + point_embedding, step4, keys, out_keys, pe, rows, nblocks, t,
-                             record)
+            q = queries + point_embedding
+            if i == len(self.layers) and final_tokens is not None:
+                q = q[:, :final_tokens]  # -> [B, T', C]
+            attn_out = _pass(to_image, q, step4, keys, out_keys, pe, rows, nblocks, q.shape[1], record)
             keys = out_keys
         if i < len(self.layers):
             queries = layer.norm2(queries + attn_out)
@@ -364,7 +372,7 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
             if record is not None:
                 record.values[i] = step4[0].vo
         else:
-            queries = self.norm_final_attn(queries + attn_out)
+            queries = self.norm_final_attn(queries[:, :attn_out.shape[1]] + attn_out)
     if not keys_wanted:
         return queries, None
     if keys is image_embedding:  # no step (4) ran (depth 0): the keys are the image embedding itself
