@@ -447,3 +447,31 @@ def test_fast_conv2d_layer_matches_the_reference(name, seed, k, stride, padding,
     if channels_last:  # the [B, C, H, W] view of [B, H, W, C] memory, as the encoders' necks get it
         x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     close_pair(*both_paths(conv, x), tol, "Conv2d")
+
+
+@pytest.fixture(scope="module", params=["float32", "float64"])
+def decoder_only_sam(request):
+    from npsam import sam_model_registry
+
+    return sam_model_registry["vit_b"](checkpoint=Path(npsam.__file__).parent / "weights" / "minisam_decoder.safetensors",
+                                       dtype=np.dtype(request.param))
+
+
+@settings(max_examples=10, deadline=None)
+@given(h=st.integers(1, 1024), w=st.integers(1, 1024), b=st.integers(1, 2))
+def test_sam_preprocess_twin_is_the_reference_bit_for_bit(decoder_only_sam, h, w, b):
+    """Sam.preprocess's fast twin (normalised straight into the padded input)
+    gives the reference's bits; inputs it does not take go to the reference."""
+    sam = decoder_only_sam
+    dtype = sam.dtype
+    assert fast.implementation(sam, "preprocess") is not None
+    x = np.random.default_rng(h * 1000 + w).uniform(0, 255, (b, 3, h, w)).astype(dtype)
+    with npsam.reference():
+        expected = sam.preprocess(x)
+    got = sam.preprocess(x)
+    assert got.shape == (b, 3, 1024, 1024) and got.dtype == expected.dtype == dtype
+    np.testing.assert_array_equal(got, expected)
+    other = x.astype(np.float32 if dtype == "float64" else np.float64)  # not the model's dtype: the reference's promotion
+    with npsam.reference():
+        expected = sam.preprocess(other)
+    np.testing.assert_array_equal(sam.preprocess(other), expected)

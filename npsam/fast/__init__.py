@@ -52,7 +52,8 @@ _REFERENCE: contextvars.ContextVar[bool] = contextvars.ContextVar("npsam_referen
 # The modules of this package that register implementations; imported on the
 # first call that asks for one, so that importing the reference costs nothing more.
 IMPLEMENTATION_MODULES: Tuple[str, ...] = ("nn", "common", "transformer", "mask_decoder", "prompt_encoder",
-                                          "image_encoder", "tiny_vit_sam", "automatic_mask_generator", "transforms")
+                                          "image_encoder", "tiny_vit_sam", "automatic_mask_generator", "transforms",
+                                          "sam")
 
 _IMPLEMENTATIONS: Dict[Tuple[type, str], Callable] = {}
 _DERIVERS: Dict[type, Callable] = {}

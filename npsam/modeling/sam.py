@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
+from .. import fast
 from ..kernels.nn import Module, WeightsMissingError
 
 # NOTE(reference): Sam's defaults, in RGB, for pixel values 0..255.
@@ -100,6 +101,7 @@ class Sam(Module):
             raise NotImplementedError("Sam.train(True): npsam does inference only (no gradients, no dropout)")
         return self
 
+    @fast.dispatch
     def preprocess(self, x: np.ndarray) -> np.ndarray:
         """Normalize pixel values and pad to a square input: [B, 3, h, w] -> [B, 3, S, S]."""
         x = (x - self.pixel_mean.astype(self.dtype)) / self.pixel_std.astype(self.dtype)
