@@ -210,8 +210,10 @@ def step4_record(self: MaskDecoder, src: np.ndarray, per_image: Optional[PerImag
     from what the transformer's steps (4) compute (see there), on the first
     ``rows`` image rows of a batch of (B, T) prompts and tokens: with one image
     for every prompt (``per_image``) and a transformer of at least one layer;
-    (None, None) otherwise (the product then reads the keys)."""
-    if per_image is None or not self.derived.chain_weights:
+    (None, None) otherwise, or when the layers' steps (4) have different
+    numbers of heads (the product then reads the keys)."""
+    heads = {layer.cross_attn_image_to_token.num_heads for layer in self.transformer.layers}
+    if per_image is None or not self.derived.chain_weights or len(heads) != 1:
         return None, None
     return (Step4Record.empty(self.transformer, *batch, rows, src.dtype, work),
             upscaling_image_side(self, per_image, src))

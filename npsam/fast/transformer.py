@@ -247,7 +247,8 @@ class Step4Record:
         """A record for ``b`` prompts of ``t`` tokens, ``rows`` image rows; its
         arrays from ``work`` (threads.WorkArrays) when given."""
         heads = {layer.cross_attn_image_to_token.num_heads for layer in transformer.layers}
-        assert len(heads) == 1, "every layer's step (4) has the same heads"
+        if len(heads) != 1:
+            raise ValueError(f"Step4Record: every layer's step (4) must have the same number of heads, got {heads}")
         shapes = {"weights": (len(transformer.layers), b, heads.pop() * t + 1, rows),
                   "rstd": (len(transformer.layers), b, rows)}
         arrays = {k: np.empty(v, dtype) if work is None else work.get(f"step4.{k}", v, dtype)
