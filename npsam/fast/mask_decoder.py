@@ -62,6 +62,9 @@ class UpscalingDerived(NamedTuple):
         chain_shifts[i]     b_(i-1) W_i / h (0 for i = 0)  [2*2*O1]: added to each of the h*T
                             rows of vo_i W_i (each head's softmax weights sum to 1)
         chain_bias          b_(L-1) W_L + b1c              [2*2*O1]
+
+    No chain (empty tuples) for a transformer without layers, or whose
+    layers' steps (4) differ in heads.
     """
     w1c: np.ndarray
     b1c: np.ndarray
@@ -85,6 +88,8 @@ def upscaling_weights(self: MaskDecoder) -> UpscalingDerived:
     b1c = b1 - b1.mean()
     w2 = conv2.weight.transpose(0, 2, 3, 1).reshape(o1, -1)  # (O1, O2, 2, 2) -> [O1, 2*2*O2]
     layers = list(self.transformer.layers)
+    if len({layer.cross_attn_image_to_token.num_heads for layer in layers}) > 1:
+        layers = []  # no chain: a Step4Record holds one h*T for every layer (the upscaling reads the keys)
     weights = [None] * len(layers)
     w = w1  # W_L
     for i in reversed(range(len(layers))):
@@ -209,11 +214,9 @@ def step4_record(self: MaskDecoder, src: np.ndarray, per_image: Optional[PerImag
     """(record, image_side) for upscaled_masks to compute its first product
     from what the transformer's steps (4) compute (see there), on the first
     ``rows`` image rows of a batch of (B, T) prompts and tokens: with one image
-    for every prompt (``per_image``) and a transformer of at least one layer;
-    (None, None) otherwise, or when the layers' steps (4) have different
-    numbers of heads (the product then reads the keys)."""
-    heads = {layer.cross_attn_image_to_token.num_heads for layer in self.transformer.layers}
-    if per_image is None or not self.derived.chain_weights or len(heads) != 1:
+    for every prompt (``per_image``) and a chain (UpscalingDerived); (None,
+    None) otherwise (the product then reads the keys)."""
+    if per_image is None or not self.derived.chain_weights:
         return None, None
     return (Step4Record.empty(self.transformer, *batch, rows, src.dtype, work),
             upscaling_image_side(self, per_image, src))
@@ -374,15 +377,12 @@ def _chain_rows(d: UpscalingDerived, record: Step4Record, values: np.ndarray, im
     """keys_L @ w1c + b1c on image rows [lo, hi) of prompt p, from the record
     (see upscaled_masks): ``values`` [L, h*T + 1, 4*O1] the prompt's
     _chain_values -> ``out`` [R, 4*O1]."""
-    tmp = threads.scratch("upscale.chain", out.shape, out.dtype)
-    for i in range(len(d.chain_weights)):
-        weights = record.weights[i, p, :, lo:hi].T  # [R, h*T + 1]: the softmax weights, then the mean
-        y = out if i == 0 else tmp
-        np.matmul(weights, values[i], out=y)  # [R, h*T + 1] @ [h*T + 1, 4*O1] -> [R, 4*O1]
-        if i == 0:
-            out += image_side[lo:hi]  # keys_0 W_0
-        else:
-            out += tmp
+    weights = record.weights[:, p, :, lo:hi].transpose(0, 2, 1)  # [L, R, h*T + 1]: the softmax weights, the mean
+    np.matmul(weights[0], values[0], out=out)  # [R, h*T + 1] @ [h*T + 1, 4*O1] -> [R, 4*O1]
+    out += image_side[lo:hi]  # + keys_0 W_0
+    out *= record.rstd[0, p, lo:hi, None]
+    for i in range(1, len(values)):
+        out += np.matmul(weights[i], values[i], out=threads.scratch("upscale.chain", out.shape, out.dtype))
         out *= record.rstd[i, p, lo:hi, None]
     out += d.chain_bias
     return out

@@ -134,19 +134,25 @@ def exp_below_max_(x: np.ndarray, m: np.ndarray) -> np.ndarray:
     loop for a scalar operand (37 against 11 us for 64K floats).
     """
     x -= m
-    n = x.shape[-1]
-    floor = EXP_FLOOR[x.dtype]
-    if n >= 32:
-        key = (n, x.dtype)
-        floor = _FLOOR_ROWS.get(key)
-        if floor is None:
-            floor = _FLOOR_ROWS[key] = np.full(n, EXP_FLOOR[x.dtype])
-            floor.flags.writeable = False
-    np.maximum(x, floor, out=x)
+    np.maximum(x, _floor(EXP_FLOOR, x), out=x)
     return np.exp(x, out=x)
 
 
-_FLOOR_ROWS = {}  # (length, dtype) -> a row of EXP_FLOOR (or EXP2_FLOOR)
+_FLOOR_ROWS = {}  # (floor, length, dtype) -> a read-only row of that floor
+
+
+def _floor(floors: dict, x: np.ndarray):
+    """floors[x.dtype] as the operand of np.maximum on x: a row as long as x's
+    last axis (cached) from 32 values on, the scalar below that."""
+    floor, n = floors[x.dtype], x.shape[-1]
+    if n < 32:
+        return floor
+    key = (float(floor), n, x.dtype)
+    row = _FLOOR_ROWS.get(key)
+    if row is None:
+        row = _FLOOR_ROWS[key] = np.full(n, floor)
+        row.flags.writeable = False
+    return row
 
 # The same floor for powers of two: half the base-2 log of the smallest normal
 # (-63 for float32, -511 for float64), so 2^floor is sqrt(tiny) and p * v
@@ -161,13 +167,7 @@ def exp2_sums_(x: np.ndarray) -> np.ndarray:
     results by the sums instead of every weight (np.exp2 runs at twice
     np.exp's speed on float32: 0.22 against 0.45 ns a value)."""
     x -= x.max(axis=-1, keepdims=True)
-    n = x.shape[-1]
-    key = (n, x.dtype, 2)
-    floor = _FLOOR_ROWS.get(key)
-    if floor is None:
-        floor = _FLOOR_ROWS[key] = np.full(n, EXP2_FLOOR[x.dtype])
-        floor.flags.writeable = False
-    np.maximum(x, floor, out=x)
+    np.maximum(x, _floor(EXP2_FLOOR, x), out=x)
     np.exp2(x, out=x)
     return x.sum(axis=-1)
 

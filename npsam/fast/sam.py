@@ -20,12 +20,12 @@ def preprocess(self: Sam, x: np.ndarray) -> np.ndarray:
     two operations on the same values, so bit for bit the reference's; any
     other dtype than the model's, or a side longer than S, goes to the reference."""
     x = np.asarray(x)
-    size = self.image_encoder.img_size
-    if x.ndim != 4 or x.dtype != self.dtype or x.shape[1] != self.pixel_mean.shape[0] or max(x.shape[-2:]) > size:
+    size, dtype = self.image_encoder.img_size, self.dtype
+    if x.ndim != 4 or x.dtype != dtype or x.shape[1] != self.pixel_mean.shape[0] or max(x.shape[-2:]) > size:
         return Sam.preprocess.reference(self, x)  # its result, or its error
     b, c, h, w = x.shape
-    out = np.zeros((b, c, size, size), x.dtype)  # NOTE(reference): zero padding at the bottom and right
+    out = np.zeros((b, c, size, size), dtype)  # NOTE(reference): zero padding at the bottom and right
     image = out[..., :h, :w]
-    np.subtract(x, self.pixel_mean.astype(self.dtype), out=image)
-    image /= self.pixel_std.astype(self.dtype)
+    np.subtract(x, self.pixel_mean.astype(dtype), out=image)
+    image /= self.pixel_std.astype(dtype)
     return out  # -> [B, 3, S, S]

@@ -236,10 +236,14 @@ class Step4Record:
         keys_(i+1) = (keys_i + p_i^T vo_i - mean_i) * rstd_i * w_i + b_i,
     so these and the image rows give the keys after the last layer, and any
     product of them, without reading the keys themselves."""
-    rows: int
     weights: np.ndarray
     rstd: np.ndarray
     values: list
+
+    @property
+    def rows(self) -> int:
+        """The image rows recorded, from the first."""
+        return self.weights.shape[-1]
 
     @staticmethod
     def empty(transformer: TwoWayTransformer, b: int, t: int, rows: int, dtype,
@@ -253,7 +257,7 @@ class Step4Record:
                   "rstd": (len(transformer.layers), b, rows)}
         arrays = {k: np.empty(v, dtype) if work is None else work.get(f"step4.{k}", v, dtype)
                   for k, v in shapes.items()}
-        return Step4Record(rows, arrays["weights"], arrays["rstd"], [None] * len(transformer.layers))
+        return Step4Record(arrays["weights"], arrays["rstd"], [None] * len(transformer.layers))
 
 
 @implements(TwoWayTransformer)
