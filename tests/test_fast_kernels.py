@@ -114,6 +114,16 @@ def test_exp2_sums_give_softmax_weights_kept_normal(dtype):
     np.testing.assert_array_equal(sums, weights.sum(axis=-1))
     expected = torch.softmax(torch.from_numpy(x), -1).numpy().reshape(2, 4, -1)
     assert_close(weights / sums[..., None], expected, tol, "exp2 softmax")
+    # over the first axis, keys first (TinyViT's window attention): 64 columns,
+    # so that the floor is the cached row, not the scalar
+    x64 = np.tile(x, (8, 1))  # [64, 4096]
+    cols = np.ascontiguousarray((x64 * np_dtype(np.log2(np.e))).T)  # [4096, 64]
+    sums = ops.exp2_sums_(cols, axis=0)
+    assert sums.shape == (64,)
+    assert cols.max() == 1 and cols.min() >= np.sqrt(tiny)
+    np.testing.assert_array_equal(sums, cols.sum(axis=0))
+    expected = torch.softmax(torch.from_numpy(x64), -1).numpy().T
+    assert_close(cols / sums, expected, tol, "exp2 softmax over the first axis")
 
 
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
