@@ -10,6 +10,7 @@
 """
 
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -507,3 +508,29 @@ def test_transpose_in_blocks_is_exact(m, n, block, with_add, seed):
     got = ops.transpose(x, block=block, add=add)
     assert got.flags.c_contiguous and got.shape == (n, m)
     np.testing.assert_array_equal(got, (x if add is None else x + add[:, None]).T)
+
+
+@given(n=st.integers(1, 300), e=st.sampled_from([1, 3, 32, 49, 64, 256, 9000]), in_place=st.booleans(),
+       op=st.sampled_from([np.add, np.multiply]), given_wide=st.booleans(), seed=st.integers(0, 99),
+       wide_row=st.sampled_from([64, 8192]))
+def test_row_op_is_the_broadcast_bit_for_bit(n, e, in_place, op, given_wide, seed, wide_row):
+    """ops.row_op (the rows viewed k at a time against the row tiled k times,
+    the ragged last rows broadcast as they are) gives what the broadcast
+    op(x, row) gives, element by element: in place or not, with the caller's
+    wide row or its own, and when the array is a strided view (the plain
+    broadcast then)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, e)).astype(np.float32)
+    row = rng.standard_normal(e).astype(np.float32)
+    expected = op(x, row)
+    with mock.patch.object(ops, "WIDE_ROW", wide_row):
+        wide = ops.wide_row(row) if given_wide else None
+        assert wide is None or (wide.shape[0] % e == 0 and wide.shape[0] >= wide_row)
+        out = x if in_place else np.full_like(x, np.nan)
+        assert ops.row_op(op, x, row, out, wide) is out
+        np.testing.assert_array_equal(out, expected)
+        wide_x = rng.standard_normal((n, 2 * e)).astype(np.float32)
+        strided = wide_x[:, ::2]  # not C-contiguous: reshaped, it would be a copy
+        expected = op(strided, row)
+        np.testing.assert_array_equal(ops.row_op(op, strided, row, strided, wide), expected)
+        np.testing.assert_array_equal(wide_x[:, ::2], expected)

@@ -323,6 +323,8 @@ def upscaled_masks(self: MaskDecoder, src: np.ndarray, hyper_in: np.ndarray, h: 
             raise ValueError(f"record: expected at least the {h_out * w} image rows upscaled, got {record.rows}")
         values = _chain_values(self.derived, record, prompts)  # [L, b, h*T + 1, 4*O1]
 
+    wide_b2 = ops.wide_row(conv2.bias)  # see ops.row_op
+
     def work(start, stop):
         for j in range(start, stop):
             i, r0, r1 = threads.image_rows(j, per_image, block_rows, h)
@@ -341,7 +343,7 @@ def upscaled_masks(self: MaskDecoder, src: np.ndarray, hyper_in: np.ndarray, h: 
             ops.gelu_block(y1, y1)
             y2 = np.matmul(y1, w2, out=threads.scratch("upscale.y2", (4 * n, 4 * o2), src.dtype))
             y2 = y2.reshape(-1, o2)  # [R*4, O1] @ [O1, 4*O2] -> [R*16, O2]
-            y2 += conv2.bias
+            ops.row_op(np.add, y2, conv2.bias, y2, wide_b2)
             ops.gelu_block(y2, y2)
             # the pixels as the long side of the product: twice as fast as hyper_in @ y2.T;
             # into y1's work array, read by now (the masks need a quarter of it)

@@ -137,19 +137,28 @@ def depthwise_taps(folded: FoldedConv) -> np.ndarray:
     return np.ascontiguousarray(folded.weight[:, 0].transpose(1, 2, 0))
 
 
-def sum_taps_(acc: np.ndarray, tmp: np.ndarray, source, taps: np.ndarray) -> np.ndarray:
+def sum_taps_(acc: np.ndarray, tmp: np.ndarray, source, taps: np.ndarray,
+              wide: Optional[np.ndarray] = None) -> np.ndarray:
     """acc = the sum over the taps (ki, kj) of source(ki, kj) * taps[ki, kj]:
     a depthwise convolution on channels-last [..., C] blocks (``source`` gives
     each tap's input view, of acc's shape; ``tmp`` is work space of acc's
     shape). Summed as kernels/ops.depthwise_conv2d sums them, the first tap
     then the others in (ki, kj) order (its bias is the caller's), so bit for
-    bit its values."""
-    k = taps.shape[0]
-    np.multiply(source(0, 0), taps[0, 0], out=acc)
+    bit its values. ``wide``: fast_ops.wide_row(taps), for sources that are
+    C-contiguous [n, C] slices: each product then runs as fast_ops.row_op
+    (the same values, a plain pass's speed)."""
+    k, c = taps.shape[0], taps.shape[-1]
+
+    def product(ki, kj, out):
+        if wide is None:
+            return np.multiply(source(ki, kj), taps[ki, kj], out=out)
+        return fast_ops.row_op(np.multiply, source(ki, kj), taps[ki, kj], out.reshape(-1, c), wide[ki, kj])
+
+    product(0, 0, acc)
     for ki in range(k):
         for kj in range(k):
             if ki or kj:
-                np.multiply(source(ki, kj), taps[ki, kj], out=tmp)
+                product(ki, kj, tmp)
                 acc += tmp
     return acc
 
@@ -238,6 +247,7 @@ def mbconv_forward(self: MBConv, x: np.ndarray) -> np.ndarray:
     taps, b2 = depthwise_taps(d2), d2.bias  # [3, 3, E], [E]
     o = d3.weight.shape[0]
     w3t, b3 = d3.weight.reshape(o, e).T, d3.bias  # [E, O], [O]
+    wide_b1, wide_taps, wide_b2, wide_b3 = (fast_ops.wide_row(r) for r in (b1, taps, b2, b3))  # see row_op
     rows = MBCONV_ROWS
     per_image = -(-h // rows)  # blocks of rows per image
     wp = w + 2  # the window's padded width
@@ -250,7 +260,7 @@ def mbconv_forward(self: MBConv, x: np.ndarray) -> np.ndarray:
         n = (r1 - r0) * w
         t = scratch("mbconv.expand", (n * e,), x.dtype).reshape(n, e)
         np.matmul(xl[bi, r0:r1].reshape(n, c), w1t, out=t)  # [r*W, C] @ [C, E] -> [r*W, E]
-        t += b1
+        fast_ops.row_op(np.add, t, b1, t, wide_b1)
         _gelu_into(t.reshape(r1 - r0, w, e), win[1:1 + r1 - r0, 1:w + 1], p1)
 
     def work(start, stop):
@@ -277,12 +287,12 @@ def mbconv_forward(self: MBConv, x: np.ndarray) -> np.ndarray:
             flat = win.reshape(-1, e)  # [(rows + 3) * Wp, E]
             a = scratch("mbconv.acc", (r * wp * e,), x.dtype).reshape(r * wp, e)
             t = scratch("mbconv.tmp", (r * wp * e,), x.dtype).reshape(r * wp, e)
-            sum_taps_(a, t, lambda ki, kj: flat[ki * wp + kj:ki * wp + kj + r * wp], taps)  # [r*Wp, E] each
-            a += b2
+            sum_taps_(a, t, lambda ki, kj: flat[ki * wp + kj:ki * wp + kj + r * wp], taps, wide_taps)  # [r*Wp, E] each
+            fast_ops.row_op(np.add, a, b2, a, wide_b2)
             _gelu_into(a, a, p2)
             z = scratch("mbconv.project", (r * wp * o,), x.dtype).reshape(r * wp, o)
             np.matmul(a, w3t, out=z)  # [r*Wp, E] @ [E, O] -> [r*Wp, O]
-            z += b3
+            fast_ops.row_op(np.add, z, b3, z, wide_b3)
             z3 = z.reshape(r, wp, o)[:, :w]  # the window's extra columns dropped
             z3 += xl[bi, r0:r1]  # the residual
             _gelu_into(z3, y[bi, r0:r1], p3)
@@ -419,17 +429,18 @@ def mlp_rows(self: Mlp, x: np.ndarray, residual: Optional[np.ndarray] = None) ->
     out = np.empty((x2.shape[0], o), x.dtype)
     res = None if residual is None else np.ascontiguousarray(residual).reshape(-1, o)
     precise = self.act.precise
+    wide_b1, wide_b2 = fast_ops.wide_row(fc1.bias), fast_ops.wide_row(fc2.bias)  # see fast_ops.row_op
 
     def block(lo, hi):
         t = scratch("mlp.norm", ((hi - lo) * c,), x.dtype).reshape(hi - lo, c)
         fast_ops.layer_norm_rows(x2[lo:hi], norm.weight, norm.bias, norm.eps, t)
         hidden = scratch("mlp.hidden", ((hi - lo) * e,), x.dtype).reshape(hi - lo, e)
         np.matmul(t, fc1.weight.T, out=hidden)  # [r, C] @ [C, E] -> [r, E]
-        hidden += fc1.bias
+        fast_ops.row_op(np.add, hidden, fc1.bias, hidden, wide_b1)
         _gelu_into(hidden, hidden, precise)
         y = out[lo:hi]
         np.matmul(hidden, fc2.weight.T, out=y)  # [r, E] @ [E, O] -> [r, O]
-        y += fc2.bias
+        fast_ops.row_op(np.add, y, fc2.bias, y, wide_b2)
         if res is not None:
             y += res[lo:hi]
 
@@ -483,6 +494,7 @@ def attention_windows(self: Attention, x: np.ndarray, out: np.ndarray) -> np.nda
     norm, qkv_w, qkv_b, ab_t = self.norm, derived.qkv_t, derived.qkv_b, derived.ab_t  # [C, h*(2D + d)], ...
     proj_w, proj_b = self.proj.weight.T, self.proj.bias  # [h*d, C]
     per = max(1, ATTENTION_LOGITS // (heads * n * n))  # windows per block
+    wide_qkv_b, wide_proj_b = fast_ops.wide_row(qkv_b), fast_ops.wide_row(proj_b)  # see fast_ops.row_op
 
     def block(lo, hi):
         g, rows = hi - lo, (hi - lo) * n
@@ -490,7 +502,7 @@ def attention_windows(self: Attention, x: np.ndarray, out: np.ndarray) -> np.nda
         fast_ops.layer_norm_rows(x[lo:hi].reshape(rows, c), norm.weight, norm.bias, norm.eps, t)
         qkv = scratch("attention.qkv", (rows * qkv_w.shape[1],), x.dtype).reshape(rows, -1)
         np.matmul(t, qkv_w, out=qkv)  # [g*N, C] @ [C, h*(2D + d)] -> [g*N, h*(2D + d)]
-        qkv += qkv_b
+        fast_ops.row_op(np.add, qkv, qkv_b, qkv, wide_qkv_b)
         qkv = qkv.reshape(g, n, heads, -1)  # -> [g, N, h, 2D + d]
         q = qkv[..., :kd].transpose(0, 2, 3, 1)  # -> [g, h, D, N], times scale * log2(e)
         k = qkv[..., kd:2 * kd].transpose(0, 2, 1, 3)  # -> [g, h, N, D]
@@ -507,7 +519,7 @@ def attention_windows(self: Attention, x: np.ndarray, out: np.ndarray) -> np.nda
         # [g, h, N_q, N_k] @ [g, h, N_k, d] -> [g, h, N, d], written as [g, N, h, d]
         y = out[lo:hi].reshape(rows, -1)
         np.matmul(o.reshape(rows, heads * d), proj_w, out=y)  # [g*N, h*d] @ [h*d, C] -> [g*N, C]
-        y += proj_b
+        fast_ops.row_op(np.add, y, proj_b, y, wide_proj_b)
 
     with single_threaded_blas():
         parallel_blocks(block, a, per, threads=row_threads())
@@ -584,6 +596,7 @@ def local_conv_channels_last(conv: Conv2d_BN, xp: np.ndarray, h: int, w: int) ->
     folded = conv.derived
     taps = depthwise_taps(folded)  # [K, K, C]
     bias = folded.bias
+    wide_taps, wide_bias = fast_ops.wide_row(taps), fast_ops.wide_row(bias)  # see fast_ops.row_op
     y = np.empty((b, h, w, c), xp.dtype)
     flat = xp.reshape(b, hp * wp, c)
     rows = LOCAL_CONV_ROWS
@@ -595,8 +608,9 @@ def local_conv_channels_last(conv: Conv2d_BN, xp: np.ndarray, h: int, w: int) ->
             m = (r1 - r0) * wp
             acc = scratch("local_conv.acc", (m, c), xp.dtype)
             tmp = scratch("local_conv.tmp", (m, c), xp.dtype)
-            sum_taps_(acc, tmp, lambda ki, kj: flat[bi, (r0 + ki) * wp + kj:(r0 + ki) * wp + kj + m], taps)  # [m, C]
-            acc += bias
+            sum_taps_(acc, tmp, lambda ki, kj: flat[bi, (r0 + ki) * wp + kj:(r0 + ki) * wp + kj + m], taps,
+                      wide_taps)  # [m, C]
+            fast_ops.row_op(np.add, acc, bias, acc, wide_bias)
             y[bi, r0:r1] = acc.reshape(r1 - r0, wp, c)[:, :w]
 
     parallel_rows(work, b * per_image)
