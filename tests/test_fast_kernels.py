@@ -534,3 +534,19 @@ def test_row_op_is_the_broadcast_bit_for_bit(n, e, in_place, op, given_wide, see
         expected = op(strided, row)
         np.testing.assert_array_equal(ops.row_op(op, strided, row, strided, wide), expected)
         np.testing.assert_array_equal(wide_x[:, ::2], expected)
+
+
+@given(r=st.integers(1, 200), k=st.integers(1, 60), nan=st.booleans(), seed=st.integers(0, 99))
+def test_column_max_is_the_max_over_rows(r, k, nan, seed):
+    """ops.column_max (rows folded 32 at a time, the ragged last rows after)
+    equals x.max(axis=0) exactly, a NaN included, and ops.ones sums columns
+    as x.sum(axis=0) does within float32 rounding."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((r, k)).astype(np.float32)
+    if nan:
+        x[rng.integers(r), rng.integers(k)] = np.nan
+    np.testing.assert_array_equal(ops.column_max(x), x.max(axis=0))
+    if not nan:
+        assert_close(ops.ones(r, np.float32) @ x, x.astype(np.float64).sum(axis=0), DECODER_F32, "column sums")
+    with pytest.raises(ValueError):
+        ops.ones(r, np.float32)[0] = 2  # read-only: shared by every caller

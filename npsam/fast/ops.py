@@ -229,6 +229,22 @@ def row_op(ufunc: np.ufunc, x: np.ndarray, row: np.ndarray, out: np.ndarray,
     return out
 
 
+def column_max(x: np.ndarray) -> np.ndarray:
+    """x.max(axis=0) for x [R, K] with K short (the decoder's [R, h*T] logits):
+    the same values (a max is exact), 6x as fast. NumPy reduces axis 0 as R
+    vector operations of K values (82 us for [2048, 56]); folded as
+    [32, R/32, K] the first max is 31 operations on whole [R/32, K] blocks,
+    then R/32 short ones (13 us)."""
+    r, k = x.shape
+    m = r // 32 * 32
+    if m == 0:
+        return x.max(axis=0)
+    out = x[:m].reshape(32, -1, k).max(axis=0).max(axis=0)  # [32, R/32, K] -> [R/32, K] -> [K]
+    if m < r:
+        np.maximum(out, x[m:].max(axis=0), out=out)
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Linear and normalisation
 # ---------------------------------------------------------------------------
@@ -323,7 +339,7 @@ def layer_norm_rows(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: fl
             out[...] = x
         mean = None
     else:
-        mean = x @ _ones(c, x.dtype)  # [r, C] -> [r]
+        mean = x @ ones(c, x.dtype)  # [r, C] -> [r]
         mean *= dt(1.0 / c)
         np.subtract(x, mean[:, None], out=out)  # xc = x - mean
     var = _row_dots(out, out)  # [r, C] -> [r]
@@ -358,11 +374,16 @@ else:  # pragma: no cover - NumPy < 2
         return np.einsum("rc,rc->r", a, b)
 
 
-def _ones(c: int, dtype) -> np.ndarray:
+def ones(c: int, dtype) -> np.ndarray:
+    """A read-only vector of c ones (cached): ``x @ ones`` sums x's rows, ``ones
+    @ x`` its columns, as BLAS matrix-vector products (a sixth of the time of
+    x.sum(axis=0) over [2048, 56])."""
     key = (c, np.dtype(dtype))
     v = _ONES.get(key)
     if v is None:
-        v = _ONES[key] = np.ones(c, dtype)
+        v = np.ones(c, dtype)
+        v.flags.writeable = False
+        v = _ONES[key] = v
     return v
 
 
