@@ -107,6 +107,15 @@ def attention_derived(m: Attention):
                             np.ascontiguousarray(ab_t, dtype=dtype))
 
 
+def transposed(weight: np.ndarray) -> np.ndarray:
+    """weight [O, C] as a C-contiguous [C, O] array, for products x @ weight^T
+    with the rows of x as the long side: OpenBLAS multiplies by it 5-8% faster
+    than by the transposed view weight.T (one core, [256-2048, C] blocks of
+    TinyViT's sizes). Made once per call of a fused pass, a copy of a few
+    hundred KB: the same values."""
+    return np.ascontiguousarray(weight.T)
+
+
 def conv1x1(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """F.conv2d with a 1x1 kernel, stride 1: one matrix product in NCHW, no transposes."""
     b, c, h, w = x.shape
@@ -243,10 +252,10 @@ def mbconv_forward(self: MBConv, x: np.ndarray) -> np.ndarray:
         return self.forward(x)  # not loaded: the reference raises WeightsMissingError
     xl = channels_last(x)  # [B, H, W, C]
     e = d1.weight.shape[0]
-    w1t, b1 = d1.weight.reshape(e, c).T, d1.bias  # [C, E], [E]
+    w1t, b1 = transposed(d1.weight.reshape(e, c)), d1.bias  # [C, E], [E]
     taps, b2 = depthwise_taps(d2), d2.bias  # [3, 3, E], [E]
     o = d3.weight.shape[0]
-    w3t, b3 = d3.weight.reshape(o, e).T, d3.bias  # [E, O], [O]
+    w3t, b3 = transposed(d3.weight.reshape(o, e)), d3.bias  # [E, O], [O]
     wide_b1, wide_taps, wide_b2, wide_b3 = (fast_ops.wide_row(r) for r in (b1, taps, b2, b3))  # see row_op
     rows = MBCONV_ROWS
     per_image = -(-h // rows)  # blocks of rows per image
@@ -340,10 +349,10 @@ def patch_merging_forward(self: PatchMerging, x: np.ndarray) -> np.ndarray:
         pixels = lambda bi, r0, r1: x[bi, :, r0:r1].reshape(c, -1).T  # noqa: E731  [r*W, C], a transposed view
     s = self.stride_c
     e = d1.weight.shape[0]
-    w1t, b1 = d1.weight.reshape(e, c).T, d1.bias  # [C, E], [E]
+    w1t, b1 = transposed(d1.weight.reshape(e, c)), d1.bias  # [C, E], [E]
     taps, b2 = depthwise_taps(d2), d2.bias  # [3, 3, E], [E]
     o = d3.weight.shape[0]
-    w3t, b3 = d3.weight.reshape(o, e).T, d3.bias  # [E, O], [O]
+    w3t, b3 = transposed(d3.weight.reshape(o, e)), d3.bias  # [E, O], [O]
     ho, wo = (h + 2 - 3) // s + 1, (w + 2 - 3) // s + 1
     y = np.empty((b, ho * wo, o), x.dtype)  # -> [B, N', O]
     rows_out = MERGING_ROWS
@@ -430,16 +439,17 @@ def mlp_rows(self: Mlp, x: np.ndarray, residual: Optional[np.ndarray] = None) ->
     res = None if residual is None else np.ascontiguousarray(residual).reshape(-1, o)
     precise = self.act.precise
     wide_b1, wide_b2 = fast_ops.wide_row(fc1.bias), fast_ops.wide_row(fc2.bias)  # see fast_ops.row_op
+    w1t, w2t = transposed(fc1.weight), transposed(fc2.weight)  # [C, E], [E, O]
 
     def block(lo, hi):
         t = scratch("mlp.norm", ((hi - lo) * c,), x.dtype).reshape(hi - lo, c)
         fast_ops.layer_norm_rows(x2[lo:hi], norm.weight, norm.bias, norm.eps, t)
         hidden = scratch("mlp.hidden", ((hi - lo) * e,), x.dtype).reshape(hi - lo, e)
-        np.matmul(t, fc1.weight.T, out=hidden)  # [r, C] @ [C, E] -> [r, E]
+        np.matmul(t, w1t, out=hidden)  # [r, C] @ [C, E] -> [r, E]
         fast_ops.row_op(np.add, hidden, fc1.bias, hidden, wide_b1)
         _gelu_into(hidden, hidden, precise)
         y = out[lo:hi]
-        np.matmul(hidden, fc2.weight.T, out=y)  # [r, E] @ [E, O] -> [r, O]
+        np.matmul(hidden, w2t, out=y)  # [r, E] @ [E, O] -> [r, O]
         fast_ops.row_op(np.add, y, fc2.bias, y, wide_b2)
         if res is not None:
             y += res[lo:hi]
@@ -492,7 +502,7 @@ def attention_windows(self: Attention, x: np.ndarray, out: np.ndarray) -> np.nda
     if derived is None:
         return self.forward(x)  # not loaded: the reference raises WeightsMissingError
     norm, qkv_w, qkv_b, ab_t = self.norm, derived.qkv_t, derived.qkv_b, derived.ab_t  # [C, h*(2D + d)], ...
-    proj_w, proj_b = self.proj.weight.T, self.proj.bias  # [h*d, C]
+    proj_w, proj_b = transposed(self.proj.weight), self.proj.bias  # [h*d, C]
     per = max(1, ATTENTION_LOGITS // (heads * n * n))  # windows per block
     wide_qkv_b, wide_proj_b = fast_ops.wide_row(qkv_b), fast_ops.wide_row(proj_b)  # see fast_ops.row_op
 
