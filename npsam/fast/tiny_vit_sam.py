@@ -58,10 +58,10 @@ class FoldedConv(NamedTuple):
 class AttentionDerived(NamedTuple):
     """An Attention's weights as attention_windows reads them."""
 
-    ab: np.ndarray  # [h, N, N]: attention_biases[:, attention_bias_idxs] (the official eval()'s ``ab``)
     qkv_t: np.ndarray  # [C, h*(2D + d)]: qkv.weight^T, q's columns times scale * log2(e)
     qkv_b: np.ndarray  # [h*(2D + d)]: qkv.bias, q's entries times scale * log2(e)
-    ab_t: np.ndarray  # [N, 1, h, N]: ab * log2(e), keys first: ab_t[j, 0, h, i] = ab[h, i, j] * log2(e)
+    ab_t: np.ndarray  # [N, 1, h, N]: the official eval()'s ``ab`` (attention_biases[:, attention_bias_idxs],
+    # [h, N_q, N_k]) times log2(e), keys first: ab_t[j, 0, h, i] = ab[h, i, j] * log2(e)
 
 
 @derives(Conv2d_BN)
@@ -85,24 +85,25 @@ def fold_batch_norm(m: Conv2d_BN):
 
 @derives(Attention)
 def attention_derived(m: Attention):
-    """The official eval()'s ``ab`` buffer (attention_biases[:, attention_bias_idxs]),
-    and the weights of attention_windows' softmax in powers of two, computed in
+    """The weights of attention_windows' softmax in powers of two, computed in
     float64 and cast to the model's dtype once: q's projection (columns and
     bias) times scale * log2(e), so that q @ k^T comes out as the logits times
-    log2(e), and ab times log2(e), laid out keys first."""
+    log2(e) (NOTE(reference): the official multiplies q @ k^T by the scale),
+    and the official eval()'s ``ab`` buffer (the bias gather
+    attention_biases[:, attention_bias_idxs]) times log2(e), keys first."""
     if "attention_biases" not in m._params:
         return None
     f64 = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
     dtype = m.qkv.weight.dtype
     heads, kd = m.num_heads, m.key_dim
-    ab = np.ascontiguousarray(m.attention_biases[:, m.attention_bias_idxs])  # -> [h, N, N]
+    ab = m.attention_biases[:, m.attention_bias_idxs]  # [h, N_q, N_k]
     q_scale = m.scale * math.log2(math.e)
     qkv_t = f64(m.qkv.weight).T.reshape(-1, heads, 2 * kd + m.d).copy()  # [C, h, 2D + d]
     qkv_t[..., :kd] *= q_scale
     qkv_b = f64(m.qkv.bias).reshape(heads, 2 * kd + m.d).copy()  # [h, 2D + d]
     qkv_b[:, :kd] *= q_scale
     ab_t = (f64(ab) * math.log2(math.e)).transpose(2, 0, 1)[:, None]  # [h, Nq, Nk] -> [Nk, 1, h, Nq]
-    return AttentionDerived(ab, np.ascontiguousarray(qkv_t.reshape(qkv_t.shape[0], -1), dtype=dtype),
+    return AttentionDerived(np.ascontiguousarray(qkv_t.reshape(qkv_t.shape[0], -1), dtype=dtype),
                             np.ascontiguousarray(qkv_b.reshape(-1), dtype=dtype),
                             np.ascontiguousarray(ab_t, dtype=dtype))
 
