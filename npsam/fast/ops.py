@@ -216,8 +216,11 @@ def row_op(ufunc: np.ufunc, x: np.ndarray, row: np.ndarray, out: np.ndarray,
     """out = ufunc(x, row) for x and out [n, E] (out may be x) and row [E]
     broadcast over the rows: the same values as the broadcast, element by
     element, faster (see WIDE_ROW). ``wide``: wide_row(row), made by the
-    caller once for many blocks (else made here)."""
+    caller once for many blocks; else made here for a block long enough to
+    pay for it (8 * WIDE_ROW values), and a shorter block broadcasts as it is."""
     n, e = x.shape
+    if wide is None and x.size < 8 * WIDE_ROW:
+        return ufunc(x, row, out=out)
     wide = wide_row(row) if wide is None else wide
     k = wide.shape[0] // e
     m = n // k * k  # rows in whole groups of k
@@ -352,12 +355,8 @@ def layer_norm_rows(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: fl
         mean_out[...] = 0 if mean is None else mean[:len(mean_out)]
         rstd_out[...] = var[:len(rstd_out)]
     out *= var[:, None]
-    if out.size >= 8 * WIDE_ROW:  # a block long enough to pay for tiling the rows
-        row_op(np.multiply, out, weight, out)
-        row_op(np.add, out, bias, out)
-    else:
-        out *= weight
-        out += bias
+    row_op(np.multiply, out, weight, out)
+    row_op(np.add, out, bias, out)
     return out
 
 

@@ -60,6 +60,7 @@ class AttentionDerived(NamedTuple):
 
     qkv_t: np.ndarray  # [C, h*(2D + d)]: qkv.weight^T, q's columns times scale * log2(e)
     qkv_b: np.ndarray  # [h*(2D + d)]: qkv.bias, q's entries times scale * log2(e)
+    proj_t: np.ndarray  # [h*d, C]: proj.weight^T, C-contiguous (see transposed)
     ab_t: np.ndarray  # [N, 1, h, N]: the official eval()'s ``ab`` (attention_biases[:, attention_bias_idxs],
     # [h, N_q, N_k]) times log2(e), keys first: ab_t[j, 0, h, i] = ab[h, i, j] * log2(e)
 
@@ -90,7 +91,8 @@ def attention_derived(m: Attention):
     bias) times scale * log2(e), so that q @ k^T comes out as the logits times
     log2(e) (NOTE(reference): the official multiplies q @ k^T by the scale),
     and the official eval()'s ``ab`` buffer (the bias gather
-    attention_biases[:, attention_bias_idxs]) times log2(e), keys first."""
+    attention_biases[:, attention_bias_idxs]) times log2(e), keys first; and
+    proj's weight^T, C-contiguous."""
     if "attention_biases" not in m._params:
         return None
     f64 = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
@@ -104,7 +106,7 @@ def attention_derived(m: Attention):
     qkv_b[:, :kd] *= q_scale
     ab_t = (f64(ab) * math.log2(math.e)).transpose(2, 0, 1)[:, None]  # [h, Nq, Nk] -> [Nk, 1, h, Nq]
     return AttentionDerived(np.ascontiguousarray(qkv_t.reshape(qkv_t.shape[0], -1), dtype=dtype),
-                            np.ascontiguousarray(qkv_b.reshape(-1), dtype=dtype),
+                            np.ascontiguousarray(qkv_b.reshape(-1), dtype=dtype), transposed(m.proj.weight),
                             np.ascontiguousarray(ab_t, dtype=dtype))
 
 
@@ -503,7 +505,7 @@ def attention_windows(self: Attention, x: np.ndarray, out: np.ndarray) -> np.nda
     if derived is None:
         return self.forward(x)  # not loaded: the reference raises WeightsMissingError
     norm, qkv_w, qkv_b, ab_t = self.norm, derived.qkv_t, derived.qkv_b, derived.ab_t  # [C, h*(2D + d)], ...
-    proj_w, proj_b = transposed(self.proj.weight), self.proj.bias  # [h*d, C]
+    proj_w, proj_b = derived.proj_t, self.proj.bias  # [h*d, C]
     per = max(1, ATTENTION_LOGITS // (heads * n * n))  # windows per block
     wide_qkv_b, wide_proj_b = fast_ops.wide_row(qkv_b), fast_ops.wide_row(proj_b)  # see fast_ops.row_op
 
