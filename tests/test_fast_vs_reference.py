@@ -243,6 +243,13 @@ def test_fast_two_way_transformer_matches_the_reference(name, seed, depth, b, t,
             x = keys + p.transpose(0, 2, 1) @ record.values[i] - mean[..., None]
             keys = x * record.rstd[i][..., None] * layer.norm4.weight + layer.norm4.bias
         assert_close(keys, expected[1][:, :recorded], tol, "keys from the step (4) record")
+    # every row recorded: layer 1's steps (2) and (4) read layer 0's record and the
+    # image rows' products kept per image (fast/transformer.py, the chain)
+    assert per_image.chain is None
+    record = fast_tr.Step4Record.empty(tr, b, t, h * w, dtype) if depth else None
+    queries, keys = fast_tr.forward_rows(tr, rows, pe_rows, tokens, per_image, record=record)
+    assert (per_image.chain is not None) == (depth >= 2), "the chain runs on a full record"
+    close_pair((queries, keys), expected, tol, "forward_rows through layer 0's record")
 
 
 @pytest.mark.parametrize("name", sorted(DTYPES))

@@ -85,8 +85,10 @@ SET_IMAGE_BYTES_PER_PIXEL = 6
 # x 64 x 64 float32, with norm4's 1 / std per row); the rest is the batch's
 # own. After it, the kept prompts' low-res masks (3 x 256 x 256 float32),
 # shared too. Measured on MobileSAM and dog.jpg, two batches of 64 prompts:
-# the peak rises by 404 MiB (the record holds 172 of 256 rows there), and
-# this model counts 436.
+# the peak rose by 404 MiB when the record held the 172 of 256 rows the
+# upscaling reads; it holds every row since layer 1 reads it too
+# (transformer._chain_block), 33 MiB more: about 437, where this model counts
+# 436 (BASE_BYTES's margin covers it: dog.jpg's whole run peaks at 800 MiB).
 DECODER_BYTES_PER_PROMPT = 5 << 20
 KEYS_BYTES_PER_PROMPT = 64 * 64 * 256 * 4
 STEP4_RECORD_BYTES_PER_PROMPT = 2 * (8 * 7 + 2) * 64 * 64 * 4
@@ -318,7 +320,8 @@ def decode_iou_first(predictor, point_coords: np.ndarray, point_labels: np.ndarr
         keys = None if work is None else work.get("keys", (b, h * w, src.shape[2]), src.dtype)
         rows = None if rows_read is None else -(-rows_read // 4)  # image rows: 4 low-res rows each
         n_rows = upscaled_rows(h, w, rows)
-        record, image_side = step4_record(src, per_image, tokens.shape[:2], n_rows * w, work)
+        # every row recorded: layer 1's step (2) reads the record (fast/transformer.py, _chain_block)
+        record, image_side = step4_record(src, per_image, tokens.shape[:2], h * w, work)
         hs, keys = forward_rows(src, pos_src, tokens, per_image, keys, record)  # -> [B, 1+M, C], [B, HW, C] (or None)
         src = src if keys is None else keys  # the upscaling reads the keys, or the record
         iou_token_out = hs[:, 0, :]  # -> [B, C]

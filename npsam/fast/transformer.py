@@ -13,6 +13,10 @@ array is ever split into heads. Each is split into its token-side part
 (small) and its image-side part (on rows of image locations), which the fused
 passes of :func:`forward_rows` run block by block. A different association:
 equal within the tolerances (tests/test_fast_vs_reference.py).
+
+With one image shared by every prompt, layer 1 reads its keys through layer
+0's step (4) and norm4 (the chain, at the end of this file): its image-side
+products shrink from 256 terms a row to 16 + 57.
 """
 
 from __future__ import annotations
@@ -215,20 +219,48 @@ class Layer0Projections(NamedTuple):
     weights: Tuple[AttentionDerived, AttentionDerived]
 
 
+class ChainProjections(NamedTuple):
+    """Layer 1's step (2) image-side products, taken back through layer 0's
+    norm4 (see _chain_block), kept with one image, read-only. With g the
+    norm4's weight, W_k, W_v layer 1's to_image k_proj and v_proj weights:
+
+        s_t  [h, D, HW]: (src * g) @ W_k^T, per head, locations last
+        e_t  [h, D, HW]: pe @ W_k^T
+        v    [h, HW, D]: (src * g) @ W_v^T, per head, locations first
+        wk_g, wv_g [C, I]: diag(g) W_k^T, diag(g) W_v^T (float64, rounded once)
+
+    and for layer 1's step (4) (_ChainStep4), with W_q its q_proj weight:
+
+        s4_t [h, D, HW]: (src * g) @ W_q^T;   e4_t [h, D, HW]: pe @ W_q^T
+
+    ``weights``: the derived values and norm4 they were made with."""
+    s_t: np.ndarray
+    e_t: np.ndarray
+    v: np.ndarray
+    wk_g: np.ndarray
+    wv_g: np.ndarray
+    s4_t: np.ndarray
+    e4_t: np.ndarray
+    weights: tuple
+
+
 @dataclass
 class PerImage:
     """The transformer's work kept with one image shared by every prompt (held by
     fast/mask_decoder.py's ImageRows): layer 0's projections, computed on first
-    use, and the upscaling's product of the image rows (fast/mask_decoder.py,
+    use, layer 1's step (2) products through layer 0's norm4 (ChainProjections),
+    and the upscaling's product of the image rows (fast/mask_decoder.py,
     upscaling_image_side): (the derived values it was made with, the product)."""
     layer0: Optional[Layer0Projections] = None
     upscaling: Optional[Tuple[object, np.ndarray]] = None
+    chain: Optional[ChainProjections] = None
 
 
 @dataclass
 class Step4Record:
     """What every layer's step (4) computes on the first ``rows`` image rows of
-    each prompt, kept for the upscaling (fast/mask_decoder.py, upscaled_masks):
+    each prompt, kept for the upscaling (fast/mask_decoder.py, upscaled_masks)
+    and, when it holds every row, read by layer 1 (_chain_block, _ChainStep4):
 
         weights [L, B, h*T + 1, rows]: the softmax weights of each image row
             over the (head, token) pairs, then norm4's mean of the row;
@@ -322,6 +354,11 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
     (else a new one is made; depth 0 returns a copy of the image side).
     ``record``: a Step4Record for these prompts, filled as the passes run
     (the same computation: it only keeps copies of what step (4) computes).
+    With one image for every prompt, a ``per_image`` record and a Step4Record
+    of every row, layer 1's step (2) and step (4) read layer 0's record and
+    products of the image rows kept per image instead of layer 1's keys
+    (_chain_block, _ChainStep4: a fifth of the multiply-adds, within the
+    tolerances); the keys are still made, for norm4 and the passes after.
     ``keys_wanted``: False returns None for the keys: the last pass then
     keeps each block's keys in this thread's work array, not in [B, HW, C]
     memory (the upscaling reads the record instead: fast/mask_decoder.py).
@@ -340,6 +377,7 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
     keys = image_embedding  # [1 or B, HW, C]: not written; the first step (4) makes [B, HW, C]
     queries = point_embedding
     step4 = None  # (_Step4 or _Layer0Step4, norm4, layer) of the layer whose step (4) the next pass runs
+    chain = None  # layer 1's token side through layer 0's record (_ChainTokens), when it runs that way
     cached = per_image is not None and bk == 1 and len(self.layers) > 0
     for i in range(len(self.layers) + 1):
         if i < len(self.layers):
@@ -365,7 +403,12 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
             q = queries + point_embedding
             if i == len(self.layers) and final_tokens is not None:
                 q = q[:, :final_tokens]  # -> [B, T', C]
-            attn_out = _pass(to_image, q, step4, keys, out_keys, pe, rows, nblocks, q.shape[1], record)
+            if i == 1 < len(self.layers) and cached and record is not None and record.rows == hw:  # _chain_block
+                chain = _chain_tokens(to_image, self.layers[0].norm4, q, record.values[0],
+                                      _chain_projections(layer, self.layers[0].norm4, image_embedding[0], pe,
+                                                         per_image))
+            attn_out = _pass(to_image, q, step4, keys, out_keys, pe, rows, nblocks, q.shape[1], record,
+                             chain if i == 1 else None)
             keys = out_keys
         if i < len(self.layers):
             queries = layer.norm2(queries + attn_out)
@@ -375,6 +418,9 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
             # NOTE(reference): q and k swap roles: the image locations are the queries.
             if i == 0 and cached:  # step (4) on the image rows' q_proj kept per image
                 step4[0].set_tokens(queries + point_embedding, queries)
+            elif chain is not None:  # layer 1's step (4) from the record too: see _ChainStep4
+                step4 = (_ChainStep4(layer.cross_attn_image_to_token, self.layers[0].norm4, queries + point_embedding,
+                                     queries, record, chain.kept), layer.norm4, i)
             else:
                 step4 = (_Step4(layer.cross_attn_image_to_token, queries + point_embedding, queries), layer.norm4, i)
             if record is not None:
@@ -389,39 +435,44 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
 
 
 def _pass(to_image: Attention, q: np.ndarray, step4, keys: np.ndarray, new_keys: np.ndarray,
-          pe: np.ndarray, rows: int, nblocks: int, t: int, record: Optional[Step4Record] = None) -> np.ndarray:
+          pe: np.ndarray, rows: int, nblocks: int, t: int, record: Optional[Step4Record] = None,
+          chain: Optional["_ChainTokens"] = None) -> np.ndarray:
     """One fused pass over the image rows: the pending step (4) (if any) from
     keys into new_keys (may be keys; None: into work arrays), then step (2) of ``to_image`` for the
-    tokens q [B, T, C] -> [B, T, C]."""
+    tokens q [B, T, C] -> [B, T, C] (from the record and the image rows when
+    ``chain`` is given: see _chain_block)."""
     b, c = q.shape[0], pe.shape[1]
     hw = pe.shape[0]
-    qk = to_image_logit_weights(to_image, q)  # -> [B, h*T, C]
-    ht = qk.shape[1]
+    qk = to_image_logit_weights(to_image, q) if chain is None else None  # -> [B, h*T, C]
+    ht = q.shape[1] * to_image.num_heads
+    width = c if chain is None else chain.width  # the columns of a block's value sums
     m_parts = np.empty((nblocks, b, ht), q.dtype)  # per block: max logit,
     l_parts = np.empty((nblocks, b, ht), q.dtype)  # sum of exp(logit - max),
-    o_parts = np.empty((nblocks, b, ht, c), q.dtype)  # exp-weighted sum of value rows
+    o_parts = np.empty((nblocks, b, ht, width), q.dtype)  # exp-weighted sum of value rows
 
     def work(start, stop):
         for j in range(start, stop):
             _block(j * rows, min(hw, (j + 1) * rows), j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts,
-                   record)
+                   record, chain)
 
     threads.parallel_rows(work, nblocks, threads=threads.row_threads())
     big = m_parts.max(axis=0)  # [B, h*T]
     w = np.exp(m_parts - big)  # [n, B, h*T]
     total = np.einsum("nbk,nbk->bk", w, l_parts)  # [B, h*T]
-    pv = np.einsum("nbk,nbkc->bkc", w, o_parts)  # [B, h*T, C]
+    pv = np.einsum("nbk,nbkc->bkc", w, o_parts)  # [B, h*T, C] (or [B, h*T, D + h0*T0 + 1])
     pv /= total[..., None]
+    if chain is not None:
+        return _chain_output(to_image, chain, pv, t)  # -> [B, T, C]
     return to_image_output(to_image, pv, t)  # -> [B, T, C]
 
 
-def _block(lo, hi, j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts, record=None) -> None:
+def _block(lo, hi, j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts, record=None, chain=None) -> None:
     """Image rows [lo, hi), block j, of a fused pass (see forward_rows): keys
     [1 or B, HW, C] in, new_keys [B, HW, C] out when the pass runs a step (4),
     and its rows below record.rows kept in ``record`` (Step4Record).
     Its [R, C] and [h*T, R] temporaries are this thread's work arrays
     (threads.scratch): the same every call, so no fresh pages to fault in."""
-    b, ht = qk.shape[:2]
+    b, ht = m_parts.shape[1:]
     pe_blk = pe[lo:hi]  # [R, C]
     shape, dtype = pe_blk.shape, pe.dtype
     shared = keys.shape[0] == 1  # one image for every prompt
@@ -446,6 +497,9 @@ def _block(lo, hi, j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts, 
                             out=threads.scratch("decoder.step4", shape, dtype), keep=keep)  # -> [R, C]
             v_rows = threads.scratch("decoder.keys", shape, dtype) if new_keys is None else new_keys[p, lo:hi]
             ops.layer_norm_rows(attn_out, norm.weight, norm.bias, norm.eps, out=v_rows, add=residual, stats=stats)
+            if chain is not None:  # step (2) from the record just written: see _chain_block
+                _chain_block(chain, record, p, lo, hi, j, m_parts, l_parts, o_parts)
+                continue
             k_rows = np.add(v_rows, pe_blk, out=attn_out)  # into step (4)'s work array, read by now
         else:
             v_rows, k_rows = residual, key_rows(residual)
@@ -571,4 +625,183 @@ class _Layer0Step4:
     def __call__(self, p: int, lo: int, hi: int, k_rows: None, out: Optional[np.ndarray] = None,
                  keep: Optional[np.ndarray] = None) -> np.ndarray:
         logits = self.kh[p] @ self.q4_t[:, :, lo:hi]  # [h, T, D] @ [h, D, R] -> [h, T, R]
+        return from_image_logits(self.attn, logits, self.vo[p], out, keep)  # -> [R, C]
+
+
+# ---------------------------------------------------------------------------
+# Layer 1's step (2) through layer 0's norm4 (the chain)
+# ---------------------------------------------------------------------------
+# Pass 1 makes layer 1's keys row by row from layer 0's step (4) and norm4:
+#     keys1 = (x0 - mean0) * rstd0 * g + b,   x0 = src + p0^T vo0,
+# with p0 the row's h0*T0 softmax weights (kept in the Step4Record, with mean0
+# and rstd0, for every row when the record covers them all). Layer 1's step (2)
+# then reads keys1 twice, each a product with C = 256 terms a row: the logits
+# (keys1 + pe) . qk_j and the value sums sum_r e_jr keys1_r. Each qk_j lies in
+# its head's D = 16 rows of W_k (qk_j = q_j W_k^h / sqrt(D)), and only each
+# head's D columns of W_v read the value sums. So, per image, (src * g) W_k^T,
+# pe W_k^T and (src * g) W_v^T (ChainProjections), and per row:
+#     (keys1 + pe) . qk_j = rstd0 * (S_h . q_j + [p0; mean0] . Z_j) + E_h . q_j + b . qk_j
+#     Z = [vo0 diag(g) qk^T; -g . qk_j]    ([h0*T0 + 1, h*T] per prompt)
+# (b . qk_j is the same for every row: the softmax over rows drops it), and
+#     sum_r e_jr keys1_r W_v^h^T = (e * rstd0)_j V_h + ((e * rstd0)_j [p0; mean0]^T) Y_h + (sum_r e_jr) b W_v^h^T
+#     Y = [vo0 diag(g) W_v^T; -g W_v^T]   ([h0*T0 + 1, I] per prompt)
+# The products per row shrink from 2 x 256 x h*T to 2 x (D + h0*T0 + 1) x h*T
+# multiply-adds (D per head): 117M against 24M a prompt for MobileSAM. The same
+# mathematics in another association, within the tolerances.
+class _ChainTokens(NamedTuple):
+    """The token side of _chain_block for a batch of prompts (see above)."""
+    qs: np.ndarray  # [B, h, T, D]: q_proj(q) / sqrt(D)
+    z_t: np.ndarray  # [B, h*T, h0*T0 + 1]: Z^T
+    y: np.ndarray  # [B, h0*T0 + 1, I]: Y
+    shift: np.ndarray  # [I]: b W_v^T + b_v
+    kept: ChainProjections
+
+    @property
+    def width(self) -> int:
+        """Columns of a block's value sums: D, then h0*T0 + 1."""
+        return self.qs.shape[-1] + self.z_t.shape[-1]
+
+
+def _chain_projections(layer: TwoWayAttentionBlock, norm, src: np.ndarray, pe: np.ndarray,
+                       per_image: PerImage) -> ChainProjections:
+    """ChainProjections for layer 1 (``layer``) and layer 0's ``norm`` (norm4),
+    kept in per_image for those weights."""
+    attn, attn4 = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+    kept = per_image.chain
+    if (kept is not None and kept.weights[0] is attn.derived and kept.weights[1] is attn4.derived
+            and kept.weights[2] is norm.weight):
+        return kept
+    hw, c = src.shape
+    g = np.asarray(norm.weight, np.float64)[:, None]
+    wk_g, wv_g, wq_g = ((g * np.asarray(w, np.float64).T).astype(src.dtype)  # [C, I]: diag(g) W^T
+                        for w in (attn.k_proj.weight, attn.v_proj.weight, attn4.q_proj.weight))
+    products = [(src, wk_g), (pe, attn.derived.k_t), (src, wv_g), (src, wq_g), (pe, attn4.derived.q_t)]
+    out = [np.empty((hw, w.shape[1]), src.dtype) for _, w in products]
+
+    def block(lo, hi):  # blocks of 512 locations, fixed whatever the number of threads
+        for (x, w), y in zip(products, out):
+            np.matmul(x[lo:hi], w, out=y[lo:hi])  # [R, C] @ [C, I] -> [R, I]
+
+    threads.parallel_blocks(block, hw, 512, threads=threads.row_threads())
+    heads = lambda a, y: y.reshape(hw, a.num_heads, -1).transpose(1, 2, 0)  # noqa: E731  [HW, I] -> [h, D, HW]
+    s, e, v, s4, e4 = out
+    arrays = [np.ascontiguousarray(heads(attn, s)), np.ascontiguousarray(heads(attn, e)),
+              np.ascontiguousarray(heads(attn, v).transpose(0, 2, 1)),  # -> [h, HW, D]
+              wk_g, wv_g, np.ascontiguousarray(heads(attn4, s4)), np.ascontiguousarray(heads(attn4, e4))]
+    for x in arrays:
+        x.flags.writeable = False
+    kept = per_image.chain = ChainProjections(*arrays, weights=(attn.derived, attn4.derived, norm.weight))
+    return kept
+
+
+def _chain_tokens(attn: Attention, norm, q: np.ndarray, vo0: np.ndarray, kept: ChainProjections) -> _ChainTokens:
+    """The token side of _chain_block: q [B, T, C] (queries + PE), vo0 [B, h0*T0, C]
+    (layer 0's step (4) values, Step4Record.values[0])."""
+    b, t, c = q.shape
+    nh, d = attn.num_heads, attn.internal_dim // attn.num_heads
+    dt = q.dtype.type
+    qh = _proj(attn.q_proj, attn.derived.q_t, q).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # -> [B, h, T, D]
+    # NOTE(reference): the logits are divided by sqrt(D) (D = 16: exact)
+    qs = np.ascontiguousarray(qh / dt(math.sqrt(d)))
+    qk = (qs @ attn.k_proj.weight.reshape(nh, d, c)).reshape(b, nh * t, c)  # [B, h, T, D] @ [h, D, C] -> [B, h*T, C]
+    g = norm.weight
+    ht0 = vo0.shape[1]
+    z_t = np.empty((b, nh * t, ht0 + 1), q.dtype)
+    np.matmul(qk * g, vo0.transpose(0, 2, 1), out=z_t[:, :, :ht0])  # [B, h*T, C] @ [B, C, h0*T0]
+    z_t[:, :, ht0] = -(qk @ g)  # the mean's column
+    y = np.empty((b, ht0 + 1, attn.internal_dim), q.dtype)
+    np.matmul(vo0, kept.wv_g, out=y[:, :ht0])  # [B, h0*T0, C] @ [C, I]
+    y[:, ht0] = -kept.wv_g.sum(axis=0)  # the mean's row: -g W_v^T
+    shift = norm.bias @ attn.v_proj.weight.T + attn.v_proj.bias  # [I]: b W_v^T, then v_proj's bias
+    return _ChainTokens(qs, z_t, y, shift, kept)
+
+
+def _chain_block(chain: _ChainTokens, record: Step4Record, p: int, lo: int, hi: int, j: int,
+                 m_parts: np.ndarray, l_parts: np.ndarray, o_parts: np.ndarray) -> None:
+    """Layer 1's step (2) on image rows [lo, hi) of prompt p, block j, from
+    layer 0's record (see above): this block's max, sums and value sums, as
+    _block's, the value sums [h*T, D + h0*T0 + 1] (each head's D columns, then
+    the weights' products with [p0; mean0])."""
+    kept, qs = chain.kept, chain.qs[p]  # [h, T, D]
+    nh, t, d = qs.shape
+    r, ht = hi - lo, nh * t
+    dtype = qs.dtype
+    p0 = record.weights[0, p, :, lo:hi]  # [h0*T0 + 1, R]: the softmax weights, then mean0
+    rstd0 = record.rstd[0, p, lo:hi]  # [R]
+    logits = np.matmul(chain.z_t[p], p0, out=threads.scratch("decoder.chain_logits", (ht, r), dtype))
+    # [h*T, h0*T0 + 1] @ [h0*T0 + 1, R] -> [h*T, R]
+    per_head = threads.scratch("decoder.chain_heads", (nh, t, r), dtype)
+    logits += np.matmul(qs, kept.s_t[:, :, lo:hi], out=per_head).reshape(ht, r)  # [h, T, D] @ [h, D, R]
+    ops.row_op(np.multiply, logits, rstd0, logits)
+    logits += np.matmul(qs, kept.e_t[:, :, lo:hi], out=per_head).reshape(ht, r)
+    m = logits.max(axis=1)  # [h*T]
+    ops.exp_below_max_(logits, m[:, None])  # -> e
+    np.matmul(logits, ops.ones(r, dtype), out=l_parts[j, p])  # [h*T, R] @ [R]: the sums over the rows
+    ops.row_op(np.multiply, logits, rstd0, logits)  # -> e * rstd0
+    o = o_parts[j, p]  # [h*T, D + h0*T0 + 1]
+    np.matmul(logits.reshape(nh, t, r), kept.v[:, lo:hi], out=o[:, :d].reshape(nh, t, d))  # [h, T, R] @ [h, R, D]
+    np.matmul(logits, p0.T, out=o[:, d:])  # [h*T, R] @ [R, h0*T0 + 1]
+    m_parts[j, p] = m
+
+
+def _chain_output(attn: Attention, chain: _ChainTokens, pv: np.ndarray, t: int) -> np.ndarray:
+    """to_image_output from _chain_block's normalised value sums pv [B, h*T, D + h0*T0 + 1] -> [B, T, C]."""
+    b = pv.shape[0]
+    nh, d = attn.num_heads, attn.internal_dim // attn.num_heads
+    out = pv[:, :, :d].reshape(b, nh, t, d).copy()  # [B, h, T, D]
+    y = chain.y.reshape(b, -1, nh, d).transpose(0, 2, 1, 3)  # [B, h0*T0 + 1, I] -> [B, h, h0*T0 + 1, D]
+    out += pv[:, :, d:].reshape(b, nh, t, -1) @ y  # [B, h, T, h0*T0 + 1] @ [B, h, h0*T0 + 1, D]
+    out += chain.shift.reshape(nh, 1, d)
+    out = ref_ops.recombine_heads(out)  # -> [B, T, I]
+    return _proj(attn.out_proj, attn.derived.out_t, out)  # -> [B, T, C]
+
+
+class _ChainStep4:
+    """Layer 1's step (4), the image attending to the tokens, its logits from
+    layer 0's record and the image rows (as _chain_block's; called as _Step4,
+    the rows' keys not needed). Per row r and (head, token) j, with kq, kb as
+    from_image_token_side gives them (kq_j in its head's D rows of W_q):
+
+        (keys1_r + pe_r) . kq_j + kb_j
+            = rstd0_r * (S4_h . k_j + [p0; mean0]_r . Z4_j) + E4_h . k_j + (b . kq_j + kb_j)
+        Z4 = [vo0 diag(g) kq^T; -g . kq_j],  k_j = k_proj(tokens) / sqrt(D)
+
+    (b . kq_j + kb_j differs between tokens: the softmax over them keeps it).
+    Then from_image_logits as _Step4. 2 x 256 x h*T multiply-adds a row
+    become (D + h0*T0 + 1) x h*T: 29M against 9M a block of 2048 rows."""
+
+    needs_key_rows = False
+
+    def __init__(self, attn: Attention, norm, q: np.ndarray, v: np.ndarray, record: Step4Record,
+                 kept: ChainProjections) -> None:
+        self.attn, self.record, self.kept = attn, record, kept
+        b, t, c = q.shape
+        nh, d = attn.num_heads, attn.internal_dim // attn.num_heads
+        kh = _proj(attn.k_proj, attn.derived.k_t, q).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # -> [B, h, T, D]
+        # NOTE(reference): logits / sqrt(D) (exact for D = 16)
+        self.ks = np.ascontiguousarray(kh / q.dtype.type(math.sqrt(d)))
+        kq = (self.ks @ attn.q_proj.weight.reshape(nh, d, c)).reshape(b, nh * t, c)  # -> [B, h*T, C]
+        vo0 = record.values[0]  # [B, h0*T0, C]
+        ht0 = vo0.shape[1]
+        self.z_t = np.empty((b, nh * t, ht0 + 1), q.dtype)
+        np.matmul(kq * norm.weight, vo0.transpose(0, 2, 1), out=self.z_t[:, :, :ht0])  # [B, h*T, h0*T0]
+        self.z_t[:, :, ht0] = -(kq @ norm.weight)  # the mean's column
+        kb = (self.ks @ attn.q_proj.bias.reshape(nh, d, 1)).reshape(b, nh * t)  # [B, h*T]: q_proj's bias
+        self.shift = (kq @ norm.bias + kb)[..., None]  # [B, h*T, 1]
+        self.vo = from_image_values(attn, v)  # -> [B, h*T, C]
+
+    def __call__(self, p: int, lo: int, hi: int, k_rows: None, out: Optional[np.ndarray] = None,
+                 keep: Optional[np.ndarray] = None) -> np.ndarray:
+        ks, kept = self.ks[p], self.kept  # [h, T, D]
+        nh, t, _ = ks.shape
+        r, ht = hi - lo, nh * t
+        dtype = ks.dtype
+        logits = np.matmul(self.z_t[p], self.record.weights[0, p, :, lo:hi],
+                           out=threads.scratch("decoder.chain4_logits", (ht, r), dtype))
+        # [h*T, h0*T0 + 1] @ [h0*T0 + 1, R] -> [h*T, R]
+        per_head = threads.scratch("decoder.chain_heads", (nh, t, r), dtype)
+        logits += np.matmul(ks, kept.s4_t[:, :, lo:hi], out=per_head).reshape(ht, r)  # [h, T, D] @ [h, D, R]
+        ops.row_op(np.multiply, logits, self.record.rstd[0, p, lo:hi], logits)
+        logits += np.matmul(ks, kept.e4_t[:, :, lo:hi], out=per_head).reshape(ht, r)
+        logits += self.shift[p]
         return from_image_logits(self.attn, logits, self.vo[p], out, keep)  # -> [R, C]
