@@ -71,6 +71,28 @@ def set_num_threads(n: int) -> None:
             _pool = None
 
 
+@contextlib.contextmanager
+def num_threads(n: int):
+    """Context manager: set_num_threads(n) inside, the number before restored
+    after (fast/processes.py runs each process of a map on one thread)."""
+    saved = NUM_THREADS
+    set_num_threads(n)
+    try:
+        yield
+    finally:
+        set_num_threads(saved)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has only the thread that forked: the pool's threads are
+    gone (a new pool starts on first use), and a lock another thread held at
+    the fork would stay held, so the locks are new too (fast/processes.py)."""
+    global _pool, _pool_lock, _blas_lock
+    _pool, _pool_lock, _blas_lock = None, threading.Lock(), threading.Lock()
+    for held in _HeldWhileOpen.instances:
+        held.lock = threading.Lock()
+
+
 def _tasks():
     """The task queue of the worker threads (started here on first use). A plain
     queue and threads rather than concurrent.futures: lighter to import and to
@@ -211,12 +233,14 @@ class _HeldWhileOpen:
     no_huge_pages); where the setting cannot be made, they give _NotHeld."""
 
     active = True
+    instances = []  # every one made (a forked child renews their locks)
 
     def __init__(self, swap: Callable, value) -> None:
         self.swap, self.value = swap, value
         self.depth = 0  # open contexts, in all threads
         self.saved = None  # the setting before the first of them
         self.lock = threading.Lock()
+        _HeldWhileOpen.instances.append(self)
 
     def __enter__(self):
         with self.lock:
@@ -369,3 +393,7 @@ def blocks(start: int, stop: int, size: int):
     """(lo, hi) blocks of at most ``size`` rows covering [start, stop)."""
     for lo in range(start, stop, size):
         yield lo, min(lo + size, stop)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
