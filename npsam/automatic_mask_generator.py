@@ -39,8 +39,10 @@ from .utils.amg import (
 )
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
-# The default bound on a generate() call's memory (the process's included), in bytes.
-DEFAULT_MEMORY_LIMIT = 1 << 30
+# The default bound on a generate() call's memory (the process's, and its worker
+# processes' on the fast path), in bytes: room for two processes on photos up
+# to about 1 MP (fast/automatic_mask_generator.py, plan_processes).
+DEFAULT_MEMORY_LIMIT = 3 << 29  # 1.5 GiB
 
 
 class PhotoTooLargeError(ValueError):
@@ -60,14 +62,19 @@ class SamAutomaticMaskGenerator:
     Every official option, with the official defaults (chosen for ViT-H).
     ``progress``, if given, is called as ``progress(done, total)`` after each
     batch of points (total counts the batches of every crop). ``memory_limit``
-    (bytes; None: 1 GiB on the fast path, no bound on the official logic,
+    (bytes; None: 1.5 GiB on the fast path, no bound on the official logic,
     which holds whole batches at the photo's size) bounds generate()'s
-    memory: a photo that cannot be segmented within it is refused before any
-    work (PhotoTooLargeError).
+    memory, its worker processes' included: a photo that cannot be segmented
+    within it is refused before any work (PhotoTooLargeError).
+    ``processes``: on the fast path, the processes that run the batches of
+    points (this one and workers forked from it, on Linux): None for one per
+    npsam thread (NPSAM_NUM_THREADS) as far as memory_limit allows, 1 for
+    this process alone. The records are the same for any number.
 
     The official logic is below; the fast layer
     (npsam/fast/automatic_mask_generator.py) replaces _process_batch with an
-    exact twin that prunes work and bounds memory, unless ``with
+    exact twin that prunes work and bounds memory, and _process_crop with its
+    own steps, whose batches may run in worker processes, unless ``with
     npsam.reference():`` is in force.
     """
 
@@ -89,6 +96,7 @@ class SamAutomaticMaskGenerator:
         output_mode: str = "binary_mask",
         progress: Optional[Callable[[int, int], None]] = None,
         memory_limit: Optional[int] = None,
+        processes: Optional[int] = None,
     ) -> None:
         if (points_per_side is None) == (point_grids is None):
             raise ValueError(
@@ -118,6 +126,8 @@ class SamAutomaticMaskGenerator:
             raise ValueError(f"points_per_batch: expected a positive int, got {points_per_batch}")
         if memory_limit is not None and not (isinstance(memory_limit, (int, np.integer)) and memory_limit > 0):
             raise ValueError(f"memory_limit: expected a positive number of bytes, got {memory_limit!r}")
+        if processes is not None and not (isinstance(processes, (int, np.integer)) and processes >= 1):
+            raise ValueError(f"processes: expected a whole number >= 1 (or None), got {processes!r}")
         # NOTE(reference): the official imports cv2 when min_mask_region_area > 0;
         # remove_small_regions calls npsam's stand-in (kernels/connected_components.py).
 
@@ -137,6 +147,7 @@ class SamAutomaticMaskGenerator:
         self.output_mode = output_mode
         self.progress = progress
         self.memory_limit = None if memory_limit is None else int(memory_limit)
+        self.processes = None if processes is None else int(processes)
 
     def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:
         """Masks for the whole image (HWC uint8), as a list of records.
@@ -236,6 +247,9 @@ class SamAutomaticMaskGenerator:
         crop_layer_idx: int,
         orig_size: Tuple[int, ...],
     ) -> MaskData:
+        impl = fast.implementation(self, "_process_crop")  # the same steps, batches over processes
+        if impl is not None:
+            return impl(self, image, crop_box, crop_layer_idx, orig_size)
         # Crop the image and calculate embeddings
         x0, y0, x1, y1 = crop_box
         cropped_im = image[y0:y1, x0:x1, :]  # [H, W, 3] -> [h, w, 3]

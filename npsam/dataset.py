@@ -42,6 +42,7 @@ import glob
 import hashlib
 import json
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -214,7 +215,21 @@ def _new_generator(job: Job):
     grids = options.pop("point_grids")
     options["point_grids"] = None if grids is None else [np.asarray(g) for g in grids]
     options["output_mode"] = "uncompressed_rle"  # encoded below
-    return SamAutomaticMaskGenerator(sam, memory_limit=job.memory_limit, **options)
+    # On a Dask worker the cluster's processes are the parallelism: each photo
+    # runs in one process (no worker processes forked from a Dask worker).
+    processes = 1 if _on_dask_worker() else None
+    return SamAutomaticMaskGenerator(sam, memory_limit=job.memory_limit, processes=processes, **options)
+
+
+def _on_dask_worker() -> bool:
+    """Whether this runs inside a dask.distributed worker (Dask already imported there)."""
+    if "distributed" not in sys.modules:
+        return False
+    try:
+        sys.modules["distributed"].get_worker()
+    except (ValueError, AttributeError):
+        return False
+    return True
 
 
 def segment_job(job: Job) -> Tuple[str, str, str]:

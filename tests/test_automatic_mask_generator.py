@@ -406,6 +406,100 @@ def test_generator_matches_official_with_npsam_predictor(official, ours, case):
         assert_close(o["stability_score"], t["stability_score"], STABILITY_SCORE, f"record {i} stability_score")
 
 
+# ---------------------------------------------------------------- worker processes (fast/processes.py)
+
+
+def _serial_and_parallel(ours, monkeypatch, processes=3, **case):
+    """(records with one process, the generator with ``processes``, the processes
+    its maps were given, filled as it runs)."""
+    from npsam.automatic_mask_generator import SamAutomaticMaskGenerator
+    from npsam.fast import processes as fast_processes
+
+    settings = {**SETTINGS, "points_per_batch": 6, "output_mode": "uncompressed_rle", **case}
+    serial = SamAutomaticMaskGenerator(ours, processes=1, **settings).generate(_photo())
+    used = []
+    real = fast_processes.ordered_map
+    monkeypatch.setattr(fast_processes, "ordered_map", lambda fn, n, p, *a: used.append(p) or real(fn, n, p, *a))
+    return serial, SamAutomaticMaskGenerator(ours, processes=processes, **settings), used
+
+
+@pytest.mark.parametrize("case", [dict(), dict(crop_n_layers=1, points_per_side=5, box_nms_thresh=0.7)],
+                         ids=["defaults", "crops"])
+def test_worker_processes_give_the_records_of_one(ours, monkeypatch, case):
+    """Batches run in forked workers: the same records, in the same order, and
+    progress counts every batch once."""
+    serial, generator, used = _serial_and_parallel(ours, monkeypatch, **case)
+    calls = []
+    generator.progress = lambda done, total: calls.append((done, total))
+    records = generator.generate(_photo())
+    assert used and max(used) == 3, f"the batches should run in 3 processes, ran in {used}"
+    _assert_several(serial, case)
+    _assert_records_equal(records, serial, f"3 processes, {case}")
+    total = calls[-1][1]
+    assert calls == [(i + 1, total) for i in range(total)], calls
+
+
+def test_a_worker_that_dies_loses_no_batch(ours, monkeypatch, tmp_path):
+    """A worker killed in its first batch (as the out-of-memory killer would):
+    the batch it took is computed by the parent, the records are the same."""
+    import os
+
+    from npsam.automatic_mask_generator import SamAutomaticMaskGenerator
+
+    serial, generator, used = _serial_and_parallel(ours, monkeypatch, processes=2)
+    parent, real = os.getpid(), SamAutomaticMaskGenerator._process_batch
+    marker = tmp_path / "died"
+
+    def dies_in_a_worker(self, *args):
+        if os.getpid() != parent:
+            marker.write_text(str(os.getpid()))
+            os._exit(9)
+        return real(self, *args)
+
+    monkeypatch.setattr(SamAutomaticMaskGenerator, "_process_batch", dies_in_a_worker)
+    records = generator.generate(_photo())
+    assert used == [2] and marker.exists(), "a worker should have taken a batch and died"
+    _assert_records_equal(records, serial, "a worker died")
+
+
+def test_an_error_in_a_worker_is_raised_in_the_caller(ours, monkeypatch):
+    import os
+
+    from npsam.automatic_mask_generator import SamAutomaticMaskGenerator
+
+    _, generator, _ = _serial_and_parallel(ours, monkeypatch, processes=2)
+    parent, real = os.getpid(), SamAutomaticMaskGenerator._process_batch
+
+    def fails_in_a_worker(self, *args):
+        if os.getpid() != parent:
+            raise ValueError("a batch failed in the worker")
+        return real(self, *args)
+
+    monkeypatch.setattr(SamAutomaticMaskGenerator, "_process_batch", fails_in_a_worker)
+    with pytest.raises(ValueError, match="a batch failed in the worker") as raised:
+        generator.generate(_photo())
+    assert any("worker process" in note for note in getattr(raised.value, "__notes__", [])), raised.value
+
+
+def test_workers_run_only_where_memory_allows(ours):
+    """plan_processes: the processes asked for, one per batch at most, fewer
+    when the limit cannot hold another worker's batches, and the memory model
+    counts each worker."""
+    from npsam.automatic_mask_generator import SamAutomaticMaskGenerator
+    from npsam.fast.automatic_mask_generator import WORKER_BASE_BYTES, plan_processes, working_memory
+
+    one = working_memory(64, (534, 800), 8, True)
+    two = working_memory(64, (534, 800), 8, True, processes=2)
+    assert two - one > WORKER_BASE_BYTES + 300 * 2**20, "a worker holds its own batch arrays"
+    assert plan_processes(SamAutomaticMaskGenerator(ours, processes=4), (534, 800), 16) == 2  # 1.5 GiB: two
+    assert plan_processes(SamAutomaticMaskGenerator(ours, processes=4), (534, 800), 1) == 1  # one batch
+    assert plan_processes(SamAutomaticMaskGenerator(ours, processes=4, memory_limit=4 << 30), (534, 800), 16) == 4
+    assert plan_processes(SamAutomaticMaskGenerator(ours, processes=1, memory_limit=4 << 30), (534, 800), 16) == 1
+    assert plan_processes(SamAutomaticMaskGenerator(ours), (4000, 6000), 16) == 1  # 24 MP: one
+    with pytest.raises(ValueError, match="processes"):
+        SamAutomaticMaskGenerator(ours, processes=0)
+
+
 # ---------------------------------------------------------------- the twin's parts, bit for bit
 
 
@@ -488,7 +582,7 @@ def test_a_photo_too_large_is_refused_before_any_work(official, ours):
             generator.check_memory((6000, 8000))
         SamAutomaticMaskGenerator(ours).check_memory((6000, 8000))  # no bound unless one is given
     SamAutomaticMaskGenerator(ours).check_memory((6000, 8000))  # the fast path's default bound: it fits
-    with pytest.raises(PhotoTooLargeError, match="memory_limit=1.00 GiB"):
+    with pytest.raises(PhotoTooLargeError, match="memory_limit=1.50 GiB"):  # the default
         SamAutomaticMaskGenerator(ours).check_memory((20000, 30000))
     # generate() checks first: a photo array this large is never touched
     huge = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (20000, 30000, 3))
@@ -509,10 +603,14 @@ MEMORY_SCRIPT = textwrap.dedent("""
                                           output_mode="uncompressed_rle", memory_limit=int(sys.argv[1]))
     records = generator.generate(photo)
     # VmHWM: this process's own peak. (ru_maxrss can report the parent's size
-    # at the spawn when the child was forked: pytest's own 2 GB, once.)
+    # at the spawn when the child was forked: pytest's own 2 GB, once.) Plus
+    # the largest peak of its worker processes, if any ran (an upper bound:
+    # it counts the pages they share with this one again).
+    import resource
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    print(json.dumps({"peak": peak, "masks": len(records)}))
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print(json.dumps({"peak": peak + workers, "masks": len(records)}))
 """)
 
 

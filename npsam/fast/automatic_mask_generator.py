@@ -63,9 +63,11 @@ import numpy as np
 
 from ..automatic_mask_generator import (DEFAULT_MEMORY_LIMIT, PhotoTooLargeError, SamAutomaticMaskGenerator,
                                         too_large_message)
+from ..kernels.nms import batched_nms
 from ..kernels.resize import _axis_plan, upscale_crop_resize
-from ..utils.amg import MaskData, batched_mask_to_box, is_box_near_crop_edge, uncrop_masks
-from . import implements, threads
+from ..utils.amg import (MaskData, batch_iterator, batched_mask_to_box, is_box_near_crop_edge, uncrop_boxes_xyxy,
+                         uncrop_masks, uncrop_points)
+from . import implements, processes, threads
 from .mask_decoder import upscaled_rows
 
 # What the process holds anyway (the interpreter, NumPy, the model's weights,
@@ -106,14 +108,27 @@ BLOCK_BYTES_PER_COLUMN = threads.NUM_THREADS * 64 * (4 + 1 + 1)
 RLE_BYTES_PER_PIXEL = 3
 
 
+# A worker process (fast/processes.py) shares the parent's pages until one of
+# them writes to a page; its own are its batches' arrays (as the parent's,
+# counted below) and the pages of the parent's heap it writes to. Measured on
+# dog.jpg, a worker forked after the embedding: 559 MiB of its own at its
+# end, where its batches are counted 519 MiB (with a group of 74 masks).
+WORKER_BASE_BYTES = 100 << 20
+# Fewest masks per group with which workers run: smaller groups resize masks
+# to the photo's size a few at a time, which costs what a worker gains.
+WORKER_MIN_GROUP = 3
+
+
 def working_memory(points_per_batch: int, photo_size: Tuple[int, int], group: int, pooled: bool = False,
-                   crops: bool = False) -> int:
+                   crops: bool = False, processes: int = 1) -> int:
     """Estimated peak bytes of generate() with ``group`` masks per group: the
     process's base and the photo, plus the largest of three phases (embedding
     a crop; decoding a batch; the batch's masks at photo size, a group at a
     time, and one mask's RLE). ``pooled``: the batches share their large
     arrays (threads.WorkArrays), held from the first batch to the last, so through the
-    embedding of every crop after the first (``crops``) too."""
+    embedding of every crop after the first (``crops``) too. ``processes``:
+    the batches run in this process and processes - 1 workers forked after the
+    embedding, each with its own batch phases and WORKER_BASE_BYTES."""
     h, w = (int(s) for s in photo_size)
     held = BASE_BYTES + PHOTO_BYTES_PER_PIXEL * h * w
     embed = SET_IMAGE_BYTES_PER_PIXEL * h * w
@@ -121,15 +136,18 @@ def working_memory(points_per_batch: int, photo_size: Tuple[int, int], group: in
     low_res = LOW_RES_BYTES_PER_PROMPT * points_per_batch
     group_masks = group * (MASK_BYTES_PER_PIXEL * h * w + MASK_BYTES_PER_COLUMN * w)
     masks = RLE_BYTES_PER_PIXEL * h * w + group * BLOCK_BYTES_PER_COLUMN * w
+    workers = processes - 1
     if not pooled:
-        return held + max(embed, decode, low_res + group_masks + masks)
+        batch = max(decode, low_res + group_masks + masks)
+        return held + max(embed, batch + workers * (WORKER_BASE_BYTES + batch))
     shared = (KEYS_BYTES_PER_PROMPT + STEP4_RECORD_BYTES_PER_PROMPT) * points_per_batch + low_res + group_masks
     decode -= (KEYS_BYTES_PER_PROMPT + STEP4_RECORD_BYTES_PER_PROMPT) * points_per_batch  # shared
-    return held + max(embed + (shared if crops else 0), shared + decode, shared + masks)
+    batch = max(shared + decode, shared + masks)
+    return held + max(embed + (shared if crops else 0), batch + workers * (WORKER_BASE_BYTES + batch))
 
 
 def memory_plan(points_per_batch: int, photo_size: Tuple[int, int], memory_limit: int,
-                crops: bool = False) -> Tuple[bool, int]:
+                crops: bool = False, processes: int = 1) -> Tuple[bool, int]:
     """(pooled, group): shared work arrays when they fit within the limit
     with a group of at least one mask, and the most masks per group (at least
     1, at most a batch's masks) whose working_memory stays within it. A photo
@@ -139,18 +157,38 @@ def memory_plan(points_per_batch: int, photo_size: Tuple[int, int], memory_limit
         lo, hi = 1, 3 * points_per_batch
         while lo < hi:  # working_memory grows with the group
             mid = (lo + hi + 1) // 2
-            if working_memory(points_per_batch, photo_size, mid, pooled, crops) <= memory_limit:
+            if working_memory(points_per_batch, photo_size, mid, pooled, crops, processes) <= memory_limit:
                 lo = mid
             else:
                 hi = mid - 1
-        if not pooled or working_memory(points_per_batch, photo_size, lo, pooled, crops) <= memory_limit:
+        if not pooled or working_memory(points_per_batch, photo_size, lo, pooled, crops, processes) <= memory_limit:
             return pooled, lo
     raise AssertionError("unreachable")
 
 
-def group_size(points_per_batch: int, photo_size: Tuple[int, int], memory_limit: int, crops: bool = False) -> int:
+def group_size(points_per_batch: int, photo_size: Tuple[int, int], memory_limit: int, crops: bool = False,
+               processes: int = 1) -> int:
     """The group of memory_plan."""
-    return memory_plan(points_per_batch, photo_size, memory_limit, crops)[1]
+    return memory_plan(points_per_batch, photo_size, memory_limit, crops, processes)[1]
+
+
+def plan_processes(self: SamAutomaticMaskGenerator, photo_size: Tuple[int, int], batches: int) -> int:
+    """The processes that run a crop's batches (fast/processes.py): ``processes``
+    (None: NPSAM_NUM_THREADS), at most one per batch, 1 where workers cannot
+    be forked, and no more than fit within memory_limit with the batches'
+    shared arrays and groups of at least WORKER_MIN_GROUP masks (less costs
+    more than a worker gains: fresh memory every batch, or masks resized to
+    the photo's size a few at a time)."""
+    wanted = threads.NUM_THREADS if self.processes is None else self.processes
+    n = min(wanted, batches) if processes.available() else 1
+    limit = DEFAULT_MEMORY_LIMIT if self.memory_limit is None else self.memory_limit
+    crops = self.crop_n_layers > 0
+    while n > 1:
+        pooled, group = memory_plan(self.points_per_batch, photo_size, limit, crops, n)
+        if pooled and group >= WORKER_MIN_GROUP:
+            break
+        n -= 1
+    return max(1, n)
 
 
 def _batch_work(self: SamAutomaticMaskGenerator) -> threads.WorkArrays:
@@ -174,6 +212,74 @@ def check_memory(self: SamAutomaticMaskGenerator, photo_size: Tuple[int, int]) -
         raise PhotoTooLargeError(too_large_message(photo_size, need, self.points_per_batch, limit))
 
 
+@implements(SamAutomaticMaskGenerator, "_process_crop")
+def process_crop(self: SamAutomaticMaskGenerator, image: np.ndarray, crop_box, crop_layer_idx: int,
+                 orig_size: Tuple[int, ...]) -> MaskData:
+    """Replaces SamAutomaticMaskGenerator._process_crop: its steps, with the
+    crop's batches of points run by plan_processes(...) processes, this one
+    and workers forked once the crop's embedding is made (fast/processes.py:
+    threads of one process hand the GIL to each other between the batches'
+    many short NumPy calls; processes do not). The batches' MaskData are
+    concatenated in the official order, and each is the same computation in
+    whichever process ran it (on one thread: any number of threads gives the
+    same bits), so the records are the same."""
+    # Crop the image and calculate embeddings
+    x0, y0, x1, y1 = crop_box
+    cropped_im = image[y0:y1, x0:x1, :]  # [H, W, 3] -> [h, w, 3]
+    cropped_im_size = cropped_im.shape[:2]
+    self.predictor.set_image(cropped_im)
+
+    # Get points for this crop
+    points_scale = np.array(cropped_im_size)[None, ::-1]  # [1, 2] as (w, h)
+    points_for_image = self.point_grids[crop_layer_idx] * points_scale  # [N, 2]
+
+    # Generate masks for this crop in batches
+    batches = [points for (points,) in batch_iterator(self.points_per_batch, points_for_image)]
+    n = plan_processes(self, orig_size, len(batches))
+
+    def batch(i):
+        return self._process_batch(batches[i], cropped_im_size, crop_box, orig_size)
+
+    def done(i):
+        self._batches_done += 1
+        if self.progress is not None:
+            self.progress(self._batches_done, self._batches_total)
+
+    def in_worker():  # the worker's batches share one set of work arrays, kept until it exits
+        self._batches_done, self._batches_total = max(1, self._batches_done), math.inf
+
+    self._processes = n  # process_batch plans its memory for this many
+    try:
+        results = processes.ordered_map(batch, len(batches), n, done, in_worker)
+    finally:
+        self._processes = 1
+    if self._batches_done >= self._batches_total:  # generate()'s last batch ran in a worker
+        self.__dict__.pop("_batch_work", None)
+    data = MaskData()
+    for batch_data in results:
+        data.cat(batch_data)
+    del results
+    self.predictor.reset_image()
+
+    # Remove duplicates within this crop.
+    keep_by_nms = batched_nms(
+        data["boxes"].astype(np.float32),
+        data["iou_preds"],
+        np.zeros(len(data["boxes"]), dtype=np.float32),  # categories
+        iou_threshold=self.box_nms_thresh,
+    )
+    data.filter(keep_by_nms)
+
+    # Return to the original image frame
+    data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
+    data["points"] = uncrop_points(data["points"], crop_box)
+    m = len(data["rles"])
+    # NOTE(reference): torch.tensor([]) for a crop with no masks is float32 [0], not int64 [0, 4].
+    data["crop_boxes"] = np.array([crop_box for _ in range(m)]) if m else np.zeros(0, dtype=np.float32)
+
+    return data
+
+
 @implements(SamAutomaticMaskGenerator, "_process_batch")
 def process_batch(self: SamAutomaticMaskGenerator, points: np.ndarray, im_size: Tuple[int, ...],
                   crop_box, orig_size: Tuple[int, ...]) -> MaskData:
@@ -183,7 +289,8 @@ def process_batch(self: SamAutomaticMaskGenerator, points: np.ndarray, im_size: 
     kept is computed by the same products as the official path computes it,
     and every value skipped belongs to a mask the official path drops."""
     limit = DEFAULT_MEMORY_LIMIT if self.memory_limit is None else self.memory_limit
-    pooled, group = memory_plan(self.points_per_batch, orig_size, limit, self.crop_n_layers > 0)
+    pooled, group = memory_plan(self.points_per_batch, orig_size, limit, self.crop_n_layers > 0,
+                                getattr(self, "_processes", 1))
     work = _batch_work(self) if pooled else None
     try:
         with threads.no_huge_pages():  # (see there: a batch makes many large arrays)

@@ -67,8 +67,9 @@ def add_everything_arguments(parser: argparse.ArgumentParser) -> None:
                           help="remove islands and holes smaller than this many pixels (default 0: off)")
     official.add_argument("--output-mode", choices=("coco_rle", "uncompressed_rle"), default="coco_rle",
                           help="segmentation format of a dataset's files (default coco_rle)")
-    parser.add_argument("--memory-limit", type=float, metavar="GIB", default=1.0,
-                        help="bound on the memory of one photo's segmentation, in GiB (default 1)")
+    parser.add_argument("--memory-limit", type=float, metavar="GIB", default=1.5,
+                        help="bound on the memory of one photo's segmentation, its worker processes' included, "
+                             "in GiB (default 1.5)")
     parser.add_argument("--embedding", metavar="EMB.npy",
                         help="image embedding from 'npsam embed' of the same PHOTO: skips the image encoder "
                              "(one photo, --crop-n-layers 0)")
