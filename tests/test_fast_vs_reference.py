@@ -247,9 +247,19 @@ def test_fast_two_way_transformer_matches_the_reference(name, seed, depth, b, t,
     # image rows' products kept per image (fast/transformer.py, the chain)
     assert per_image.chain is None
     record = fast_tr.Step4Record.empty(tr, b, t, h * w, dtype) if depth else None
-    queries, keys = fast_tr.forward_rows(tr, rows, pe_rows, tokens, per_image, record=record)
+    fast_tr.forward_rows(tr, rows, pe_rows, tokens, per_image, record=record)
+    assert per_image.chain is None, f"{b} prompts: fewer than CHAIN_MIN_PROMPTS, the chain's products are not made"
+    saved, fast_tr.CHAIN_MIN_PROMPTS = fast_tr.CHAIN_MIN_PROMPTS, 1
+    try:
+        queries, keys = fast_tr.forward_rows(tr, rows, pe_rows, tokens, per_image, record=record)
+    finally:
+        fast_tr.CHAIN_MIN_PROMPTS = saved
     assert (per_image.chain is not None) == (depth >= 2), "the chain runs on a full record"
     close_pair((queries, keys), expected, tol, "forward_rows through layer 0's record")
+    if depth >= 2:  # once made, any number of prompts reads them
+        queries, keys = fast_tr.forward_rows(tr, rows, pe_rows, tokens[:1], per_image,
+                                             record=fast_tr.Step4Record.empty(tr, 1, t, h * w, dtype))
+        close_pair((queries, keys), (expected[0][:1], expected[1][:1]), tol, "one prompt through the kept chain")
 
 
 @pytest.mark.parametrize("name", sorted(DTYPES))

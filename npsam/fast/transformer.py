@@ -354,10 +354,11 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
     (else a new one is made; depth 0 returns a copy of the image side).
     ``record``: a Step4Record for these prompts, filled as the passes run
     (the same computation: it only keeps copies of what step (4) computes).
-    With one image for every prompt, a ``per_image`` record and a Step4Record
-    of every row, layer 1's step (2) and step (4) read layer 0's record and
-    products of the image rows kept per image instead of layer 1's keys
-    (_chain_block, _ChainStep4: a fifth of the multiply-adds, within the
+    With one image for every prompt, a ``per_image`` record, a Step4Record
+    of every row and CHAIN_MIN_PROMPTS prompts or more (or the image's chain
+    products already made), layer 1's step (2) and step (4) read layer 0's
+    record and products of the image rows kept per image instead of layer 1's
+    keys (_chain_block, _ChainStep4: a fifth of the multiply-adds, within the
     tolerances); the keys are still made, for norm4 and the passes after.
     ``keys_wanted``: False returns None for the keys: the last pass then
     keeps each block's keys in this thread's work array, not in [B, HW, C]
@@ -403,7 +404,8 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
             q = queries + point_embedding
             if i == len(self.layers) and final_tokens is not None:
                 q = q[:, :final_tokens]  # -> [B, T', C]
-            if i == 1 < len(self.layers) and cached and record is not None and record.rows == hw:  # _chain_block
+            if (i == 1 < len(self.layers) and cached and record is not None and record.rows == hw
+                    and (b >= CHAIN_MIN_PROMPTS or _chain_kept(layer, self.layers[0].norm4, per_image))):
                 chain = _chain_tokens(to_image, self.layers[0].norm4, q, record.values[0],
                                       _chain_projections(layer, self.layers[0].norm4, image_embedding[0], pe,
                                                          per_image))
@@ -648,6 +650,13 @@ class _Layer0Step4:
 # The products per row shrink from 2 x 256 x h*T to 2 x (D + h0*T0 + 1) x h*T
 # multiply-adds (D per head): 117M against 24M a prompt for MobileSAM. The same
 # mathematics in another association, within the tolerances.
+# Prompts in one call from which the chain pays for its per-image products
+# (_chain_projections: 12-17 ms for a 64x64 embedding on 2 threads, once per
+# image) on that call alone, each prompt saving about 1 ms: a batch of the
+# generator (64) makes them; a single click does not, and uses them once made.
+CHAIN_MIN_PROMPTS = 16
+
+
 class _ChainTokens(NamedTuple):
     """The token side of _chain_block for a batch of prompts (see above)."""
     qs: np.ndarray  # [B, h, T, D]: q_proj(q) / sqrt(D)
@@ -662,32 +671,39 @@ class _ChainTokens(NamedTuple):
         return self.qs.shape[-1] + self.z_t.shape[-1]
 
 
+def _chain_kept(layer: TwoWayAttentionBlock, norm, per_image: PerImage) -> bool:
+    """Whether per_image holds ChainProjections made with these weights."""
+    kept = per_image.chain
+    return (kept is not None and kept.weights[0] is layer.cross_attn_token_to_image.derived
+            and kept.weights[1] is layer.cross_attn_image_to_token.derived and kept.weights[2] is norm.weight)
+
+
 def _chain_projections(layer: TwoWayAttentionBlock, norm, src: np.ndarray, pe: np.ndarray,
                        per_image: PerImage) -> ChainProjections:
     """ChainProjections for layer 1 (``layer``) and layer 0's ``norm`` (norm4),
     kept in per_image for those weights."""
     attn, attn4 = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-    kept = per_image.chain
-    if (kept is not None and kept.weights[0] is attn.derived and kept.weights[1] is attn4.derived
-            and kept.weights[2] is norm.weight):
-        return kept
+    if _chain_kept(layer, norm, per_image):
+        return per_image.chain
     hw, c = src.shape
     g = np.asarray(norm.weight, np.float64)[:, None]
     wk_g, wv_g, wq_g = ((g * np.asarray(w, np.float64).T).astype(src.dtype)  # [C, I]: diag(g) W^T
                         for w in (attn.k_proj.weight, attn.v_proj.weight, attn4.q_proj.weight))
-    products = [(src, wk_g), (pe, attn.derived.k_t), (src, wv_g), (src, wq_g), (pe, attn4.derived.q_t)]
-    out = [np.empty((hw, w.shape[1]), src.dtype) for _, w in products]
+    # as W @ x^T, locations last (as _layer0_projections): s_t, e_t, s4_t, e4_t; v as x @ W^T
+    products_t = [(src, wk_g.T), (pe, attn.k_proj.weight), (src, wq_g.T), (pe, attn4.q_proj.weight)]
+    out_t = [np.empty((w.shape[0], hw), src.dtype) for _, w in products_t]
+    v = np.empty((hw, attn.internal_dim), src.dtype)
 
     def block(lo, hi):  # blocks of 512 locations, fixed whatever the number of threads
-        for (x, w), y in zip(products, out):
-            np.matmul(x[lo:hi], w, out=y[lo:hi])  # [R, C] @ [C, I] -> [R, I]
+        for (x, w), y in zip(products_t, out_t):
+            np.matmul(w, x[lo:hi].T, out=y[:, lo:hi])  # [I, C] @ [C, R] -> [I, R]
+        np.matmul(src[lo:hi], wv_g, out=v[lo:hi])  # [R, C] @ [C, I] -> [R, I]
 
     threads.parallel_blocks(block, hw, 512, threads=threads.row_threads())
-    heads = lambda a, y: y.reshape(hw, a.num_heads, -1).transpose(1, 2, 0)  # noqa: E731  [HW, I] -> [h, D, HW]
-    s, e, v, s4, e4 = out
-    arrays = [np.ascontiguousarray(heads(attn, s)), np.ascontiguousarray(heads(attn, e)),
-              np.ascontiguousarray(heads(attn, v).transpose(0, 2, 1)),  # -> [h, HW, D]
-              wk_g, wv_g, np.ascontiguousarray(heads(attn4, s4)), np.ascontiguousarray(heads(attn4, e4))]
+    s_t, e_t, s4_t, e4_t = (y.reshape(a.num_heads, -1, hw)  # [I, HW] -> [h, D, HW]
+                            for y, a in zip(out_t, (attn, attn, attn4, attn4)))
+    v = np.ascontiguousarray(v.reshape(hw, attn.num_heads, -1).transpose(1, 0, 2))  # -> [h, HW, D]
+    arrays = [s_t, e_t, v, wk_g, wv_g, s4_t, e4_t]
     for x in arrays:
         x.flags.writeable = False
     kept = per_image.chain = ChainProjections(*arrays, weights=(attn.derived, attn4.derived, norm.weight))
