@@ -118,3 +118,20 @@ def test_an_exception_that_cannot_be_pickled_still_arrives(monkeypatch):
 
     with pytest.raises(RuntimeError, match="Local: not picklable"):
         processes.ordered_map(fn, 6, 2)
+
+
+def test_without_shared_memory_it_is_a_loop_here(monkeypatch):
+    """No POSIX semaphores (a container without /dev/shm): no worker, the same results."""
+    import multiprocessing
+
+    pids = _forks(monkeypatch)
+    context = multiprocessing.get_context("fork")
+
+    class NoSemaphores(type(context)):
+        def Value(self, *args, **kwargs):
+            raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: NoSemaphores())
+    done = []
+    assert processes.ordered_map(lambda i: i + 1, 5, 3, done.append) == [1, 2, 3, 4, 5]
+    assert done == list(range(5)) and pids == []

@@ -68,7 +68,10 @@ def ordered_map(fn: Callable[[int], Any], n: int, processes: int,
     from multiprocessing.connection import wait
 
     ctx = multiprocessing.get_context("fork")
-    counter = ctx.Value("q", 0)  # the next index to take, in shared memory, with its lock
+    try:
+        counter = ctx.Value("q", 0)  # the next index to take, in shared memory, with its lock
+    except OSError:  # no POSIX semaphores here (a container without /dev/shm): a loop here
+        return ordered_map(fn, n, 1, on_done)
 
     def claim() -> Optional[int]:
         with counter.get_lock():
