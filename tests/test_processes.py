@@ -135,3 +135,11 @@ def test_without_shared_memory_it_is_a_loop_here(monkeypatch):
     done = []
     assert processes.ordered_map(lambda i: i + 1, 5, 3, done.append) == [1, 2, 3, 4, 5]
     assert done == list(range(5)) and pids == []
+
+
+def test_repeated_maps_leave_no_open_pipes():
+    processes.ordered_map(lambda i: i, 6, 2)  # the first map sets up multiprocessing's shared memory
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(10):
+        processes.ordered_map(lambda i: i, 6, 2)
+    assert len(os.listdir("/proc/self/fd")) == before

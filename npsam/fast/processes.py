@@ -104,6 +104,7 @@ def ordered_map(fn: Callable[[int], Any], n: int, processes: int,
                 kind, i, value = conn.recv()
             except (EOFError, OSError, pickle.UnpicklingError):  # the child has ended (or died)
                 del children[conn]
+                conn.close()
                 return
             if kind == "done":
                 results[i] = value
