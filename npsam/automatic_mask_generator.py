@@ -13,7 +13,7 @@ Dimension letters:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -73,8 +73,8 @@ class SamAutomaticMaskGenerator:
 
     The official logic is below; the fast layer
     (npsam/fast/automatic_mask_generator.py) replaces _process_batch with an
-    exact twin that prunes work and bounds memory, and _process_crop with its
-    own steps, whose batches may run in worker processes, unless ``with
+    exact twin that prunes work and bounds memory, and _batches with one that
+    runs the batches in worker processes, unless ``with
     npsam.reference():`` is in force.
     """
 
@@ -247,9 +247,6 @@ class SamAutomaticMaskGenerator:
         crop_layer_idx: int,
         orig_size: Tuple[int, ...],
     ) -> MaskData:
-        impl = fast.implementation(self, "_process_crop")  # the same steps, batches over processes
-        if impl is not None:
-            return impl(self, image, crop_box, crop_layer_idx, orig_size)
         # Crop the image and calculate embeddings
         x0, y0, x1, y1 = crop_box
         cropped_im = image[y0:y1, x0:x1, :]  # [H, W, 3] -> [h, w, 3]
@@ -262,13 +259,11 @@ class SamAutomaticMaskGenerator:
 
         # Generate masks for this crop in batches
         data = MaskData()
-        for (points,) in batch_iterator(self.points_per_batch, points_for_image):
-            batch_data = self._process_batch(points, cropped_im_size, crop_box, orig_size)
+        # NOTE(reference): the official loop calls _process_batch here; _batches makes
+        # those calls (the fast layer's twin in worker processes) and counts progress
+        for batch_data in self._batches(points_for_image, cropped_im_size, crop_box, orig_size):
             data.cat(batch_data)
             del batch_data
-            self._batches_done += 1
-            if self.progress is not None:
-                self.progress(self._batches_done, self._batches_total)
         self.predictor.reset_image()
 
         # Remove duplicates within this crop.
@@ -288,6 +283,26 @@ class SamAutomaticMaskGenerator:
         data["crop_boxes"] = np.array([crop_box for _ in range(n)]) if n else np.zeros(0, dtype=np.float32)
 
         return data
+
+    def _batches(
+        self,
+        points_for_image: np.ndarray,
+        im_size: Tuple[int, ...],
+        crop_box: List[int],
+        orig_size: Tuple[int, ...],
+    ) -> Iterator[MaskData]:
+        """The crop's batches of points through _process_batch, their MaskData in
+        order, each counted for ``progress`` when it is done."""
+        impl = fast.implementation(self, "_batches")  # the same calls, in worker processes
+        if impl is not None:
+            yield from impl(self, points_for_image, im_size, crop_box, orig_size)
+            return
+        for (points,) in batch_iterator(self.points_per_batch, points_for_image):
+            batch_data = self._process_batch(points, im_size, crop_box, orig_size)
+            self._batches_done += 1
+            if self.progress is not None:
+                self.progress(self._batches_done, self._batches_total)
+            yield batch_data
 
     def _process_batch(
         self,

@@ -63,10 +63,8 @@ import numpy as np
 
 from ..automatic_mask_generator import (DEFAULT_MEMORY_LIMIT, PhotoTooLargeError, SamAutomaticMaskGenerator,
                                         too_large_message)
-from ..kernels.nms import batched_nms
 from ..kernels.resize import _axis_plan, upscale_crop_resize
-from ..utils.amg import (MaskData, batch_iterator, batched_mask_to_box, is_box_near_crop_edge, uncrop_boxes_xyxy,
-                         uncrop_masks, uncrop_points)
+from ..utils.amg import MaskData, batch_iterator, batched_mask_to_box, is_box_near_crop_edge, uncrop_masks
 from . import implements, processes, threads
 from .mask_decoder import upscaled_rows
 
@@ -212,33 +210,22 @@ def check_memory(self: SamAutomaticMaskGenerator, photo_size: Tuple[int, int]) -
         raise PhotoTooLargeError(too_large_message(photo_size, need, self.points_per_batch, limit))
 
 
-@implements(SamAutomaticMaskGenerator, "_process_crop")
-def process_crop(self: SamAutomaticMaskGenerator, image: np.ndarray, crop_box, crop_layer_idx: int,
-                 orig_size: Tuple[int, ...]) -> MaskData:
-    """Replaces SamAutomaticMaskGenerator._process_crop: its steps, with the
-    crop's batches of points run by plan_processes(...) processes, this one
-    and workers forked once the crop's embedding is made (fast/processes.py:
-    threads of one process hand the GIL to each other between the batches'
-    many short NumPy calls; processes do not). The batches' MaskData are
-    concatenated in the official order, and each is the same computation in
-    whichever process ran it (on one thread: any number of threads gives the
-    same bits), so the records are the same."""
-    # Crop the image and calculate embeddings
-    x0, y0, x1, y1 = crop_box
-    cropped_im = image[y0:y1, x0:x1, :]  # [H, W, 3] -> [h, w, 3]
-    cropped_im_size = cropped_im.shape[:2]
-    self.predictor.set_image(cropped_im)
-
-    # Get points for this crop
-    points_scale = np.array(cropped_im_size)[None, ::-1]  # [1, 2] as (w, h)
-    points_for_image = self.point_grids[crop_layer_idx] * points_scale  # [N, 2]
-
-    # Generate masks for this crop in batches
-    batches = [points for (points,) in batch_iterator(self.points_per_batch, points_for_image)]
-    n = plan_processes(self, orig_size, len(batches))
+@implements(SamAutomaticMaskGenerator, "_batches")
+def batches(self: SamAutomaticMaskGenerator, points_for_image: np.ndarray, im_size: Tuple[int, ...], crop_box,
+            orig_size: Tuple[int, ...]) -> list:
+    """Replaces SamAutomaticMaskGenerator._batches: the same _process_batch calls,
+    run by plan_processes(...) processes, this one and workers forked now that
+    the crop's embedding is made (fast/processes.py: threads of one process
+    hand the GIL to each other between the batches' many short NumPy calls;
+    processes do not). Their MaskData come back in the official order, and each
+    is the same computation in whichever process ran it (on one thread: any
+    number of threads gives the same bits), so the records are the same.
+    Progress counts each batch as it arrives."""
+    points = [p for (p,) in batch_iterator(self.points_per_batch, points_for_image)]
+    n = plan_processes(self, orig_size, len(points))
 
     def batch(i):
-        return self._process_batch(batches[i], cropped_im_size, crop_box, orig_size)
+        return self._process_batch(points[i], im_size, crop_box, orig_size)
 
     def done(i):
         self._batches_done += 1
@@ -250,34 +237,12 @@ def process_crop(self: SamAutomaticMaskGenerator, image: np.ndarray, crop_box, c
 
     self._processes = n  # process_batch plans its memory for this many
     try:
-        results = processes.ordered_map(batch, len(batches), n, done, in_worker)
+        results = processes.ordered_map(batch, len(points), n, done, in_worker)
     finally:
         self._processes = 1
     if self._batches_done >= self._batches_total:  # generate()'s last batch ran in a worker
         self.__dict__.pop("_batch_work", None)
-    data = MaskData()
-    for batch_data in results:
-        data.cat(batch_data)
-    del results
-    self.predictor.reset_image()
-
-    # Remove duplicates within this crop.
-    keep_by_nms = batched_nms(
-        data["boxes"].astype(np.float32),
-        data["iou_preds"],
-        np.zeros(len(data["boxes"]), dtype=np.float32),  # categories
-        iou_threshold=self.box_nms_thresh,
-    )
-    data.filter(keep_by_nms)
-
-    # Return to the original image frame
-    data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
-    data["points"] = uncrop_points(data["points"], crop_box)
-    m = len(data["rles"])
-    # NOTE(reference): torch.tensor([]) for a crop with no masks is float32 [0], not int64 [0, 4].
-    data["crop_boxes"] = np.array([crop_box for _ in range(m)]) if m else np.zeros(0, dtype=np.float32)
-
-    return data
+    return results
 
 
 @implements(SamAutomaticMaskGenerator, "_process_batch")

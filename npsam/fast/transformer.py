@@ -52,6 +52,22 @@ def _proj(linear, weight_t: np.ndarray, x: np.ndarray) -> np.ndarray:
     return ops.linear(x, linear.weight, linear.bias, weight_t)
 
 
+def _scaled_heads(attn: Attention, linear, weight_t: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """linear(x) [B, T, C] split into heads and divided by sqrt(D) -> [B, h, T, D], C-contiguous.
+    NOTE(reference): the logits are divided by sqrt(D); done here on the small
+    side (D = 16 in SAM's cross-attentions: a power of two, so exactly the same)."""
+    b, t, _ = x.shape
+    nh, d = attn.num_heads, attn.internal_dim // attn.num_heads
+    xh = _proj(linear, weight_t, x).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # -> [B, h, T, D]
+    return np.ascontiguousarray(xh / x.dtype.type(math.sqrt(d)))
+
+
+def _per_head(xh: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Each head's rows of xh [B, h, T, D] times that head's D rows of w [I, X] -> [B, h*T, X]."""
+    b, nh, t, d = xh.shape
+    return (xh @ w.reshape(nh, d, -1)).reshape(b, nh * t, -1)  # [B, h, T, D] @ [h, D, X]
+
+
 @implements(Attention)
 def attention(self: Attention, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Replaces Attention.forward in its own association (the decoder's self-attention
@@ -80,14 +96,7 @@ def to_image_logit_weights(attn: Attention, q: np.ndarray) -> np.ndarray:
         q_h . (k_n W_k^h + b_k^h) = (q_h W_k^h^T) . k_n + q_h . b_k^h
     and the last term is the same for every n, so softmax over n drops it.
     """
-    b, t, c = q.shape
-    nh, d = attn.num_heads, attn.internal_dim // attn.num_heads
-    qh = _proj(attn.q_proj, attn.derived.q_t, q).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # -> [B, h, T, D]
-    qk = qh @ attn.k_proj.weight.reshape(nh, d, c)  # [B, h, T, D] @ [h, D, C] -> [B, h, T, C]
-    # NOTE(reference): the logits are divided by sqrt(D); done here on the small
-    # side (D = 16 in SAM's cross-attentions: a power of two, so exactly the same).
-    qk /= qk.dtype.type(math.sqrt(d))
-    return qk.reshape(b, nh * t, c)  # -> [B, h*T, C]
+    return _per_head(_scaled_heads(attn, attn.q_proj, attn.derived.q_t, q), attn.k_proj.weight)  # -> [B, h*T, C]
 
 
 def to_image_output(attn: Attention, pv: np.ndarray, t: int) -> np.ndarray:
@@ -137,15 +146,13 @@ def from_image_token_side(attn: Attention, k: np.ndarray, v: np.ndarray) -> Tupl
         (sum_t p_h,t v_h,t) W_o^h = sum_t p_h,t (v_h,t W_o^h)
     and b_o is spread as b_o / h over every (h, t) row (each head's p sums to 1).
     """
-    b, t, c = k.shape
-    nh, d = attn.num_heads, attn.internal_dim // attn.num_heads
-    scale = k.dtype.type(math.sqrt(d))
-    kh = _proj(attn.k_proj, attn.derived.k_t, k).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # -> [B, h, T, D]
-    kq = kh @ attn.q_proj.weight.reshape(nh, d, c)  # [B, h, T, D] @ [h, D, C] -> [B, h, T, C]
-    kq /= scale  # NOTE(reference): logits / sqrt(D), on the small side (exact for D = 16)
-    kb = kh @ attn.q_proj.bias.reshape(nh, d, 1)  # [B, h, T, D] @ [h, D, 1] -> [B, h, T, 1]
-    kb /= scale
-    return kq.reshape(b, nh * t, c), kb.reshape(b, nh * t, 1), from_image_values(attn, v)
+    ks = _scaled_heads(attn, attn.k_proj, attn.derived.k_t, k)  # -> [B, h, T, D]
+    return (*_from_image_keys(attn, ks), from_image_values(attn, v))
+
+
+def _from_image_keys(attn: Attention, ks: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """kq [B, h*T, C], kb [B, h*T, 1] of from_image_token_side from ks = k_proj(k) / sqrt(D) per head."""
+    return _per_head(ks, attn.q_proj.weight), _per_head(ks, attn.q_proj.bias[:, None])
 
 
 def from_image_values(attn: Attention, v: np.ndarray) -> np.ndarray:
@@ -227,7 +234,7 @@ class ChainProjections(NamedTuple):
         s_t  [h, D, HW]: (src * g) @ W_k^T, per head, locations last
         e_t  [h, D, HW]: pe @ W_k^T
         v    [h, HW, D]: (src * g) @ W_v^T, per head, locations first
-        wk_g, wv_g [C, I]: diag(g) W_k^T, diag(g) W_v^T (float64, rounded once)
+        wv_g [C, I]: diag(g) W_v^T (float64, rounded once)
 
     and for layer 1's step (4) (_ChainStep4), with W_q its q_proj weight:
 
@@ -237,7 +244,6 @@ class ChainProjections(NamedTuple):
     s_t: np.ndarray
     e_t: np.ndarray
     v: np.ndarray
-    wk_g: np.ndarray
     wv_g: np.ndarray
     s4_t: np.ndarray
     e4_t: np.ndarray
@@ -703,7 +709,7 @@ def _chain_projections(layer: TwoWayAttentionBlock, norm, src: np.ndarray, pe: n
     s_t, e_t, s4_t, e4_t = (y.reshape(a.num_heads, -1, hw)  # [I, HW] -> [h, D, HW]
                             for y, a in zip(out_t, (attn, attn, attn4, attn4)))
     v = np.ascontiguousarray(v.reshape(hw, attn.num_heads, -1).transpose(1, 0, 2))  # -> [h, HW, D]
-    arrays = [s_t, e_t, v, wk_g, wv_g, s4_t, e4_t]
+    arrays = [s_t, e_t, v, wv_g, s4_t, e4_t]
     for x in arrays:
         x.flags.writeable = False
     kept = per_image.chain = ChainProjections(*arrays, weights=(attn.derived, attn4.derived, norm.weight))
@@ -713,23 +719,42 @@ def _chain_projections(layer: TwoWayAttentionBlock, norm, src: np.ndarray, pe: n
 def _chain_tokens(attn: Attention, norm, q: np.ndarray, vo0: np.ndarray, kept: ChainProjections) -> _ChainTokens:
     """The token side of _chain_block: q [B, T, C] (queries + PE), vo0 [B, h0*T0, C]
     (layer 0's step (4) values, Step4Record.values[0])."""
-    b, t, c = q.shape
-    nh, d = attn.num_heads, attn.internal_dim // attn.num_heads
-    dt = q.dtype.type
-    qh = _proj(attn.q_proj, attn.derived.q_t, q).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # -> [B, h, T, D]
-    # NOTE(reference): the logits are divided by sqrt(D) (D = 16: exact)
-    qs = np.ascontiguousarray(qh / dt(math.sqrt(d)))
-    qk = (qs @ attn.k_proj.weight.reshape(nh, d, c)).reshape(b, nh * t, c)  # [B, h, T, D] @ [h, D, C] -> [B, h*T, C]
-    g = norm.weight
-    ht0 = vo0.shape[1]
-    z_t = np.empty((b, nh * t, ht0 + 1), q.dtype)
-    np.matmul(qk * g, vo0.transpose(0, 2, 1), out=z_t[:, :, :ht0])  # [B, h*T, C] @ [B, C, h0*T0]
-    z_t[:, :, ht0] = -(qk @ g)  # the mean's column
+    b, ht0 = vo0.shape[:2]
+    qs = _scaled_heads(attn, attn.q_proj, attn.derived.q_t, q)  # -> [B, h, T, D]
+    z_t = _through_norm(_per_head(qs, attn.k_proj.weight), norm, vo0)  # qk [B, h*T, C] -> Z^T
     y = np.empty((b, ht0 + 1, attn.internal_dim), q.dtype)
     np.matmul(vo0, kept.wv_g, out=y[:, :ht0])  # [B, h0*T0, C] @ [C, I]
     y[:, ht0] = -kept.wv_g.sum(axis=0)  # the mean's row: -g W_v^T
     shift = norm.bias @ attn.v_proj.weight.T + attn.v_proj.bias  # [I]: b W_v^T, then v_proj's bias
     return _ChainTokens(qs, z_t, y, shift, kept)
+
+
+def _through_norm(w: np.ndarray, norm, vo0: np.ndarray) -> np.ndarray:
+    """The [p0; mean0] side of rows of layer 1's keys (see above): w [B, h*T, C]
+    (qk or kq, the token side the keys meet) -> [B, h*T, h0*T0 + 1]:
+    [vo0 diag(g) w^T; -g . w]^T, with g layer 0's norm4 weight and vo0 [B, h0*T0, C]."""
+    b, ht, _ = w.shape
+    ht0 = vo0.shape[1]
+    z_t = np.empty((b, ht, ht0 + 1), w.dtype)
+    np.matmul(w * norm.weight, vo0.transpose(0, 2, 1), out=z_t[:, :, :ht0])  # [B, h*T, C] @ [B, C, h0*T0]
+    z_t[:, :, ht0] = -(w @ norm.weight)  # the mean's column
+    return z_t
+
+
+def _chain_logits(z_t: np.ndarray, xs: np.ndarray, s_t: np.ndarray, e_t: np.ndarray, record: Step4Record,
+                  p: int, lo: int, hi: int, key: str) -> np.ndarray:
+    """rstd0 * (S_h . x_j + [p0; mean0] . Z_j) + E_h . x_j on rows [lo, hi) of
+    prompt p (see above): z_t [h*T, h0*T0 + 1] and xs [h, T, D] the prompt's,
+    s_t, e_t [h, D, HW] the image's -> [h*T, R], this thread's work array ``key``."""
+    nh, t, _ = xs.shape
+    r, ht = hi - lo, nh * t
+    logits = np.matmul(z_t, record.weights[0, p, :, lo:hi], out=threads.scratch(key, (ht, r), xs.dtype))
+    # [h*T, h0*T0 + 1] @ [h0*T0 + 1, R] -> [h*T, R]
+    per_head = threads.scratch("decoder.chain_heads", (nh, t, r), xs.dtype)
+    logits += np.matmul(xs, s_t[:, :, lo:hi], out=per_head).reshape(ht, r)  # [h, T, D] @ [h, D, R]
+    ops.row_op(np.multiply, logits, record.rstd[0, p, lo:hi], logits)
+    logits += np.matmul(xs, e_t[:, :, lo:hi], out=per_head).reshape(ht, r)
+    return logits
 
 
 def _chain_block(chain: _ChainTokens, record: Step4Record, p: int, lo: int, hi: int, j: int,
@@ -740,19 +765,13 @@ def _chain_block(chain: _ChainTokens, record: Step4Record, p: int, lo: int, hi: 
     the weights' products with [p0; mean0])."""
     kept, qs = chain.kept, chain.qs[p]  # [h, T, D]
     nh, t, d = qs.shape
-    r, ht = hi - lo, nh * t
-    dtype = qs.dtype
+    r = hi - lo
     p0 = record.weights[0, p, :, lo:hi]  # [h0*T0 + 1, R]: the softmax weights, then mean0
     rstd0 = record.rstd[0, p, lo:hi]  # [R]
-    logits = np.matmul(chain.z_t[p], p0, out=threads.scratch("decoder.chain_logits", (ht, r), dtype))
-    # [h*T, h0*T0 + 1] @ [h0*T0 + 1, R] -> [h*T, R]
-    per_head = threads.scratch("decoder.chain_heads", (nh, t, r), dtype)
-    logits += np.matmul(qs, kept.s_t[:, :, lo:hi], out=per_head).reshape(ht, r)  # [h, T, D] @ [h, D, R]
-    ops.row_op(np.multiply, logits, rstd0, logits)
-    logits += np.matmul(qs, kept.e_t[:, :, lo:hi], out=per_head).reshape(ht, r)
+    logits = _chain_logits(chain.z_t[p], qs, kept.s_t, kept.e_t, record, p, lo, hi, "decoder.chain_logits")
     m = logits.max(axis=1)  # [h*T]
     ops.exp_below_max_(logits, m[:, None])  # -> e
-    np.matmul(logits, ops.ones(r, dtype), out=l_parts[j, p])  # [h*T, R] @ [R]: the sums over the rows
+    np.matmul(logits, ops.ones(r, qs.dtype), out=l_parts[j, p])  # [h*T, R] @ [R]: the sums over the rows
     ops.row_op(np.multiply, logits, rstd0, logits)  # -> e * rstd0
     o = o_parts[j, p]  # [h*T, D + h0*T0 + 1]
     np.matmul(logits.reshape(nh, t, r), kept.v[:, lo:hi], out=o[:, :d].reshape(nh, t, d))  # [h, T, R] @ [h, R, D]
@@ -791,33 +810,15 @@ class _ChainStep4:
     def __init__(self, attn: Attention, norm, q: np.ndarray, v: np.ndarray, record: Step4Record,
                  kept: ChainProjections) -> None:
         self.attn, self.record, self.kept = attn, record, kept
-        b, t, c = q.shape
-        nh, d = attn.num_heads, attn.internal_dim // attn.num_heads
-        kh = _proj(attn.k_proj, attn.derived.k_t, q).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # -> [B, h, T, D]
-        # NOTE(reference): logits / sqrt(D) (exact for D = 16)
-        self.ks = np.ascontiguousarray(kh / q.dtype.type(math.sqrt(d)))
-        kq = (self.ks @ attn.q_proj.weight.reshape(nh, d, c)).reshape(b, nh * t, c)  # -> [B, h*T, C]
-        vo0 = record.values[0]  # [B, h0*T0, C]
-        ht0 = vo0.shape[1]
-        self.z_t = np.empty((b, nh * t, ht0 + 1), q.dtype)
-        np.matmul(kq * norm.weight, vo0.transpose(0, 2, 1), out=self.z_t[:, :, :ht0])  # [B, h*T, h0*T0]
-        self.z_t[:, :, ht0] = -(kq @ norm.weight)  # the mean's column
-        kb = (self.ks @ attn.q_proj.bias.reshape(nh, d, 1)).reshape(b, nh * t)  # [B, h*T]: q_proj's bias
-        self.shift = (kq @ norm.bias + kb)[..., None]  # [B, h*T, 1]
+        self.ks = _scaled_heads(attn, attn.k_proj, attn.derived.k_t, q)  # -> [B, h, T, D]
+        kq, kb = _from_image_keys(attn, self.ks)  # -> [B, h*T, C], [B, h*T, 1]
+        self.z_t = _through_norm(kq, norm, record.values[0])  # -> [B, h*T, h0*T0 + 1]
+        self.shift = (kq @ norm.bias)[..., None] + kb  # [B, h*T, 1]
         self.vo = from_image_values(attn, v)  # -> [B, h*T, C]
 
     def __call__(self, p: int, lo: int, hi: int, k_rows: None, out: Optional[np.ndarray] = None,
                  keep: Optional[np.ndarray] = None) -> np.ndarray:
-        ks, kept = self.ks[p], self.kept  # [h, T, D]
-        nh, t, _ = ks.shape
-        r, ht = hi - lo, nh * t
-        dtype = ks.dtype
-        logits = np.matmul(self.z_t[p], self.record.weights[0, p, :, lo:hi],
-                           out=threads.scratch("decoder.chain4_logits", (ht, r), dtype))
-        # [h*T, h0*T0 + 1] @ [h0*T0 + 1, R] -> [h*T, R]
-        per_head = threads.scratch("decoder.chain_heads", (nh, t, r), dtype)
-        logits += np.matmul(ks, kept.s4_t[:, :, lo:hi], out=per_head).reshape(ht, r)  # [h, T, D] @ [h, D, R]
-        ops.row_op(np.multiply, logits, self.record.rstd[0, p, lo:hi], logits)
-        logits += np.matmul(ks, kept.e4_t[:, :, lo:hi], out=per_head).reshape(ht, r)
+        logits = _chain_logits(self.z_t[p], self.ks[p], self.kept.s4_t, self.kept.e4_t, self.record, p, lo, hi,
+                               "decoder.chain4_logits")  # -> [h*T, R]
         logits += self.shift[p]
         return from_image_logits(self.attn, logits, self.vo[p], out, keep)  # -> [R, C]
