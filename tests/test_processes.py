@@ -143,3 +143,27 @@ def test_repeated_maps_leave_no_open_pipes():
     for _ in range(10):
         processes.ordered_map(lambda i: i, 6, 2)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_worker_does_not_wait_for_this_process_to_read(tmp_path):
+    """A worker goes on to its next index while this process is busy: its
+    results (larger than a pipe holds) wait in its outbox, not the worker.
+    Here this process's one index waits until the worker has done every
+    other; a worker that waited for its first result to be read would never
+    get there."""
+    parent, n, big = os.getpid(), 6, 1 << 20  # 1 MiB a result: a pipe holds 64 KiB
+
+    def fn(i):
+        if os.getpid() == parent:
+            deadline = time.monotonic() + 30
+            while len(os.listdir(tmp_path)) < n - 1:
+                assert time.monotonic() < deadline, f"the worker did {len(os.listdir(tmp_path))} of {n - 1} indices"
+                time.sleep(0.01)
+            return ("here", i)
+        (tmp_path / str(i)).touch()
+        return ("worker", i, b"x" * big)
+
+    out = processes.ordered_map(fn, n, 2)
+    assert [r[1] for r in out] == list(range(n))
+    assert sum(r[0] == "here" for r in out) == 1, "this process should have done only the index it waited in"
+    assert all(len(r[2]) == big for r in out if r[0] == "worker")

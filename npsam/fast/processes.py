@@ -14,8 +14,9 @@ thread, with no GIL between them.
 model, the image's embedding and everything computed for it, without copying
 or pickling them), and this process and its children take the next index in
 turn from a shared counter until none is left. Each child sends back each
-result (pickled: a batch's MaskData, a few hundred KB at most); the results
-come back in index order, so the caller sees what a loop would have given.
+result (pickled: a batch's MaskData, a few hundred KB at most) from a thread
+of its own, so it never waits for this process to read; the results come
+back in index order, so the caller sees what a loop would have given.
 
 The values are the same: each index is one call of ``fn``, and every product
 in it runs on single-threaded BLAS in blocks fixed by its sizes (threads.py),
@@ -143,10 +144,14 @@ def ordered_map(fn: Callable[[int], Any], n: int, processes: int,
 def _child(fn: Callable[[int], Any], claim: Callable[[], Optional[int]], send,
            in_child: Optional[Callable[[], None]]) -> None:
     """A forked worker: results of the indices it takes, sent as ("done", i,
-    result); an exception as ("error", i, exception). Exits, never returns."""
+    result); an exception as ("error", i, exception). Exits, never returns.
+    Results are pickled here and written by an _Outbox, so the next index
+    starts while the parent is still busy with its own."""
     code = 0
+    outbox = None
     try:
         threads.set_num_threads(1)
+        outbox = _Outbox(send)
         if in_child is not None:
             in_child()
         with threads.single_threaded_blas():
@@ -154,16 +159,58 @@ def _child(fn: Callable[[int], Any], claim: Callable[[], Optional[int]], send,
                 try:
                     result = fn(i)
                 except BaseException as error:
-                    send.send(("error", i, _portable(error, i)))
+                    outbox.put(_message(("error", i, _portable(error, i))))
                     raise
-                send.send(("done", i, result))
+                outbox.put(_message(("done", i, result)))  # a result that cannot be pickled: the parent redoes i
     except BaseException:
         code = 1
     finally:
         try:
+            if outbox is not None:
+                outbox.close()
             send.close()
         finally:
             os._exit(code)  # no atexit handlers, no finalizers: they are the parent's
+
+
+def _message(obj) -> bytes:
+    """obj pickled as Connection.send pickles it (the parent's recv reads it)."""
+    from multiprocessing.reduction import ForkingPickler
+
+    return bytes(ForkingPickler.dumps(obj))
+
+
+class _Outbox:
+    """A thread of the worker that writes its pickled results to the pipe.
+
+    A pipe holds 64 KB; a batch's MaskData is a few hundred. The parent reads
+    only between its own items, so a worker writing itself would wait, idle,
+    for the parent's item to end (measured on dog.jpg: 1.8 s of the worker's
+    15, two batches more for the parent). The thread waits instead (in the
+    write, without the GIL), and the worker goes on to its next index."""
+
+    def __init__(self, send) -> None:
+        import queue
+        import threading
+
+        self._send, self._queue = send, queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="npsam-outbox", daemon=True)
+        self._thread.start()
+
+    def put(self, message: bytes) -> None:
+        self._queue.put(message)
+
+    def close(self) -> None:
+        """Wait until every message is written (or the parent has gone)."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (message := self._queue.get()) is not None:
+            try:
+                self._send.send_bytes(message)
+            except OSError:  # the parent has gone: nothing more can arrive
+                return
 
 
 def _portable(error: BaseException, i: int) -> BaseException:
