@@ -323,7 +323,7 @@ def upscaled_masks(self: MaskDecoder, src: np.ndarray, hyper_in: np.ndarray, h: 
             raise ValueError(f"record: expected at least the {h_out * w} image rows upscaled, got {record.rows}")
         values = _chain_values(self.derived, record, prompts)  # [L, b, h*T + 1, 4*O1]
 
-    wide_b2 = ops.wide_row(conv2.bias)  # see ops.row_op
+    wide_b2, wide_ln = ops.wide_row(conv2.bias), ops.wide_rows(ln.weight, ln.bias)  # see ops.row_op
 
     def work(start, stop):
         for j in range(start, stop):
@@ -339,7 +339,7 @@ def upscaled_masks(self: MaskDecoder, src: np.ndarray, hyper_in: np.ndarray, h: 
                 _chain_rows(self.derived, record, values[:, i], image_side, p, r0 * w, r1 * w, y1)  # -> [R, 4*O1]
                 y1 = y1.reshape(-1, o1)  # -> [R*4, O1], centred, with b1c
             # LayerNorm2d: over O1, per pixel (rows centred by the weights)
-            ops.layer_norm_rows(y1, ln.weight, ln.bias, ln.eps, out=y1, centred=True)
+            ops.layer_norm_rows(y1, ln.weight, ln.bias, ln.eps, out=y1, centred=True, wide=wide_ln)
             ops.gelu_block(y1, y1)
             y2 = np.matmul(y1, w2, out=threads.scratch("upscale.y2", (4 * n, 4 * o2), src.dtype))
             y2 = y2.reshape(-1, o2)  # [R*4, O1] @ [O1, 4*O2] -> [R*16, O2]

@@ -316,9 +316,10 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float,
         out[...] = y.reshape(out.shape)
         return out
     rows = max(1, CHUNK // c)
+    wide = wide_rows(weight, bias)
 
     def block(lo, hi):  # row sums are BLAS products: blocks fixed by ``rows``, never by threads
-        layer_norm_rows(xr[lo:hi], weight, bias, eps, orow[lo:hi], None if ar is None else ar[lo:hi])
+        layer_norm_rows(xr[lo:hi], weight, bias, eps, orow[lo:hi], None if ar is None else ar[lo:hi], wide=wide)
 
     parallel_blocks(block, xr.shape[0], rows)
     return out
@@ -326,13 +327,15 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float,
 
 def layer_norm_rows(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray,
                     add: Optional[np.ndarray] = None, centred: bool = False,
-                    stats: Optional[tuple] = None) -> np.ndarray:
+                    stats: Optional[tuple] = None, wide: Optional[tuple] = None) -> np.ndarray:
     """layer_norm on one block of rows, no threads, no checks: x, out (may be x)
     and add [r, C] C-contiguous. Row sums are matrix-vector products.
     ``centred``: x's rows have mean 0 already (by construction: see
     fast/mask_decoder.py, upscaling_weights), so the mean is not subtracted.
     ``stats``: (mean, rstd), two arrays of at most r values, given the first
-    rows' mean and 1 / sqrt(var + eps) as this computation used them."""
+    rows' mean and 1 / sqrt(var + eps) as this computation used them.
+    ``wide``: (wide_row(weight), wide_row(bias)), made once by a caller that
+    normalises many blocks (see row_op), else made here when a block is long."""
     c = x.shape[-1]
     dt = x.dtype.type
     if add is not None:
@@ -355,9 +358,15 @@ def layer_norm_rows(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: fl
         mean_out[...] = 0 if mean is None else mean[:len(mean_out)]
         rstd_out[...] = var[:len(rstd_out)]
     out *= var[:, None]
-    row_op(np.multiply, out, weight, out)
-    row_op(np.add, out, bias, out)
+    wide_w, wide_b = (None, None) if wide is None else wide
+    row_op(np.multiply, out, weight, out, wide_w)
+    row_op(np.add, out, bias, out, wide_b)
     return out
+
+
+def wide_rows(*rows: np.ndarray) -> tuple:
+    """wide_row of each row: layer_norm_rows' ``wide`` from (weight, bias)."""
+    return tuple(wide_row(r) for r in rows)
 
 
 _ONES = {}

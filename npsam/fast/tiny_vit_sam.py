@@ -442,11 +442,12 @@ def mlp_rows(self: Mlp, x: np.ndarray, residual: Optional[np.ndarray] = None) ->
     res = None if residual is None else np.ascontiguousarray(residual).reshape(-1, o)
     precise = self.act.precise
     wide_b1, wide_b2 = fast_ops.wide_row(fc1.bias), fast_ops.wide_row(fc2.bias)  # see fast_ops.row_op
+    wide_norm = fast_ops.wide_rows(norm.weight, norm.bias)
     w1t, w2t = transposed(fc1.weight), transposed(fc2.weight)  # [C, E], [E, O]
 
     def block(lo, hi):
         t = scratch("mlp.norm", ((hi - lo) * c,), x.dtype).reshape(hi - lo, c)
-        fast_ops.layer_norm_rows(x2[lo:hi], norm.weight, norm.bias, norm.eps, t)
+        fast_ops.layer_norm_rows(x2[lo:hi], norm.weight, norm.bias, norm.eps, t, wide=wide_norm)
         hidden = scratch("mlp.hidden", ((hi - lo) * e,), x.dtype).reshape(hi - lo, e)
         np.matmul(t, w1t, out=hidden)  # [r, C] @ [C, E] -> [r, E]
         fast_ops.row_op(np.add, hidden, fc1.bias, hidden, wide_b1)
@@ -508,11 +509,12 @@ def attention_windows(self: Attention, x: np.ndarray, out: np.ndarray) -> np.nda
     proj_w, proj_b = derived.proj_t, self.proj.bias  # [h*d, C]
     per = max(1, ATTENTION_LOGITS // (heads * n * n))  # windows per block
     wide_qkv_b, wide_proj_b = fast_ops.wide_row(qkv_b), fast_ops.wide_row(proj_b)  # see fast_ops.row_op
+    wide_norm = fast_ops.wide_rows(norm.weight, norm.bias)
 
     def block(lo, hi):
         g, rows = hi - lo, (hi - lo) * n
         t = scratch("attention.norm", (rows * c,), x.dtype).reshape(rows, c)
-        fast_ops.layer_norm_rows(x[lo:hi].reshape(rows, c), norm.weight, norm.bias, norm.eps, t)
+        fast_ops.layer_norm_rows(x[lo:hi].reshape(rows, c), norm.weight, norm.bias, norm.eps, t, wide=wide_norm)
         qkv = scratch("attention.qkv", (rows * qkv_w.shape[1],), x.dtype).reshape(rows, -1)
         np.matmul(t, qkv_w, out=qkv)  # [g*N, C] @ [C, h*(2D + d)] -> [g*N, h*(2D + d)]
         fast_ops.row_op(np.add, qkv, qkv_b, qkv, wide_qkv_b)

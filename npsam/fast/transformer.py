@@ -457,11 +457,12 @@ def _pass(to_image: Attention, q: np.ndarray, step4, keys: np.ndarray, new_keys:
     m_parts = np.empty((nblocks, b, ht), q.dtype)  # per block: max logit,
     l_parts = np.empty((nblocks, b, ht), q.dtype)  # sum of exp(logit - max),
     o_parts = np.empty((nblocks, b, ht, width), q.dtype)  # exp-weighted sum of value rows
+    wide = None if step4 is None else ops.wide_rows(step4[1].weight, step4[1].bias)  # norm4's, for every block
 
     def work(start, stop):
         for j in range(start, stop):
             _block(j * rows, min(hw, (j + 1) * rows), j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts,
-                   record, chain)
+                   record, chain, wide)
 
     threads.parallel_rows(work, nblocks, threads=threads.row_threads())
     big = m_parts.max(axis=0)  # [B, h*T]
@@ -474,10 +475,12 @@ def _pass(to_image: Attention, q: np.ndarray, step4, keys: np.ndarray, new_keys:
     return to_image_output(to_image, pv, t)  # -> [B, T, C]
 
 
-def _block(lo, hi, j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts, record=None, chain=None) -> None:
+def _block(lo, hi, j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts, record=None, chain=None,
+           wide=None) -> None:
     """Image rows [lo, hi), block j, of a fused pass (see forward_rows): keys
     [1 or B, HW, C] in, new_keys [B, HW, C] out when the pass runs a step (4),
     and its rows below record.rows kept in ``record`` (Step4Record).
+    ``wide``: norm4's weight and bias as ops.wide_rows, made once per pass.
     Its [R, C] and [h*T, R] temporaries are this thread's work arrays
     (threads.scratch): the same every call, so no fresh pages to fault in."""
     b, ht = m_parts.shape[1:]
@@ -504,7 +507,8 @@ def _block(lo, hi, j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts, 
             attn_out = step(p, lo, hi, key_rows(residual) if step.needs_key_rows else None,
                             out=threads.scratch("decoder.step4", shape, dtype), keep=keep)  # -> [R, C]
             v_rows = threads.scratch("decoder.keys", shape, dtype) if new_keys is None else new_keys[p, lo:hi]
-            ops.layer_norm_rows(attn_out, norm.weight, norm.bias, norm.eps, out=v_rows, add=residual, stats=stats)
+            ops.layer_norm_rows(attn_out, norm.weight, norm.bias, norm.eps, out=v_rows, add=residual, stats=stats,
+                                wide=wide)
             if chain is not None:  # step (2) from the record just written: see _chain_block
                 _chain_block(chain, record, p, lo, hi, j, m_parts, l_parts, o_parts)
                 continue
