@@ -284,12 +284,19 @@ def test_fast_mlps_match_the_reference(name, seed, layers, sigmoid, rows):
 @given(p=prompts(max_batch=4))
 def test_fast_prompt_encoder_and_predict_masks_match_the_reference(name, p):
     """PromptEncoder.forward and get_dense_pe (bit for bit: the same computation,
-    kept), MaskDecoder.predict_masks and forward (within the tolerances)."""
+    kept), but a mask's dense embedding within the tolerances (its last 1x1
+    convolution reads channels-last memory: fast/nn.py's conv2d, the same
+    products in other blocks, which OpenBLAS's Haswell kernel rounds otherwise
+    on more than one thread); MaskDecoder.predict_masks and forward (within
+    the tolerances)."""
     m = build_models(name)
     points, boxes, masks, multimask = p
     (sparse, dense), (r_sparse, r_dense) = both_paths(m["pe"], points=points, boxes=boxes, masks=masks)
     np.testing.assert_array_equal(sparse, r_sparse)
-    np.testing.assert_array_equal(dense, r_dense)
+    if masks is None:
+        np.testing.assert_array_equal(dense, r_dense)
+    else:
+        assert_close(dense, r_dense, m["tol"], "the mask's dense embedding")
     pe, r_pe = both_paths(m["pe"].get_dense_pe)
     np.testing.assert_array_equal(pe, r_pe)
     assert not pe.flags.writeable and pe is m["pe"].get_dense_pe()  # kept since the weights loaded
