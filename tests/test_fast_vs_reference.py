@@ -236,6 +236,11 @@ def test_fast_two_way_transformer_matches_the_reference(name, seed, depth, b, t,
                                          final_tokens=first)
     assert keys is None and queries.shape == (b, first, 64)
     assert_close(queries, expected[0][:, :first], tol, "forward_rows, the first tokens")
+    chosen = sorted({0, t - 1})  # tokens that are not the first ones (MaskDecoder.forward's)
+    queries, _ = fast_tr.forward_rows(tr, rows, pe_rows, tokens, per_image, final_tokens=chosen)
+    assert_close(queries, expected[0][:, chosen], tol, "forward_rows, the first and last tokens")
+    with pytest.raises(ValueError, match="final_tokens"):
+        fast_tr.forward_rows(tr, rows, pe_rows, tokens, per_image, final_tokens=[t])
     if depth:
         keys = np.broadcast_to(rows[:, :recorded], (b, recorded, 64)).astype(np.float64)
         for i, layer in enumerate(tr.layers):

@@ -379,9 +379,12 @@ def decode_iou_first(predictor, point_coords: np.ndarray, point_labels: np.ndarr
         kept = _kept_prompts(iou_preds, keep_masks)
         return iou_preds, low_res[kept], kept
     check, image_rows, step4_record, forward_rows, upscaled_masks = phases
+    from .mask_decoder import hypernetworks, returned_masks
+
     image_embeddings, image_pe, sparse, dense = check(predictor.features, image_pe, sparse, dense)
-    # NOTE(reference): MaskDecoder.forward with multimask_output=True keeps tokens 1..3
-    mask_slice = slice(1, None)
+    # NOTE(reference): MaskDecoder.forward with multimask_output=True keeps tokens 1..3;
+    # as its fast twin, the final attention and the upscaling run for those (forward_rows above)
+    masks = returned_masks(decoder, True)
     with threads.single_threaded_blas():  # the fused passes bring their own threads
         b = sparse.shape[0]
         output_tokens = np.concatenate([decoder.iou_token.weight, decoder.mask_tokens.weight], axis=0)  # [1+M, C]
@@ -394,19 +397,17 @@ def decode_iou_first(predictor, point_coords: np.ndarray, point_labels: np.ndarr
         n_rows = upscaled_rows(h, w, rows)
         # every row recorded: layer 1's step (2) reads the record (fast/transformer.py, _chain_block)
         record, image_side = step4_record(src, per_image, tokens.shape[:2], h * w, work)
-        hs, keys = forward_rows(src, pos_src, tokens, per_image, keys, record)  # -> [B, 1+M, C], [B, HW, C] (or None)
+        hs, keys = forward_rows(src, pos_src, tokens, per_image, keys, record)  # -> [B, 1+3, C], [B, HW, C] (or None)
         src = src if keys is None else keys  # the upscaling reads the keys, or the record
         iou_token_out = hs[:, 0, :]  # -> [B, C]
-        mask_tokens_out = hs[:, 1:(1 + decoder.num_mask_tokens), :]  # -> [B, M, C]
-        iou_preds = decoder.iou_prediction_head(iou_token_out)[:, mask_slice]  # [B, C] -> [B, M] -> [B, 3]
+        iou_preds = decoder.iou_prediction_head(iou_token_out)[:, masks.start:masks.stop]  # [B, C] -> [B, M] -> [B, 3]
         kept = _kept_prompts(iou_preds, keep_masks)
-        hyper_in = np.stack([decoder.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :])
-                             for i in range(decoder.num_mask_tokens)], axis=1)  # M x [B, C/8] -> [B, M, C/8]
+        hyper_in = hypernetworks(decoder, hs[:, 1:, :], masks)  # [B, 3, C] -> [B, 3, C/8]
         if len(kept) == 0:
-            low_res = np.zeros((0, 3, 4 * h, 4 * w), dtype=hs.dtype)  # (no row is read)
+            low_res = np.zeros((0, len(masks), 4 * h, 4 * w), dtype=hs.dtype)  # (no row is read)
         else:  # the upscaling is per prompt: the kept prompts' rows of the batch's, read in place
-            out = None if work is None else work.get("low_res", (len(kept), 3, 4 * n_rows, 4 * w), hs.dtype)
-            low_res = upscaled_masks(src, hyper_in, h, w, kept, mask_slice, out, rows,
+            out = None if work is None else work.get("low_res", (len(kept), len(masks), 4 * n_rows, 4 * w), hs.dtype)
+            low_res = upscaled_masks(src, hyper_in, h, w, kept, slice(None), out, rows,
                                      record, image_side)  # -> [Nk, 3, 4H', 4W]
     return iou_preds, low_res, kept
 
@@ -436,7 +437,8 @@ def _fast_decoder_phases(decoder):
         from . import implementation, mask_decoder as fast_decoder, transformer as fast_transformer
     except ImportError:
         return None
-    if implementation(decoder, "predict_masks") is not getattr(fast_decoder, "predict_masks", None):
+    if (implementation(decoder, "predict_masks") is not getattr(fast_decoder, "predict_masks", None)
+            or implementation(decoder) is not getattr(fast_decoder, "mask_decoder", None)):
         return None
     dtype = decoder.iou_token.weight.dtype
     return (lambda emb, pe, sparse, dense: check_decoder_inputs(decoder.transformer_dim, dtype, emb, pe, sparse, dense),
@@ -445,7 +447,7 @@ def _fast_decoder_phases(decoder):
                 decoder, src, per_image, batch, rows, work),
             lambda src, pos_src, tokens, per_image, keys, record: fast_transformer.forward_rows(
                 decoder.transformer, src, pos_src, tokens, per_image, keys, record, keys_wanted=record is None,
-                final_tokens=1 + decoder.num_mask_tokens),
+                final_tokens=fast_decoder.final_tokens(fast_decoder.returned_masks(decoder, True))),
             lambda src, hyper_in, h, w, prompts, mask_slice, out, rows, record, image_side:
                 fast_decoder.upscaled_masks(decoder, src, hyper_in, h, w, prompts, mask_slice, out, rows,
                                             record, image_side))

@@ -1,7 +1,7 @@
 """Fast twin of modeling/mask_decoder.py: MaskDecoder.predict_masks with the
 image kept per image, the transformer's fused passes (fast/transformer.py)
-and the upscaling as one pass over pixel rows; MLP.forward on kept
-transposed weights.
+and the upscaling as one pass over pixel rows; MaskDecoder.forward for the
+masks it returns only; MLP.forward on kept transposed weights.
 
 Dimension letters as in modeling/mask_decoder.py; O1, O2 the upscaling's
 channels (C/4, C/8); R pixels of a block.
@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 
 from ..kernels import ops as ref_ops
-from ..kernels.checks import check_finite
+from ..kernels.checks import check_bool, check_decoder_inputs, check_finite
 from ..modeling.mask_decoder import MLP, MaskDecoder
 from . import derives, implements, ops, threads
 from .transformer import PerImage, Step4Record, forward_rows
@@ -126,6 +126,43 @@ class ImageRows:
                 and (self.embeddings_copy is None or ops.same_contents(self.embeddings_copy, image_embeddings)))
 
 
+@implements(MaskDecoder)
+def mask_decoder(self: MaskDecoder, image_embeddings: np.ndarray, image_pe: np.ndarray,
+                 sparse_prompt_embeddings: np.ndarray, dense_prompt_embeddings: np.ndarray,
+                 multimask_output: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """Replaces MaskDecoder.forward: the masks it returns, and only those, made
+    as predict_masks makes them -> [B, 3 or 1, 4H, 4W], [B, 3 or 1].
+    NOTE(reference): multimask returns mask tokens 1..3, single-mask token 0;
+    the official predict_masks makes all four and forward slices. Each mask
+    token's final attention, norm_final_attn, hypernetwork and mask product
+    read no other mask token, so the others are not made: the final attention
+    on 4 tokens (or 2) instead of 5. The same computations as predict_masks'
+    for the masks returned, but its products have fewer columns: within the
+    tolerances (tests/test_fast_vs_reference.py), and every caller of forward
+    (the predictor, the automatic mask generator's fast twin: see
+    returned_masks) gets the same bits."""
+    multimask_output = check_bool("multimask_output", multimask_output)
+    args = check_decoder_inputs(self.transformer_dim, self.iou_token.weight.dtype, image_embeddings, image_pe,
+                                sparse_prompt_embeddings, dense_prompt_embeddings)
+    return decode(self, *args, returned_masks(self, multimask_output))
+
+
+def returned_masks(self: MaskDecoder, multimask_output: bool) -> range:
+    """The mask tokens MaskDecoder.forward returns (see mask_decoder)."""
+    return range(1, self.num_mask_tokens) if multimask_output else range(0, 1)
+
+
+def final_tokens(masks: range) -> tuple:
+    """The tokens the final attention runs for: the IoU token, then ``masks``' tokens."""
+    return (0,) + tuple(1 + i for i in masks)
+
+
+def hypernetworks(self: MaskDecoder, mask_tokens_out: np.ndarray, masks: range) -> np.ndarray:
+    """hyper_in of ``masks``: mask_tokens_out [B, M', C] (their tokens, in order) -> [B, M', C/8]."""
+    return np.stack([self.output_hypernetworks_mlps[i](mask_tokens_out[:, k, :])
+                     for k, i in enumerate(masks)], axis=1)  # M' x [B, C/8] -> [B, M', C/8]
+
+
 @implements(MaskDecoder, "predict_masks")
 def predict_masks(self: MaskDecoder, image_embeddings: np.ndarray, image_pe: np.ndarray,
                   sparse_prompt_embeddings: np.ndarray, dense_prompt_embeddings: np.ndarray
@@ -134,6 +171,14 @@ def predict_masks(self: MaskDecoder, image_embeddings: np.ndarray, image_pe: np.
     (image_rows: exact), the transformer as fused passes (fast/transformer.py:
     within the tolerances) and the upscaling with the mask product per pixel
     (upscaled_masks: within the tolerances) -> [B, M, 4H, 4W], [B, M]."""
+    return decode(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+                  range(self.num_mask_tokens))
+
+
+def decode(self: MaskDecoder, image_embeddings: np.ndarray, image_pe: np.ndarray,
+           sparse_prompt_embeddings: np.ndarray, dense_prompt_embeddings: np.ndarray,
+           masks: range) -> Tuple[np.ndarray, np.ndarray]:
+    """predict_masks for the mask tokens ``masks`` -> [B, M', 4H, 4W], [B, M']."""
     with threads.single_threaded_blas():  # the fused passes bring their own threads
         b = sparse_prompt_embeddings.shape[0]
         output_tokens = np.concatenate([self.iou_token.weight, self.mask_tokens.weight], axis=0)  # -> [1+M, C]
@@ -144,16 +189,14 @@ def predict_masks(self: MaskDecoder, image_embeddings: np.ndarray, image_pe: np.
         record, image_side = step4_record(self, src, per_image, tokens.shape[:2], h * w)
 
         hs, keys = forward_rows(self.transformer, src, pos_src, tokens, per_image, record=record,
-                                keys_wanted=record is None, final_tokens=1 + self.num_mask_tokens)
-        # -> [B, 1+M, C] (the IoU and mask tokens), [B, HW, C] (or None)
+                                keys_wanted=record is None, final_tokens=final_tokens(masks))
+        # -> [B, 1+M', C] (the IoU token and these mask tokens), [B, HW, C] (or None)
         iou_token_out = hs[:, 0, :]  # -> [B, C]
-        mask_tokens_out = hs[:, 1:(1 + self.num_mask_tokens), :]  # -> [B, M, C]
-        hyper_in = np.stack([self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :])
-                             for i in range(self.num_mask_tokens)], axis=1)  # M x [B, C/8] -> [B, M, C/8]
-        masks = upscaled_masks(self, src if keys is None else keys, hyper_in, h, w, record=record,
-                               image_side=image_side)  # -> [B, M, 4H, 4W]
+        hyper_in = hypernetworks(self, hs[:, 1:, :], masks)  # [B, M', C] -> [B, M', C/8]
+        out = upscaled_masks(self, src if keys is None else keys, hyper_in, h, w, record=record,
+                             image_side=image_side)  # -> [B, M', 4H, 4W]
         iou_pred = self.iou_prediction_head(iou_token_out)  # [B, C] -> [B, M]
-        return masks, iou_pred
+        return out, iou_pred[:, masks.start:masks.stop]  # -> [B, M']
 
 
 def image_rows(self: MaskDecoder, image_embeddings: np.ndarray, image_pe: np.ndarray,

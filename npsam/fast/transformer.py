@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -320,7 +320,7 @@ def two_way_transformer(self: TwoWayTransformer, image_embedding: np.ndarray, im
 def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe: np.ndarray,
                  point_embedding: np.ndarray, per_image: Optional[PerImage] = None,
                  keys_out: Optional[np.ndarray] = None, record: Optional[Step4Record] = None,
-                 keys_wanted: bool = True, final_tokens: Optional[int] = None
+                 keys_wanted: bool = True, final_tokens=None
                  ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """TwoWayTransformer.forward on image locations as rows: image_embedding,
     image_pe [1 or B, HW, C] (only the first PE is read: the official PE is
@@ -369,15 +369,16 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
     ``keys_wanted``: False returns None for the keys: the last pass then
     keeps each block's keys in this thread's work array, not in [B, HW, C]
     memory (the upscaling reads the record instead: fast/mask_decoder.py).
-    ``final_tokens``: the final attention runs for the first final_tokens
-    tokens only, and the queries returned are those [B, final_tokens, C]:
-    each token's attention to the image and its norm_final_attn read no other
-    token, so theirs are the same values (the mask decoder reads the IoU and
-    mask tokens, never the prompts' own).
+    ``final_tokens``: the final attention runs for these tokens only (indices
+    into T, increasing; or a number n, the first n), and the queries returned are those [B, T', C]: each
+    token's attention to the image and its norm_final_attn read no other
+    token, so theirs are the same computations (the mask decoder reads the
+    IoU token and the mask tokens it returns, never the prompts' own).
     """
     bk, hw, c = image_embedding.shape
     b, t, _ = point_embedding.shape
     dtype = point_embedding.dtype
+    final = None if final_tokens is None else _token_index(final_tokens, t)
     rows = min(hw, ROWS)
     nblocks = -(-hw // rows)
     pe = image_pe[0]  # [HW, C]
@@ -409,7 +410,7 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
                 out_keys = np.empty((b, hw, c), dtype) if keys_out is None else keys_out
             q = queries + point_embedding
             if i == len(self.layers) and final_tokens is not None:
-                q = q[:, :final_tokens]  # -> [B, T', C]
+                q = q[:, final]  # -> [B, T', C]
             if (i == 1 < len(self.layers) and cached and record is not None and record.rows == hw
                     and (b >= CHAIN_MIN_PROMPTS or _chain_kept(layer, self.layers[0].norm4, per_image))):
                 chain = _chain_tokens(to_image, self.layers[0].norm4, q, record.values[0],
@@ -434,7 +435,7 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
             if record is not None:
                 record.values[i] = step4[0].vo
         else:
-            queries = self.norm_final_attn(queries[:, :attn_out.shape[1]] + attn_out)
+            queries = self.norm_final_attn((queries if final_tokens is None else queries[:, final]) + attn_out)
     if not keys_wanted:
         return queries, None
     if keys is image_embedding:  # no step (4) ran (depth 0): the keys are the image embedding itself
@@ -525,6 +526,16 @@ def _block(lo, hi, j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts, 
         np.matmul(ops.ones(hi - lo, dtype), logits, out=l_parts[j, p])  # [R] @ [R, h*T]: the sums over the rows
         np.matmul(logits.T, v_rows, out=o_parts[j, p])  # [h*T, R] @ [R, C] -> [h*T, C]
         m_parts[j, p] = m
+
+
+def _token_index(tokens: Sequence[int], t: int):
+    """forward_rows' final_tokens (or their number n, the first n) as an index
+    into T: a slice when they are the first ones (a view), else the list (a
+    copy of a few rows)."""
+    tokens = list(range(tokens)) if isinstance(tokens, (int, np.integer)) else [int(i) for i in tokens]
+    if tokens != sorted(set(tokens)) or not tokens or tokens[0] < 0 or tokens[-1] >= t:
+        raise ValueError(f"final_tokens: expected increasing token indices below {t}, got {tokens}")
+    return slice(0, len(tokens)) if tokens == list(range(len(tokens))) else tokens
 
 
 def _layer0_cached(layer: TwoWayAttentionBlock, queries: np.ndarray, point_embedding: np.ndarray,
