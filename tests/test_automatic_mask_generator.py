@@ -504,10 +504,10 @@ def test_workers_run_only_where_memory_allows(ours):
 
 
 def test_decode_iou_first_is_the_decoders_output(ours, upscale_block_rows):
-    from npsam.fast.automatic_mask_generator import _fast_decoder_phases, decode_iou_first
+    from npsam.fast.automatic_mask_generator import _runs_fast_decoder, decode_iou_first
     from npsam.predictor import SamPredictor
 
-    assert _fast_decoder_phases(ours.mask_decoder) is not None, "the fast decoder's steps should be found"
+    assert _runs_fast_decoder(ours.mask_decoder), "the fast decoder should run, in parts"
     predictor = SamPredictor(ours)
     predictor.set_image(_photo())
     coords = np.random.default_rng(1).random((20, 1, 2)) * IMG_SIZE

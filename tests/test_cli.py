@@ -356,6 +356,16 @@ def test_embed_errors_write_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_everything_memory_limit_default_is_the_generators():
+    """The CLI states its default in GiB without importing the generator (a
+    light start); it must be the generator's own DEFAULT_MEMORY_LIMIT."""
+    from npsam.automatic_mask_generator import DEFAULT_MEMORY_LIMIT
+    from npsam.tools.cli import build_parser
+
+    args = build_parser("everything").parse_args(["everything", "photo.jpg", "-o", "out"])
+    assert args.memory_limit * 2**30 == DEFAULT_MEMORY_LIMIT
+
+
 def test_everything_errors_write_nothing(bad_arrays, truck_embedding, tmp_path):
     out = tmp_path / "out"
     check_error(npsam("everything", TRUCK, "--embedding", bad_arrays["small_emb"], "-o", out), "everything", "shape")

@@ -65,8 +65,8 @@ from ..automatic_mask_generator import (DEFAULT_MEMORY_LIMIT, PhotoTooLargeError
                                         too_large_message)
 from ..kernels.resize import _axis_plan, upscale_crop_resize
 from ..utils.amg import MaskData, batch_iterator, batched_mask_to_box, is_box_near_crop_edge, uncrop_masks
-from . import implements, processes, threads
-from .mask_decoder import upscaled_rows
+from ..kernels.checks import check_decoder_inputs
+from . import implementation, implements, mask_decoder as fast_decoder, processes, threads
 
 # What the process holds anyway (the interpreter, NumPy, the model's weights,
 # the fast layer's work arrays, the image encoder's run on its 1024 input).
@@ -371,45 +371,20 @@ def decode_iou_first(predictor, point_coords: np.ndarray, point_labels: np.ndarr
     decoder = model.mask_decoder
     sparse, dense = model.prompt_encoder(points=(point_coords, point_labels), boxes=None, masks=None)
     image_pe = model.prompt_encoder.get_dense_pe()
-    phases = _fast_decoder_phases(decoder)
-    if phases is None:  # no fast decoder to split: the whole decoder, then select
+    if not _runs_fast_decoder(decoder):  # no fast decoder to split: the whole decoder, then select
         low_res, iou_preds = decoder(image_embeddings=predictor.features, image_pe=image_pe,
                                      sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                      multimask_output=True)  # -> [N, C, 256, 256], [N, C]
         kept = _kept_prompts(iou_preds, keep_masks)
         return iou_preds, low_res[kept], kept
-    check, image_rows, step4_record, forward_rows, upscaled_masks = phases
-    from .mask_decoder import hypernetworks, returned_masks
-
-    image_embeddings, image_pe, sparse, dense = check(predictor.features, image_pe, sparse, dense)
-    # NOTE(reference): MaskDecoder.forward with multimask_output=True keeps tokens 1..3;
-    # as its fast twin, the final attention and the upscaling run for those (forward_rows above)
-    masks = returned_masks(decoder, True)
-    with threads.single_threaded_blas():  # the fused passes bring their own threads
-        b = sparse.shape[0]
-        output_tokens = np.concatenate([decoder.iou_token.weight, decoder.mask_tokens.weight], axis=0)  # [1+M, C]
-        output_tokens = np.broadcast_to(output_tokens[None], (b,) + output_tokens.shape)  # -> [B, 1+M, C]
-        tokens = np.concatenate([output_tokens, sparse], axis=1)  # -> [B, T, C]
-        _, _, h, w = image_embeddings.shape
-        src, pos_src, per_image = image_rows(image_embeddings, image_pe, dense)
-        keys = None if work is None else work.get("keys", (b, h * w, src.shape[2]), src.dtype)
-        rows = None if rows_read is None else -(-rows_read // 4)  # image rows: 4 low-res rows each
-        n_rows = upscaled_rows(h, w, rows)
-        # every row recorded: layer 1's step (2) reads the record (fast/transformer.py, _chain_block)
-        record, image_side = step4_record(src, per_image, tokens.shape[:2], h * w, work)
-        hs, keys = forward_rows(src, pos_src, tokens, per_image, keys, record)  # -> [B, 1+3, C], [B, HW, C] (or None)
-        src = src if keys is None else keys  # the upscaling reads the keys, or the record
-        iou_token_out = hs[:, 0, :]  # -> [B, C]
-        iou_preds = decoder.iou_prediction_head(iou_token_out)[:, masks.start:masks.stop]  # [B, C] -> [B, M] -> [B, 3]
-        kept = _kept_prompts(iou_preds, keep_masks)
-        hyper_in = hypernetworks(decoder, hs[:, 1:, :], masks)  # [B, 3, C] -> [B, 3, C/8]
-        if len(kept) == 0:
-            low_res = np.zeros((0, len(masks), 4 * h, 4 * w), dtype=hs.dtype)  # (no row is read)
-        else:  # the upscaling is per prompt: the kept prompts' rows of the batch's, read in place
-            out = None if work is None else work.get("low_res", (len(kept), len(masks), 4 * n_rows, 4 * w), hs.dtype)
-            low_res = upscaled_masks(src, hyper_in, h, w, kept, slice(None), out, rows,
-                                     record, image_side)  # -> [Nk, 3, 4H', 4W]
-    return iou_preds, low_res, kept
+    args = check_decoder_inputs(decoder.transformer_dim, decoder.iou_token.weight.dtype, predictor.features,
+                                image_pe, sparse, dense)
+    rows = None if rows_read is None else -(-rows_read // 4)  # image rows: 4 low-res rows each
+    # NOTE(reference): MaskDecoder.forward with multimask_output=True keeps tokens 1..3
+    # (its fast twin makes only those, and so does this call: the same bits)
+    low_res, iou_preds, kept = fast_decoder.decode(decoder, *args, fast_decoder.returned_masks(decoder, True),
+                                                   lambda iou: _kept_prompts(iou, keep_masks), work, rows)
+    return iou_preds, low_res, kept  # [N, C], [Nk, C, Hr, 256], [Nk]
 
 
 def low_res_rows_read(input_size: Tuple[int, int], original_size: Tuple[int, int], img_size: int,
@@ -428,29 +403,11 @@ def _kept_prompts(iou_preds: np.ndarray, keep_masks) -> np.ndarray:
     return np.flatnonzero(keep_masks(iou_preds.reshape(-1)).reshape(n, c).any(axis=1))
 
 
-def _fast_decoder_phases(decoder):
-    """(check, image_rows, step4_record, forward_rows, upscaled_masks): the steps of the fast
-    decoder's predict_masks, to run with the upscaling on part of the batch;
-    None when the decoder does not run them (then it runs whole)."""
-    try:  # the fast decoder in the fast layer (npsam/fast/mask_decoder.py)
-        from ..kernels.checks import check_decoder_inputs
-        from . import implementation, mask_decoder as fast_decoder, transformer as fast_transformer
-    except ImportError:
-        return None
-    if (implementation(decoder, "predict_masks") is not getattr(fast_decoder, "predict_masks", None)
-            or implementation(decoder) is not getattr(fast_decoder, "mask_decoder", None)):
-        return None
-    dtype = decoder.iou_token.weight.dtype
-    return (lambda emb, pe, sparse, dense: check_decoder_inputs(decoder.transformer_dim, dtype, emb, pe, sparse, dense),
-            lambda emb, pe, dense: fast_decoder.image_rows(decoder, emb, pe, dense),
-            lambda src, per_image, batch, rows, work: fast_decoder.step4_record(
-                decoder, src, per_image, batch, rows, work),
-            lambda src, pos_src, tokens, per_image, keys, record: fast_transformer.forward_rows(
-                decoder.transformer, src, pos_src, tokens, per_image, keys, record, keys_wanted=record is None,
-                final_tokens=fast_decoder.final_tokens(fast_decoder.returned_masks(decoder, True))),
-            lambda src, hyper_in, h, w, prompts, mask_slice, out, rows, record, image_side:
-                fast_decoder.upscaled_masks(decoder, src, hyper_in, h, w, prompts, mask_slice, out, rows,
-                                            record, image_side))
+def _runs_fast_decoder(decoder) -> bool:
+    """Whether ``decoder`` runs the fast layer's MaskDecoder (fast/mask_decoder.py),
+    whose decode decode_iou_first calls in parts; else it runs whole."""
+    return (implementation(decoder) is fast_decoder.mask_decoder
+            and implementation(decoder, "predict_masks") is fast_decoder.predict_masks)
 
 
 def masks_at_photo_size(low_res: np.ndarray, input_size: Tuple[int, int], original_size: Tuple[int, int],

@@ -10,7 +10,7 @@ channels (C/4, C/8); R pixels of a block.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -144,7 +144,7 @@ def mask_decoder(self: MaskDecoder, image_embeddings: np.ndarray, image_pe: np.n
     multimask_output = check_bool("multimask_output", multimask_output)
     args = check_decoder_inputs(self.transformer_dim, self.iou_token.weight.dtype, image_embeddings, image_pe,
                                 sparse_prompt_embeddings, dense_prompt_embeddings)
-    return decode(self, *args, returned_masks(self, multimask_output))
+    return decode(self, *args, returned_masks(self, multimask_output))[:2]
 
 
 def returned_masks(self: MaskDecoder, multimask_output: bool) -> range:
@@ -172,13 +172,25 @@ def predict_masks(self: MaskDecoder, image_embeddings: np.ndarray, image_pe: np.
     within the tolerances) and the upscaling with the mask product per pixel
     (upscaled_masks: within the tolerances) -> [B, M, 4H, 4W], [B, M]."""
     return decode(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
-                  range(self.num_mask_tokens))
+                  range(self.num_mask_tokens))[:2]
 
 
 def decode(self: MaskDecoder, image_embeddings: np.ndarray, image_pe: np.ndarray,
-           sparse_prompt_embeddings: np.ndarray, dense_prompt_embeddings: np.ndarray,
-           masks: range) -> Tuple[np.ndarray, np.ndarray]:
-    """predict_masks for the mask tokens ``masks`` -> [B, M', 4H, 4W], [B, M']."""
+           sparse_prompt_embeddings: np.ndarray, dense_prompt_embeddings: np.ndarray, masks: range,
+           keep: Optional[Callable[[np.ndarray], np.ndarray]] = None, work: Optional[threads.WorkArrays] = None,
+           rows: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """predict_masks for the mask tokens ``masks``, checked inputs -> masks
+    [B', M', 4H', 4W] of the prompts upscaled, iou_pred [B, M'], those prompts
+    [B'] (indices, increasing).
+
+    By default every prompt, every image row. The automatic mask generator's
+    fast twin asks for less (fast/automatic_mask_generator.py,
+    decode_iou_first): ``keep`` (iou_pred -> prompt indices) chooses the
+    prompts to upscale once the IoU predictions are made; ``rows`` upscales
+    the first ``rows`` image rows only (H' = upscaled_rows(H, W, rows));
+    ``work`` holds the batch's large arrays (the keys, the record, the masks).
+    Every value returned is the one the whole call computes, bit for bit: the
+    upscaling is per prompt, and per pixel row within it."""
     with threads.single_threaded_blas():  # the fused passes bring their own threads
         b = sparse_prompt_embeddings.shape[0]
         output_tokens = np.concatenate([self.iou_token.weight, self.mask_tokens.weight], axis=0)  # -> [1+M, C]
@@ -186,17 +198,24 @@ def decode(self: MaskDecoder, image_embeddings: np.ndarray, image_pe: np.ndarray
         tokens = np.concatenate([output_tokens, sparse_prompt_embeddings], axis=1)  # -> [B, T, C]
         src, pos_src, per_image = image_rows(self, image_embeddings, image_pe, dense_prompt_embeddings)
         _, c, h, w = image_embeddings.shape
-        record, image_side = step4_record(self, src, per_image, tokens.shape[:2], h * w)
+        keys = None if work is None else work.get("keys", (b, h * w, c), src.dtype)
+        # every row recorded: layer 1's step (2) reads the record (fast/transformer.py, _chain_block)
+        record, image_side = step4_record(self, src, per_image, tokens.shape[:2], h * w, work)
 
-        hs, keys = forward_rows(self.transformer, src, pos_src, tokens, per_image, record=record,
+        hs, keys = forward_rows(self.transformer, src, pos_src, tokens, per_image, keys, record,
                                 keys_wanted=record is None, final_tokens=final_tokens(masks))
         # -> [B, 1+M', C] (the IoU token and these mask tokens), [B, HW, C] (or None)
-        iou_token_out = hs[:, 0, :]  # -> [B, C]
+        iou_pred = self.iou_prediction_head(hs[:, 0, :])[:, masks.start:masks.stop]  # [B, C] -> [B, M] -> [B, M']
+        prompts = np.arange(b) if keep is None else keep(iou_pred)
         hyper_in = hypernetworks(self, hs[:, 1:, :], masks)  # [B, M', C] -> [B, M', C/8]
-        out = upscaled_masks(self, src if keys is None else keys, hyper_in, h, w, record=record,
-                             image_side=image_side)  # -> [B, M', 4H, 4W]
-        iou_pred = self.iou_prediction_head(iou_token_out)  # [B, C] -> [B, M]
-        return out, iou_pred[:, masks.start:masks.stop]  # -> [B, M']
+        if len(prompts) == 0:
+            return np.zeros((0, len(masks), 4 * h, 4 * w), dtype=hs.dtype), iou_pred, prompts  # (no row is read)
+        shape = (len(prompts), len(masks), 4 * upscaled_rows(h, w, rows), 4 * w)
+        out = None if work is None else work.get("low_res", shape, hs.dtype)
+        # the upscaling reads the keys, or the record; the chosen prompts' rows of the batch's, in place
+        out = upscaled_masks(self, src if keys is None else keys, hyper_in, h, w, prompts, out=out, rows=rows,
+                             record=record, image_side=image_side)  # -> [B', M', 4H', 4W]
+        return out, iou_pred, prompts
 
 
 def image_rows(self: MaskDecoder, image_embeddings: np.ndarray, image_pe: np.ndarray,

@@ -57,13 +57,15 @@ def ordered_map(fn: Callable[[int], Any], n: int, processes: int,
     With one process (or where fork is not available: see ``available``),
     a loop here with this process's threads."""
     processes = max(1, min(int(processes), n))
+
+    def here(i: int) -> Any:  # fn(i) in this process
+        result = fn(i)
+        if on_done is not None:
+            on_done(i)
+        return result
+
     if processes == 1 or not available():
-        out = []
-        for i in range(n):
-            out.append(fn(i))
-            if on_done is not None:
-                on_done(i)
-        return out
+        return [here(i) for i in range(n)]
 
     import multiprocessing
     from multiprocessing.connection import wait
@@ -116,9 +118,7 @@ def ordered_map(fn: Callable[[int], Any], n: int, processes: int,
 
         with threads.num_threads(1), threads.single_threaded_blas():
             while (i := claim()) is not None:
-                results[i] = fn(i)
-                if on_done is not None:
-                    on_done(i)
+                results[i] = here(i)
                 for conn in wait(list(children), timeout=0):
                     take(conn)
             while children:
@@ -135,9 +135,7 @@ def ordered_map(fn: Callable[[int], Any], n: int, processes: int,
                 pass
     for i in range(n):  # taken by a child that died before sending it
         if i not in results:
-            results[i] = fn(i)
-            if on_done is not None:
-                on_done(i)
+            results[i] = here(i)
     return [results[i] for i in range(n)]
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -320,7 +320,7 @@ def two_way_transformer(self: TwoWayTransformer, image_embedding: np.ndarray, im
 def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe: np.ndarray,
                  point_embedding: np.ndarray, per_image: Optional[PerImage] = None,
                  keys_out: Optional[np.ndarray] = None, record: Optional[Step4Record] = None,
-                 keys_wanted: bool = True, final_tokens=None
+                 keys_wanted: bool = True, final_tokens: Optional[Union[int, Sequence[int]]] = None
                  ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """TwoWayTransformer.forward on image locations as rows: image_embedding,
     image_pe [1 or B, HW, C] (only the first PE is read: the official PE is
@@ -378,7 +378,7 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
     bk, hw, c = image_embedding.shape
     b, t, _ = point_embedding.shape
     dtype = point_embedding.dtype
-    final = None if final_tokens is None else _token_index(final_tokens, t)
+    final = slice(None) if final_tokens is None else _token_index(final_tokens, t)  # the final attention's tokens
     rows = min(hw, ROWS)
     nblocks = -(-hw // rows)
     pe = image_pe[0]  # [HW, C]
@@ -409,7 +409,7 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
             elif step4 is not None and keys is image_embedding:  # the first step (4): keys become per prompt
                 out_keys = np.empty((b, hw, c), dtype) if keys_out is None else keys_out
             q = queries + point_embedding
-            if i == len(self.layers) and final_tokens is not None:
+            if i == len(self.layers):
                 q = q[:, final]  # -> [B, T', C]
             if (i == 1 < len(self.layers) and cached and record is not None and record.rows == hw
                     and (b >= CHAIN_MIN_PROMPTS or _chain_kept(layer, self.layers[0].norm4, per_image))):
@@ -435,7 +435,7 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
             if record is not None:
                 record.values[i] = step4[0].vo
         else:
-            queries = self.norm_final_attn((queries if final_tokens is None else queries[:, final]) + attn_out)
+            queries = self.norm_final_attn(queries[:, final] + attn_out)
     if not keys_wanted:
         return queries, None
     if keys is image_embedding:  # no step (4) ran (depth 0): the keys are the image embedding itself
@@ -528,7 +528,7 @@ def _block(lo, hi, j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts, 
         m_parts[j, p] = m
 
 
-def _token_index(tokens: Sequence[int], t: int):
+def _token_index(tokens: Union[int, Sequence[int]], t: int):
     """forward_rows' final_tokens (or their number n, the first n) as an index
     into T: a slice when they are the first ones (a view), else the list (a
     copy of a few rows)."""
