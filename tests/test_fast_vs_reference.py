@@ -265,6 +265,59 @@ def test_fast_two_way_transformer_matches_the_reference(name, seed, depth, b, t,
         queries, keys = fast_tr.forward_rows(tr, rows, pe_rows, tokens[:1], per_image,
                                              record=fast_tr.Step4Record.empty(tr, 1, t, h * w, dtype))
         close_pair((queries, keys), (expected[0][:1], expected[1][:1]), tol, "one prompt through the kept chain")
+    assert per_image.deep is None, "the keys were wanted: the deep chain does not run"
+    if depth == 2:  # no keys wanted: both norms and the final attention from the record too (the deep chain)
+        record = fast_tr.Step4Record.empty(tr, b, t, h * w, dtype)
+        queries, keys = fast_tr.forward_rows(tr, rows, pe_rows, tokens, per_image, record=record,
+                                             keys_wanted=False, final_tokens=first)
+        assert keys is None and per_image.deep is not None
+        assert_close(queries, expected[0][:, :first], tol, "forward_rows through the deep chain")
+        keys = np.broadcast_to(rows, (b, h * w, 64)).astype(np.float64)
+        for i, layer in enumerate(tr.layers):  # the record's statistics are the norms'
+            p, mean = record.weights[i, :, :-1], record.weights[i, :, -1]  # [B, h*T, HW], [B, HW]
+            x = keys + p.transpose(0, 2, 1) @ record.values[i] - mean[..., None]
+            keys = x * record.rstd[i][..., None] * layer.norm4.weight + layer.norm4.bias
+        assert_close(keys, expected[1], tol, "keys from the deep chain's record")
+
+
+def test_the_deep_chain_on_shipped_weights_matches_the_reference_path(monkeypatch):
+    """MobileSAM's weights, dog.jpg's embedding, three prompts with the chain on
+    (CHAIN_MIN_PROMPTS lowered: each prompt's arithmetic is the same in any
+    batch, and the float64 reference takes over a second a prompt): the
+    decoder's norms and final attention come from the record
+    (fast/transformer.py, the deep chain), whose variance is a sum of squares
+    taken apart. In float64 it is the reference's to DECODER_F64; in
+    float32 it stays within the bound the real weights get against onnxruntime
+    (the reference path's own float32 result is about 1e-5 from float64 here)."""
+    from npsam.build_sam import sam_model_registry
+    from npsam.io.image_io import load_image
+    from npsam.predictor import SamPredictor
+    from npsam.tools.cli import shipped_weights
+    from tolerances import ORT_IOU, ORT_LOWRES_LOGITS
+
+    models = {dt: sam_model_registry["vit_t"](checkpoint=shipped_weights(), dtype=dt) for dt in (np.float32, np.float64)}
+    image = load_image(ROOT / "assets" / "images" / "dog.jpg")
+    predictor = SamPredictor(models[np.float32])
+    predictor.set_image(image)
+    rng = np.random.default_rng(0)
+    n = 3
+    monkeypatch.setattr(fast_tr, "CHAIN_MIN_PROMPTS", 1)
+    points = predictor.transform.apply_coords(rng.random((n, 2)) * image.shape[1::-1], image.shape[:2])[:, None]
+    labels = np.ones((n, 1), np.int64)
+
+    def decode(dt):
+        m = models[dt]
+        sparse, dense = m.prompt_encoder(points=(points.astype(dt), labels), boxes=None, masks=None)
+        return m.mask_decoder(image_embeddings=predictor.features.astype(dt), image_pe=m.prompt_encoder.get_dense_pe(),
+                              sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True)
+
+    with npsam.reference():
+        expected = decode(np.float64)
+    for dt, tol, tol_iou in ((np.float64, DECODER_F64, DECODER_F64), (np.float32, ORT_LOWRES_LOGITS, ORT_IOU)):
+        masks, iou = decode(dt)
+        assert models[dt].mask_decoder.image_rows_kept.transformer.deep is not None, "the deep chain ran"
+        assert_close(masks, expected[0], tol, f"{np.dtype(dt)} low-res masks through the deep chain")
+        assert_close(iou, expected[1], tol_iou, f"{np.dtype(dt)} IoU predictions through the deep chain")
 
 
 @pytest.mark.parametrize("name", sorted(DTYPES))

@@ -16,7 +16,9 @@ equal within the tolerances (tests/test_fast_vs_reference.py).
 
 With one image shared by every prompt, layer 1 reads its keys through layer
 0's step (4) and norm4 (the chain, at the end of this file): its image-side
-products shrink from 256 terms a row to 16 + 57.
+products shrink from 256 terms a row to 16 + 57. When the keys themselves are
+not wanted (the mask decoder), both norms' statistics and the final attention
+are read the same way (the deep chain), and no [HW, C] row of keys is made.
 """
 
 from __future__ import annotations
@@ -155,12 +157,20 @@ def _from_image_keys(attn: Attention, ks: np.ndarray) -> Tuple[np.ndarray, np.nd
     return _per_head(ks, attn.q_proj.weight), _per_head(ks, attn.q_proj.bias[:, None])
 
 
-def from_image_values(attn: Attention, v: np.ndarray) -> np.ndarray:
+def value_heads(attn: Attention, v: np.ndarray) -> np.ndarray:
+    """v_proj(v) split into heads: v [B, T, C] -> [B, h, T, D]."""
+    b, t, _ = v.shape
+    nh, d = attn.num_heads, attn.internal_dim // attn.num_heads
+    return _proj(attn.v_proj, attn.derived.v_t, v).reshape(b, t, nh, d).transpose(0, 2, 1, 3)
+
+
+def from_image_values(attn: Attention, v: np.ndarray, vh: Optional[np.ndarray] = None) -> np.ndarray:
     """The value side of from_image_token_side: v [B, T, C] -> vo [B, h*T, C],
-    out_proj applied to each head's projected values, b_o / h on each row."""
+    out_proj applied to each head's projected values (``vh``: value_heads(attn, v)
+    when the caller has them), b_o / h on each row."""
     b, t, c = v.shape
     nh, d = attn.num_heads, attn.internal_dim // attn.num_heads
-    vh = _proj(attn.v_proj, attn.derived.v_t, v).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # -> [B, h, T, D]
+    vh = value_heads(attn, v) if vh is None else vh  # -> [B, h, T, D]
     wo = attn.derived.out_t.reshape(nh, d, -1)  # [I, C] -> [h, D, C]
     vo = vh @ wo  # [B, h, T, D] @ [h, D, C] -> [B, h, T, C]
     vo += attn.out_proj.bias / v.dtype.type(nh)
@@ -186,11 +196,16 @@ def from_image_logits(attn: Attention, logits: np.ndarray, vo: np.ndarray,
     [h, T, R]), in place: softmax over T within each head, then the sum of
     vo's rows [h*T, C] they weight -> [R, C] (written into ``out`` when given).
     ``keep``: an [h*T, R'] array (R' <= R) given the weights of the first R' rows."""
-    r = logits.shape[-1]
-    p = ops.softmax_(logits.reshape(attn.num_heads, -1, r), axis=1).reshape(-1, r)  # over T within each head
+    p = from_image_weights(attn, logits)
     if keep is not None:
         keep[...] = p[:, :keep.shape[1]]
     return np.matmul(p.T, vo, out=out)  # [R, h*T] @ [h*T, C] -> [R, C]
+
+
+def from_image_weights(attn: Attention, logits: np.ndarray) -> np.ndarray:
+    """Softmax over T within each head, in place: logits [h*T, R] (or [h, T, R]) -> [h*T, R]."""
+    r = logits.shape[-1]
+    return ops.softmax_(logits.reshape(attn.num_heads, -1, r), axis=1).reshape(-1, r)
 
 
 def attend_from_image(attn: Attention, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -255,11 +270,13 @@ class PerImage:
     """The transformer's work kept with one image shared by every prompt (held by
     fast/mask_decoder.py's ImageRows): layer 0's projections, computed on first
     use, layer 1's step (2) products through layer 0's norm4 (ChainProjections),
-    and the upscaling's product of the image rows (fast/mask_decoder.py,
-    upscaling_image_side): (the derived values it was made with, the product)."""
+    the deep chain's (DeepProjections), and the upscaling's product of the image
+    rows (fast/mask_decoder.py, upscaling_image_side): (the derived values it
+    was made with, the product)."""
     layer0: Optional[Layer0Projections] = None
     upscaling: Optional[Tuple[object, np.ndarray]] = None
     chain: Optional[ChainProjections] = None
+    deep: Optional["DeepProjections"] = None
 
 
 @dataclass
@@ -365,7 +382,10 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
     products already made), layer 1's step (2) and step (4) read layer 0's
     record and products of the image rows kept per image instead of layer 1's
     keys (_chain_block, _ChainStep4: a fifth of the multiply-adds, within the
-    tolerances); the keys are still made, for norm4 and the passes after.
+    tolerances); the keys are still made, for norm4 and the passes after,
+    unless they are not wanted and there are two layers (SAM's): then both
+    norm4's statistics and the final attention come from the record as well,
+    and no row of keys is made (_Deep, the deep chain).
     ``keys_wanted``: False returns None for the keys: the last pass then
     keeps each block's keys in this thread's work array, not in [B, HW, C]
     memory (the upscaling reads the record instead: fast/mask_decoder.py).
@@ -386,6 +406,7 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
     queries = point_embedding
     step4 = None  # (_Step4 or _Layer0Step4, norm4, layer) of the layer whose step (4) the next pass runs
     chain = None  # layer 1's token side through layer 0's record (_ChainTokens), when it runs that way
+    deep = None  # both norms and the final attention through the record (_Deep), when they run that way
     cached = per_image is not None and bk == 1 and len(self.layers) > 0
     for i in range(len(self.layers) + 1):
         if i < len(self.layers):
@@ -403,11 +424,6 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
         if i == 0 and cached:
             attn_out, step4 = _layer0_cached(layer, queries, point_embedding, image_embedding[0], pe, per_image)
         else:
-            out_keys = keys
-            if step4 is not None and i == len(self.layers) and not keys_wanted:
-                out_keys = None  # the last step (4): its keys are read in its blocks only
-            elif step4 is not None and keys is image_embedding:  # the first step (4): keys become per prompt
-                out_keys = np.empty((b, hw, c), dtype) if keys_out is None else keys_out
             q = queries + point_embedding
             if i == len(self.layers):
                 q = q[:, final]  # -> [B, T', C]
@@ -416,8 +432,15 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
                 chain = _chain_tokens(to_image, self.layers[0].norm4, q, record.values[0],
                                       _chain_projections(layer, self.layers[0].norm4, image_embedding[0], pe,
                                                          per_image))
+                if not keys_wanted and len(self.layers) == 2:  # no keys made: see _Deep
+                    deep = _Deep(self, _deep_projections(self, image_embedding[0], pe, per_image), step4[0], record)
+            out_keys = keys
+            if step4 is not None and (deep is not None or (i == len(self.layers) and not keys_wanted)):
+                out_keys = None  # the last step (4), or every one in the deep chain: no keys are kept
+            elif step4 is not None and keys is image_embedding:  # the first step (4): keys become per prompt
+                out_keys = np.empty((b, hw, c), dtype) if keys_out is None else keys_out
             attn_out = _pass(to_image, q, step4, keys, out_keys, pe, rows, nblocks, q.shape[1], record,
-                             chain if i == 1 else None)
+                             chain if i == 1 else None, deep)
             keys = out_keys
         if i < len(self.layers):
             queries = layer.norm2(queries + attn_out)
@@ -430,6 +453,8 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
             elif chain is not None:  # layer 1's step (4) from the record too: see _ChainStep4
                 step4 = (_ChainStep4(layer.cross_attn_image_to_token, self.layers[0].norm4, queries + point_embedding,
                                      queries, record, chain.kept), layer.norm4, i)
+                if deep is not None:
+                    deep.set_layer1(step4[0])
             else:
                 step4 = (_Step4(layer.cross_attn_image_to_token, queries + point_embedding, queries), layer.norm4, i)
             if record is not None:
@@ -445,16 +470,20 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
 
 def _pass(to_image: Attention, q: np.ndarray, step4, keys: np.ndarray, new_keys: np.ndarray,
           pe: np.ndarray, rows: int, nblocks: int, t: int, record: Optional[Step4Record] = None,
-          chain: Optional["_ChainTokens"] = None) -> np.ndarray:
+          chain: Optional["_ChainTokens"] = None, deep: Optional["_Deep"] = None) -> np.ndarray:
     """One fused pass over the image rows: the pending step (4) (if any) from
     keys into new_keys (may be keys; None: into work arrays), then step (2) of ``to_image`` for the
     tokens q [B, T, C] -> [B, T, C] (from the record and the image rows when
-    ``chain`` is given: see _chain_block)."""
+    ``chain`` is given: see _chain_block). With ``deep``, step (4) writes only
+    the record, and without a chain this is the final attention from it (_Deep)."""
     b, c = q.shape[0], pe.shape[1]
     hw = pe.shape[0]
-    qk = to_image_logit_weights(to_image, q) if chain is None else None  # -> [B, h*T, C]
+    final_deep = deep is not None and chain is None
+    if final_deep:
+        deep.set_final(to_image, q)
+    qk = to_image_logit_weights(to_image, q) if chain is None and not final_deep else None  # -> [B, h*T, C]
     ht = q.shape[1] * to_image.num_heads
-    width = c if chain is None else chain.width  # the columns of a block's value sums
+    width = chain.width if chain is not None else deep.width if final_deep else c  # a block's value sums' columns
     m_parts = np.empty((nblocks, b, ht), q.dtype)  # per block: max logit,
     l_parts = np.empty((nblocks, b, ht), q.dtype)  # sum of exp(logit - max),
     o_parts = np.empty((nblocks, b, ht, width), q.dtype)  # exp-weighted sum of value rows
@@ -463,7 +492,7 @@ def _pass(to_image: Attention, q: np.ndarray, step4, keys: np.ndarray, new_keys:
     def work(start, stop):
         for j in range(start, stop):
             _block(j * rows, min(hw, (j + 1) * rows), j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts,
-                   record, chain, wide)
+                   record, chain, wide, deep)
 
     threads.parallel_rows(work, nblocks, threads=threads.row_threads())
     big = m_parts.max(axis=0)  # [B, h*T]
@@ -473,11 +502,13 @@ def _pass(to_image: Attention, q: np.ndarray, step4, keys: np.ndarray, new_keys:
     pv /= total[..., None]
     if chain is not None:
         return _chain_output(to_image, chain, pv, t)  # -> [B, T, C]
+    if final_deep:
+        return deep.output(to_image, pv, t)  # -> [B, T, C]
     return to_image_output(to_image, pv, t)  # -> [B, T, C]
 
 
 def _block(lo, hi, j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts, record=None, chain=None,
-           wide=None) -> None:
+           wide=None, deep=None) -> None:
     """Image rows [lo, hi), block j, of a fused pass (see forward_rows): keys
     [1 or B, HW, C] in, new_keys [B, HW, C] out when the pass runs a step (4),
     and its rows below record.rows kept in ``record`` (Step4Record).
@@ -487,7 +518,7 @@ def _block(lo, hi, j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts, 
     b, ht = m_parts.shape[1:]
     pe_blk = pe[lo:hi]  # [R, C]
     shape, dtype = pe_blk.shape, pe.dtype
-    shared = keys.shape[0] == 1  # one image for every prompt
+    shared = keys is not None and keys.shape[0] == 1  # one image for every prompt
     k_rows_in = None  # keys + PE of these rows: computed once for every prompt when the image is shared
 
     def key_rows(residual):
@@ -497,6 +528,15 @@ def _block(lo, hi, j, qk, step4, keys, new_keys, pe, m_parts, l_parts, o_parts, 
         return k_rows_in
 
     for p in range(b):
+        if deep is not None:  # step (4) writes the record only, then step (2) from it: see _Deep
+            step, _, layer = step4
+            record.weights[layer, p, :-1, lo:hi] = step.weights(p, lo, hi)
+            if layer == 0:
+                deep.stats0(p, lo, hi)
+                _chain_block(chain, record, p, lo, hi, j, m_parts, l_parts, o_parts)
+            else:
+                deep.final_block(deep.stats1(p, lo, hi), p, lo, hi, j, m_parts, l_parts, o_parts)
+            continue
         residual = keys[0 if shared else p, lo:hi]  # [R, C]
         if step4 is not None:
             # (4) of the previous layer: the image rows attend to the tokens, then norm4
@@ -643,12 +683,20 @@ class _Layer0Step4:
         b, t, c = q.shape
         nh, d = a.num_heads, a.internal_dim // a.num_heads
         self.kh = _proj(a.k_proj, a.derived.k_t, q).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # -> [B, h, T, D]
-        self.vo = from_image_values(a, v)  # -> [B, h*T, C]
+        self.vh = value_heads(a, v)  # -> [B, h, T, D]
+        self.vo = from_image_values(a, v, self.vh)  # -> [B, h*T, C]
+
+    def logits(self, p: int, lo: int, hi: int) -> np.ndarray:
+        """Prompt p's logits on rows [lo, hi) -> [h, T, R]."""
+        return self.kh[p] @ self.q4_t[:, :, lo:hi]  # [h, T, D] @ [h, D, R] -> [h, T, R]
+
+    def weights(self, p: int, lo: int, hi: int) -> np.ndarray:
+        """Prompt p's softmax weights on rows [lo, hi) -> [h*T, R] (see _Deep)."""
+        return from_image_weights(self.attn, self.logits(p, lo, hi))
 
     def __call__(self, p: int, lo: int, hi: int, k_rows: None, out: Optional[np.ndarray] = None,
                  keep: Optional[np.ndarray] = None) -> np.ndarray:
-        logits = self.kh[p] @ self.q4_t[:, :, lo:hi]  # [h, T, D] @ [h, D, R] -> [h, T, R]
-        return from_image_logits(self.attn, logits, self.vo[p], out, keep)  # -> [R, C]
+        return from_image_logits(self.attn, self.logits(p, lo, hi), self.vo[p], out, keep)  # -> [R, C]
 
 
 # ---------------------------------------------------------------------------
@@ -829,11 +877,304 @@ class _ChainStep4:
         kq, kb = _from_image_keys(attn, self.ks)  # -> [B, h*T, C], [B, h*T, 1]
         self.z_t = _through_norm(kq, norm, record.values[0])  # -> [B, h*T, h0*T0 + 1]
         self.shift = (kq @ norm.bias)[..., None] + kb  # [B, h*T, 1]
-        self.vo = from_image_values(attn, v)  # -> [B, h*T, C]
+        self.vh = value_heads(attn, v)  # -> [B, h, T, D]
+        self.vo = from_image_values(attn, v, self.vh)  # -> [B, h*T, C]
 
-    def __call__(self, p: int, lo: int, hi: int, k_rows: None, out: Optional[np.ndarray] = None,
-                 keep: Optional[np.ndarray] = None) -> np.ndarray:
+    def logits(self, p: int, lo: int, hi: int) -> np.ndarray:
+        """Prompt p's logits on rows [lo, hi) -> [h*T, R]."""
         logits = _chain_logits(self.z_t[p], self.ks[p], self.kept.s4_t, self.kept.e4_t, self.record, p, lo, hi,
                                "decoder.chain4_logits")  # -> [h*T, R]
         logits += self.shift[p]
-        return from_image_logits(self.attn, logits, self.vo[p], out, keep)  # -> [R, C]
+        return logits
+
+    def weights(self, p: int, lo: int, hi: int) -> np.ndarray:
+        """Prompt p's softmax weights on rows [lo, hi) -> [h*T, R] (see _Deep)."""
+        return from_image_weights(self.attn, self.logits(p, lo, hi))
+
+    def __call__(self, p: int, lo: int, hi: int, k_rows: None, out: Optional[np.ndarray] = None,
+                 keep: Optional[np.ndarray] = None) -> np.ndarray:
+        return from_image_logits(self.attn, self.logits(p, lo, hi), self.vo[p], out, keep)  # -> [R, C]
+
+
+# ---------------------------------------------------------------------------
+# Both norms and the final attention from the record (the deep chain)
+# ---------------------------------------------------------------------------
+# With the chain running, layer 1's steps (2) and (4) read layer 0's record,
+# not the keys. Only two things still read rows of keys [R, C]: each layer's
+# norm4, for its statistics (the record's mean and rstd), and the final
+# attention. Both can be taken from the record too, so that in a transformer
+# of two layers no row of keys is made at all (with every row recorded and
+# the keys not wanted: the mask decoder's upscaling reads the record).
+#
+# Layer 0's norm4 reads x0 = src + P0 V0 (P0 a row's h0*T0 softmax weights,
+# V0 = vo0 the prompt's values). With sc = src - mean(src) and V0c the rows
+# of V0 less their means, x0 - mean0 = sc + P0 V0c, so
+#     mean0 = mean(src) + P0 . mean(V0)
+#     |x0 - mean0|^2 = |sc|^2 + P0 . (2 sc V0^T + K0 P0),   K0 = V0c V0c^T
+# (sc . V0c_j = sc . V0_j: sc is centred). Each V0_j = vh_j W_o^h + b_o / h
+# (vh_j the head's D projected values), so sc . V0_j = vh_j . (W_o^h sc^T)
+# + sc . b_o / h: D + 1 terms against a projection of the image rows kept
+# per image (DeepProjections.s0).
+#
+# Layer 1's norm4 reads x1 = keys1 + P1 V1 with keys1 = rstd0 (x0 - mean0) g0 + b0:
+#     x1 = rstd0 (src g0) + Q B,   Q = [rstd0 P0, rstd0 mean0, P1, 1]   (a row's, h0*T0 + h*T + 2)
+#                                  B = [V0 g0; -g0; V1; b0]             (the prompt's, [h0*T0 + h*T + 2, C])
+# and with t = src g0 - mean(src g0) (per image) and Bc = B less its rows' means,
+#     mean1 = rstd0 mean(src g0) + Q . mean(B)
+#     |x1 - mean1|^2 = rstd0^2 |t|^2 + Q . (2 rstd0 t B^T + K1 Q),   K1 = Bc Bc^T
+# where t B^T takes products with kept projections of t as above (t0, t1,
+# t_rows). The final attention reads keys2 = rstd1 (x1 - mean1) g1 + b1, and
+# x1 - mean1 = rstd0 t + Q Bc, so for its token j (qk_j = q_j W_k^h / sqrt(D),
+# as to_image_logit_weights) and values
+#     (keys2 + pe) . qk_j = rstd1 (rstd0 q_j . W_k^h (t g1)^T + Q . Bc (g1 qk_j)) + q_j . W_k^h pe^T
+#     sum_r e_jr keys2_r W_v^h^T = (e rstd1 rstd0)_j (t g1) W_v^h^T + ((e rstd1)_j Q) (Bc g1 W_v^h^T)
+#                                  + (sum_r e_jr) b1 W_v^h^T
+# (b1 . qk_j is the same for every row: the softmax drops it). Per row and
+# prompt the [C]-wide products (58M multiply-adds a norm, 2 x 34M for the
+# final attention on 4 tokens) become products of D + 1 and of h0*T0 + h*T + 2
+# terms, and the normalisations' passes over [R, C] rows go. The same
+# mathematics in another association: within the tolerances
+# (tests/test_fast_vs_reference.py); the variance is a sum of squares taken
+# apart, whose rounding is that of its terms (checked there on MobileSAM's
+# weights against the reference's two-pass variance).
+
+
+class DeepProjections(NamedTuple):
+    """The image rows' part of the deep chain (see above), kept per image, read-only
+    (locations last; ``2 *`` folds the factor of the cross terms in, exactly):
+
+        src_mean, src_sq [HW]: mean(src), |sc|^2
+        s0 [h0, D + 1, HW]: 2 W_o0^h sc^T, then 2 sc . b_o0 / h0
+        t_mean, t_sq [HW]: mean(src g0), |t|^2
+        t0 [h0, D + 1, HW]: 2 W_o0^h (t g0)^T, then 2 (t g0) . b_o0 / h0
+        t1 [h, D + 1, HW]: 2 W_o1^h t^T, then 2 t . b_o1 / h
+        t_rows [2, HW]: -2 t . g0, 2 t . b0
+        tk, ek [h, D, HW]: W_k^h (t g1)^T, W_k^h pe^T (the final attention's k_proj)
+        tv [h, HW, D]: (t g1) W_v^h^T (its v_proj)
+
+    W_oi the out_proj of layer i's step (4), g_i and b_i its norm4's weight and
+    bias. ``weights``: the derived values and norms they were made with."""
+    src_mean: np.ndarray
+    src_sq: np.ndarray
+    s0: np.ndarray
+    t_mean: np.ndarray
+    t_sq: np.ndarray
+    t0: np.ndarray
+    t1: np.ndarray
+    t_rows: np.ndarray
+    tk: np.ndarray
+    ek: np.ndarray
+    tv: np.ndarray
+    weights: tuple
+
+
+def _deep_weights(self: TwoWayTransformer) -> tuple:
+    l0, l1 = self.layers
+    return (l0.cross_attn_image_to_token.derived, l1.cross_attn_image_to_token.derived,
+            self.final_attn_token_to_image.derived, l0.norm4.weight, l0.norm4.bias, l1.norm4.weight)
+
+
+def _deep_projections(self: TwoWayTransformer, src: np.ndarray, pe: np.ndarray,
+                      per_image: PerImage) -> DeepProjections:
+    """DeepProjections of the image rows src, pe [HW, C], kept in per_image for these
+    weights. The centring and the squares in float64, rounded once; the products
+    in src's dtype, blocks of 512 locations over threads."""
+    weights = _deep_weights(self)
+    kept = per_image.deep
+    if kept is not None and all(a is b for a, b in zip(kept.weights, weights)):
+        return kept
+    l0, l1 = self.layers
+    a0, a1, fin = l0.cross_attn_image_to_token, l1.cross_attn_image_to_token, self.final_attn_token_to_image
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    dt = src.dtype
+    hw, c = src.shape
+    g0, b0, g1 = f64(l0.norm4.weight), f64(l0.norm4.bias), f64(l1.norm4.weight)
+    h0, h1, hf = a0.num_heads, a1.num_heads, fin.num_heads
+    d0, d1, df = (a.internal_dim // a.num_heads for a in (a0, a1, fin))
+    src_mean, src_sq, t_mean, t_sq = (np.empty(hw, dt) for _ in range(4))
+    s0, t0 = (np.empty((h0, d0 + 1, hw), dt) for _ in range(2))
+    t1 = np.empty((h1, d1 + 1, hw), dt)
+    t_rows = np.empty((2, hw), dt)
+    tk, ek = (np.empty((hf * df, hw), dt) for _ in range(2))
+    tv = np.empty((hw, hf * df), dt)
+    two = dt.type(2)
+
+    def block(lo, hi):  # blocks of 512 locations, fixed whatever the number of threads
+        x = f64(src[lo:hi])  # [R, C]
+        sc = x - x.mean(axis=1, keepdims=True)
+        y = x * g0
+        t = y - y.mean(axis=1, keepdims=True)
+        src_mean[lo:hi], src_sq[lo:hi] = x.mean(axis=1), np.einsum("rc,rc->r", sc, sc)
+        t_mean[lo:hi], t_sq[lo:hi] = y.mean(axis=1), np.einsum("rc,rc->r", t, t)
+        t_rows[0, lo:hi], t_rows[1, lo:hi] = -2 * (t @ g0), 2 * (t @ b0)
+        s0[:, d0, lo:hi] = 2 * (sc @ f64(a0.out_proj.bias)) / h0
+        t0[:, d0, lo:hi] = 2 * ((t * g0) @ f64(a0.out_proj.bias)) / h0
+        t1[:, d1, lo:hi] = 2 * (t @ f64(a1.out_proj.bias)) / h1
+        sc, tg0, t, tg1 = (np.asarray(a, dt) for a in (sc, t * g0, t, t * g1))
+        for a, z, out, d in ((a0, sc, s0, d0), (a0, tg0, t0, d0), (a1, t, t1, d1)):
+            prod = a.derived.out_t @ z.T  # [I, C] @ [C, R] -> [I, R]
+            out[:, :d, lo:hi] = prod.reshape(a.num_heads, d, -1)
+            out[:, :d, lo:hi] *= two
+        np.matmul(fin.k_proj.weight, tg1.T, out=tk[:, lo:hi])  # [I, C] @ [C, R] -> [I, R]
+        np.matmul(fin.k_proj.weight, pe[lo:hi].T, out=ek[:, lo:hi])
+        np.matmul(tg1, fin.derived.v_t, out=tv[lo:hi])  # [R, C] @ [C, I] -> [R, I]
+
+    threads.parallel_blocks(block, hw, 512, threads=threads.row_threads())
+    tk, ek = (x.reshape(hf, df, hw) for x in (tk, ek))  # [I, HW] -> [h, D, HW]
+    tv = np.ascontiguousarray(tv.reshape(hw, hf, df).transpose(1, 0, 2))  # -> [h, HW, D]
+    arrays = [src_mean, src_sq, s0, t_mean, t_sq, t0, t1, t_rows, tk, ek, tv]
+    for x in arrays:
+        x.flags.writeable = False
+    kept = per_image.deep = DeepProjections(*arrays, weights=weights)
+    return kept
+
+
+def _augmented(vh: np.ndarray) -> np.ndarray:
+    """vh [B, h, T, D] with a column of ones -> [B, h, T, D + 1] (meets the projections' last row)."""
+    out = np.empty(vh.shape[:-1] + (vh.shape[-1] + 1,), vh.dtype)
+    out[..., :-1] = vh
+    out[..., -1] = 1
+    return out
+
+
+def _rstd(sq: np.ndarray, c: int, eps: float, out: np.ndarray) -> None:
+    """1 / sqrt(sq / c + eps) into ``out``, as layer_norm_rows (sq a row's sum of squares
+    about its mean, taken apart: never below 0 but by rounding, so clamped there)."""
+    dt = sq.dtype.type
+    np.maximum(sq, 0, out=sq)
+    sq *= dt(1.0 / c)
+    sq += dt(eps)
+    np.sqrt(sq, out=sq)
+    np.divide(1, sq, out=out)
+
+
+class _Deep:
+    """The token side of the deep chain for a batch of prompts (see above),
+    built as the layers run: layer 0's step (4) (here), layer 1's (set_layer1),
+    the final attention's queries (set_final). Its block methods write the
+    record's mean and rstd of both norms and the final attention's block parts."""
+
+    def __init__(self, transformer: TwoWayTransformer, kept: DeepProjections, step0: "_Layer0Step4",
+                 record: Step4Record) -> None:
+        self.transformer, self.kept, self.record = transformer, kept, record
+        self.c = step0.vo.shape[-1]
+        self.vh0 = _augmented(step0.vh)  # [B, h0, T0, D + 1]
+        vo0 = step0.vo  # [B, h0*T0, C]
+        self.v0_mean = vo0 @ ops.ones(self.c, vo0.dtype) / vo0.dtype.type(self.c)  # [B, h0*T0]
+        v0c = vo0 - self.v0_mean[..., None]
+        self.k0 = v0c @ v0c.transpose(0, 2, 1)  # [B, h0*T0, h0*T0]
+        self.vo0 = vo0
+
+    def set_layer1(self, step1: "_ChainStep4") -> None:
+        """Layer 1's step (4) token side: B, its means, Bc and K1."""
+        l0 = self.transformer.layers[0]
+        vo1 = step1.vo  # [B, h*T, C]
+        b, ht0, c = self.vo0.shape
+        ht1 = vo1.shape[1]
+        dt = vo1.dtype
+        rows = np.empty((b, ht0 + ht1 + 2, c), dt)  # B = [V0 g0; -g0; V1; b0]
+        np.multiply(self.vo0, l0.norm4.weight, out=rows[:, :ht0])
+        rows[:, ht0] = -l0.norm4.weight
+        rows[:, ht0 + 1:-1] = vo1
+        rows[:, -1] = l0.norm4.bias
+        self.b_mean = rows @ ops.ones(c, dt) / dt.type(c)  # [B, M]
+        rows -= self.b_mean[..., None]  # -> Bc
+        self.bc = rows
+        self.k1 = rows @ rows.transpose(0, 2, 1)  # [B, M, M]
+        self.vh1 = _augmented(step1.vh)  # [B, h, T, D + 1]
+
+    def set_final(self, attn: Attention, q: np.ndarray) -> None:
+        """The final attention's token side, q [B, T', C] (queries + PE)."""
+        g1 = self.transformer.layers[1].norm4
+        self.qs = _scaled_heads(attn, attn.q_proj, attn.derived.q_t, q)  # -> [B, h, T', D]
+        qk = _per_head(self.qs, attn.k_proj.weight)  # -> [B, h*T', C]
+        self.zf_t = (qk * g1.weight) @ self.bc.transpose(0, 2, 1)  # [B, h*T', C] @ [B, C, M] -> [B, h*T', M]
+        self.yf = self.bc @ (g1.weight[:, None] * attn.derived.v_t)  # [B, M, C] @ [C, I] -> [B, M, I]
+        self.shift = g1.bias @ attn.derived.v_t + attn.v_proj.bias  # [I]: b1 W_v^T, then v_proj's bias
+
+    @property
+    def width(self) -> int:
+        """Columns of the final attention's block value sums: D, then M."""
+        return self.qs.shape[-1] + self.bc.shape[1]
+
+    def stats0(self, p: int, lo: int, hi: int) -> None:
+        """Layer 0's norm4 statistics on rows [lo, hi) of prompt p, from its softmax
+        weights in the record, into the record."""
+        kept, record = self.kept, self.record
+        w = record.weights[0, p, :-1, lo:hi]  # [h0*T0, R]
+        ht, r = w.shape
+        z = np.matmul(self.k0[p], w, out=threads.scratch("deep.z0", (ht, r), w.dtype))  # K0 P0
+        vh = self.vh0[p]  # [h0, T0, D + 1]
+        z += np.matmul(vh, kept.s0[:, :, lo:hi], out=threads.scratch("deep.x0", vh.shape[:2] + (r,), w.dtype)
+                       ).reshape(ht, r)  # + 2 sc V0^T
+        z *= w
+        sq = ops.ones(ht, w.dtype) @ z  # [R]
+        sq += kept.src_sq[lo:hi]
+        record.weights[0, p, -1, lo:hi] = kept.src_mean[lo:hi] + self.v0_mean[p] @ w
+        _rstd(sq, self.c, self.transformer.layers[0].norm4.eps, record.rstd[0, p, lo:hi])
+
+    def stats1(self, p: int, lo: int, hi: int) -> np.ndarray:
+        """Layer 1's norm4 statistics on rows [lo, hi) of prompt p into the record
+        -> Q [M, R] (this thread's work array, for final_block)."""
+        kept, record = self.kept, self.record
+        n0 = record.weights.shape[2]  # h0*T0 + 1
+        m = self.bc.shape[1]
+        r = hi - lo
+        dt = record.weights.dtype
+        rstd0 = record.rstd[0, p, lo:hi]
+        q = threads.scratch("deep.q", (m, r), dt)
+        np.multiply(record.weights[0, p, :, lo:hi], rstd0, out=q[:n0])
+        q[n0:-1] = record.weights[1, p, :-1, lo:hi]
+        q[-1] = 1
+        x = threads.scratch("deep.x1", (m, r), dt)  # 2 t B^T
+        vh0, vh1 = self.vh0[p], self.vh1[p]
+        np.matmul(vh0, kept.t0[:, :, lo:hi], out=x[:n0 - 1].reshape(vh0.shape[:2] + (r,)))
+        x[n0 - 1] = kept.t_rows[0, lo:hi]
+        np.matmul(vh1, kept.t1[:, :, lo:hi], out=x[n0:-1].reshape(vh1.shape[:2] + (r,)))
+        x[-1] = kept.t_rows[1, lo:hi]
+        x *= rstd0
+        z = np.matmul(self.k1[p], q, out=threads.scratch("deep.z1", (m, r), dt))  # K1 Q
+        z += x
+        z *= q
+        sq = ops.ones(m, dt) @ z  # [R]
+        sq += rstd0 * rstd0 * kept.t_sq[lo:hi]
+        record.weights[1, p, -1, lo:hi] = rstd0 * kept.t_mean[lo:hi] + self.b_mean[p] @ q
+        _rstd(sq, self.c, self.transformer.layers[1].norm4.eps, record.rstd[1, p, lo:hi])
+        return q
+
+    def final_block(self, q: np.ndarray, p: int, lo: int, hi: int, j: int, m_parts: np.ndarray,
+                    l_parts: np.ndarray, o_parts: np.ndarray) -> None:
+        """The final attention on rows [lo, hi) of prompt p, block j: its max, sums and
+        value sums ([h*T', D + M]: each head's D columns, then the weights' products with Q)."""
+        kept, record = self.kept, self.record
+        rstd0, rstd1 = record.rstd[0, p, lo:hi], record.rstd[1, p, lo:hi]
+        qs = self.qs[p]  # [h, T', D]
+        nh, t, d = qs.shape
+        r, ht = hi - lo, nh * t
+        per_head = threads.scratch("deep.heads", (nh, t, r), qs.dtype)
+        logits = np.matmul(qs, kept.tk[:, :, lo:hi], out=threads.scratch("deep.logits", (nh, t, r), qs.dtype))
+        logits = logits.reshape(ht, r)  # [h, T', D] @ [h, D, R] -> [h*T', R]
+        logits *= rstd0
+        logits += np.matmul(self.zf_t[p], q, out=per_head.reshape(ht, r))  # [h*T', M] @ [M, R]
+        logits *= rstd1
+        logits += np.matmul(qs, kept.ek[:, :, lo:hi], out=per_head).reshape(ht, r)
+        mx = logits.max(axis=1)  # [h*T']
+        ops.exp_below_max_(logits, mx[:, None])  # -> e
+        np.matmul(logits, ops.ones(r, qs.dtype), out=l_parts[j, p])  # the sums over the rows
+        logits *= rstd1
+        o = o_parts[j, p]  # [h*T', D + M]
+        np.matmul(logits, q.T, out=o[:, d:])  # [h*T', R] @ [R, M]
+        logits *= rstd0
+        np.matmul(logits.reshape(nh, t, r), kept.tv[:, lo:hi], out=o[:, :d].reshape(nh, t, d))  # [h, R, D]
+        m_parts[j, p] = mx
+
+    def output(self, attn: Attention, pv: np.ndarray, t: int) -> np.ndarray:
+        """to_image_output from final_block's normalised value sums pv [B, h*T', D + M] -> [B, T', C]."""
+        b = pv.shape[0]
+        nh, d = attn.num_heads, attn.internal_dim // attn.num_heads
+        out = pv[:, :, :d].reshape(b, nh, t, d).copy()  # [B, h, T', D]
+        y = self.yf.reshape(b, -1, nh, d).transpose(0, 2, 1, 3)  # [B, M, I] -> [B, h, M, D]
+        out += pv[:, :, d:].reshape(b, nh, t, -1) @ y  # [B, h, T', M] @ [B, h, M, D]
+        out += self.shift.reshape(nh, 1, d)
+        out = ref_ops.recombine_heads(out)  # -> [B, T', I]
+        return _proj(attn.out_proj, attn.derived.out_t, out)  # -> [B, T', C]
