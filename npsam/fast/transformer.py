@@ -376,7 +376,9 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
     ``keys_out``: a C-contiguous [B, HW, C] array to hold the keys returned
     (else a new one is made; depth 0 returns a copy of the image side).
     ``record``: a Step4Record for these prompts, filled as the passes run
-    (the same computation: it only keeps copies of what step (4) computes).
+    (the same computation: it only keeps copies of what step (4) computes;
+    with the deep chain, below, it is what step (4) computes, the norms'
+    statistics taken from it rather than from rows of keys).
     With one image for every prompt, a ``per_image`` record, a Step4Record
     of every row and CHAIN_MIN_PROMPTS prompts or more (or the image's chain
     products already made), layer 1's step (2) and step (4) read layer 0's
