@@ -429,6 +429,8 @@ def forward_rows(self: TwoWayTransformer, image_embedding: np.ndarray, image_pe:
             q = queries + point_embedding
             if i == len(self.layers):
                 q = q[:, final]  # -> [B, T', C]
+                if deep is not None:
+                    deep.set_final(to_image, q)
             if (i == 1 < len(self.layers) and cached and record is not None and record.rows == hw
                     and (b >= CHAIN_MIN_PROMPTS or _chain_kept(layer, self.layers[0].norm4, per_image))):
                 chain = _chain_tokens(to_image, self.layers[0].norm4, q, record.values[0],
@@ -480,9 +482,7 @@ def _pass(to_image: Attention, q: np.ndarray, step4, keys: np.ndarray, new_keys:
     the record, and without a chain this is the final attention from it (_Deep)."""
     b, c = q.shape[0], pe.shape[1]
     hw = pe.shape[0]
-    final_deep = deep is not None and chain is None
-    if final_deep:
-        deep.set_final(to_image, q)
+    final_deep = deep is not None and chain is None  # the final attention (its token side: _Deep.set_final)
     qk = to_image_logit_weights(to_image, q) if chain is None and not final_deep else None  # -> [B, h*T, C]
     ht = q.shape[1] * to_image.num_heads
     width = chain.width if chain is not None else deep.width if final_deep else c  # a block's value sums' columns
@@ -503,9 +503,9 @@ def _pass(to_image: Attention, q: np.ndarray, step4, keys: np.ndarray, new_keys:
     pv = np.einsum("nbk,nbkc->bkc", w, o_parts)  # [B, h*T, C] (or [B, h*T, D + h0*T0 + 1])
     pv /= total[..., None]
     if chain is not None:
-        return _chain_output(to_image, chain, pv, t)  # -> [B, T, C]
+        return _record_output(to_image, pv, chain.y, chain.shift, t)  # -> [B, T, C]
     if final_deep:
-        return deep.output(to_image, pv, t)  # -> [B, T, C]
+        return _record_output(to_image, pv, deep.yf, deep.shift, t)  # -> [B, T, C]
     return to_image_output(to_image, pv, t)  # -> [B, T, C]
 
 
@@ -668,29 +668,18 @@ class _Step4:
         return from_image_rows(self.attn, k_rows, self.kq[p], self.kb[p], self.vo[p], out, keep)  # -> [R, C]
 
 
-class _Layer0Step4:
-    """Layer 0's step (4) with the image rows' q_proj kept per image (see
-    _layer0_cached): called per (prompt, block of rows); the rows' keys are not needed."""
+class _RecordStep4:
+    """A step (4) whose logits come from kept products, not the rows' keys
+    (_Layer0Step4, _ChainStep4): its ``logits(p, lo, hi)``, then the softmax
+    over T (``weights``, all the deep chain reads) and the values they weight
+    (called as _Step4)."""
 
     needs_key_rows = False
 
-    def __init__(self, attn: Attention, q4_t: np.ndarray) -> None:
-        self.attn = attn
-        self.q4_t = q4_t  # [h, D, HW], scaled by 1/sqrt(D)
-        self.kh = self.vo = None
-
-    def set_tokens(self, q: np.ndarray, v: np.ndarray) -> None:
-        """Token side: k = q (queries + PE), v (queries), both [B, T, C]."""
-        a = self.attn
-        b, t, c = q.shape
-        nh, d = a.num_heads, a.internal_dim // a.num_heads
-        self.kh = _proj(a.k_proj, a.derived.k_t, q).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # -> [B, h, T, D]
-        self.vh = value_heads(a, v)  # -> [B, h, T, D]
-        self.vo = from_image_values(a, v, self.vh)  # -> [B, h*T, C]
-
-    def logits(self, p: int, lo: int, hi: int) -> np.ndarray:
-        """Prompt p's logits on rows [lo, hi) -> [h, T, R]."""
-        return self.kh[p] @ self.q4_t[:, :, lo:hi]  # [h, T, D] @ [h, D, R] -> [h, T, R]
+    def _set_values(self, v: np.ndarray) -> None:
+        """The token side's values, v [B, T, C]: vh [B, h, T, D] and vo [B, h*T, C]."""
+        self.vh = value_heads(self.attn, v)
+        self.vo = from_image_values(self.attn, v, self.vh)
 
     def weights(self, p: int, lo: int, hi: int) -> np.ndarray:
         """Prompt p's softmax weights on rows [lo, hi) -> [h*T, R] (see _Deep)."""
@@ -699,6 +688,28 @@ class _Layer0Step4:
     def __call__(self, p: int, lo: int, hi: int, k_rows: None, out: Optional[np.ndarray] = None,
                  keep: Optional[np.ndarray] = None) -> np.ndarray:
         return from_image_logits(self.attn, self.logits(p, lo, hi), self.vo[p], out, keep)  # -> [R, C]
+
+
+class _Layer0Step4(_RecordStep4):
+    """Layer 0's step (4) with the image rows' q_proj kept per image (see
+    _layer0_cached): called per (prompt, block of rows); the rows' keys are not needed."""
+
+    def __init__(self, attn: Attention, q4_t: np.ndarray) -> None:
+        self.attn = attn
+        self.q4_t = q4_t  # [h, D, HW], scaled by 1/sqrt(D)
+        self.kh = self.vh = self.vo = None
+
+    def set_tokens(self, q: np.ndarray, v: np.ndarray) -> None:
+        """Token side: k = q (queries + PE), v (queries), both [B, T, C]."""
+        a = self.attn
+        b, t, c = q.shape
+        nh, d = a.num_heads, a.internal_dim // a.num_heads
+        self.kh = _proj(a.k_proj, a.derived.k_t, q).reshape(b, t, nh, d).transpose(0, 2, 1, 3)  # -> [B, h, T, D]
+        self._set_values(v)
+
+    def logits(self, p: int, lo: int, hi: int) -> np.ndarray:
+        """Prompt p's logits on rows [lo, hi) -> [h, T, R]."""
+        return self.kh[p] @ self.q4_t[:, :, lo:hi]  # [h, T, D] @ [h, D, R] -> [h, T, R]
 
 
 # ---------------------------------------------------------------------------
@@ -846,19 +857,21 @@ def _chain_block(chain: _ChainTokens, record: Step4Record, p: int, lo: int, hi: 
     m_parts[j, p] = m
 
 
-def _chain_output(attn: Attention, chain: _ChainTokens, pv: np.ndarray, t: int) -> np.ndarray:
-    """to_image_output from _chain_block's normalised value sums pv [B, h*T, D + h0*T0 + 1] -> [B, T, C]."""
+def _record_output(attn: Attention, pv: np.ndarray, y: np.ndarray, shift: np.ndarray, t: int) -> np.ndarray:
+    """to_image_output from value sums taken through a record (_chain_block's,
+    _Deep.final_block's): pv [B, h*T, D + K], each head's D projected columns,
+    then K weights of the rows y [B, K, I] (projected, per head) -> [B, T, C]."""
     b = pv.shape[0]
     nh, d = attn.num_heads, attn.internal_dim // attn.num_heads
     out = pv[:, :, :d].reshape(b, nh, t, d).copy()  # [B, h, T, D]
-    y = chain.y.reshape(b, -1, nh, d).transpose(0, 2, 1, 3)  # [B, h0*T0 + 1, I] -> [B, h, h0*T0 + 1, D]
-    out += pv[:, :, d:].reshape(b, nh, t, -1) @ y  # [B, h, T, h0*T0 + 1] @ [B, h, h0*T0 + 1, D]
-    out += chain.shift.reshape(nh, 1, d)
+    y = y.reshape(b, -1, nh, d).transpose(0, 2, 1, 3)  # [B, K, I] -> [B, h, K, D]
+    out += pv[:, :, d:].reshape(b, nh, t, -1) @ y  # [B, h, T, K] @ [B, h, K, D]
+    out += shift.reshape(nh, 1, d)
     out = ref_ops.recombine_heads(out)  # -> [B, T, I]
     return _proj(attn.out_proj, attn.derived.out_t, out)  # -> [B, T, C]
 
 
-class _ChainStep4:
+class _ChainStep4(_RecordStep4):
     """Layer 1's step (4), the image attending to the tokens, its logits from
     layer 0's record and the image rows (as _chain_block's; called as _Step4,
     the rows' keys not needed). Per row r and (head, token) j, with kq, kb as
@@ -872,8 +885,6 @@ class _ChainStep4:
     Then from_image_logits as _Step4. 2 x 256 x h*T multiply-adds a row
     become (D + h0*T0 + 1) x h*T: 29M against 9M a block of 2048 rows."""
 
-    needs_key_rows = False
-
     def __init__(self, attn: Attention, norm, q: np.ndarray, v: np.ndarray, record: Step4Record,
                  kept: ChainProjections) -> None:
         self.attn, self.record, self.kept = attn, record, kept
@@ -881,8 +892,7 @@ class _ChainStep4:
         kq, kb = _from_image_keys(attn, self.ks)  # -> [B, h*T, C], [B, h*T, 1]
         self.z_t = _through_norm(kq, norm, record.values[0])  # -> [B, h*T, h0*T0 + 1]
         self.shift = (kq @ norm.bias)[..., None] + kb  # [B, h*T, 1]
-        self.vh = value_heads(attn, v)  # -> [B, h, T, D]
-        self.vo = from_image_values(attn, v, self.vh)  # -> [B, h*T, C]
+        self._set_values(v)
 
     def logits(self, p: int, lo: int, hi: int) -> np.ndarray:
         """Prompt p's logits on rows [lo, hi) -> [h*T, R]."""
@@ -890,14 +900,6 @@ class _ChainStep4:
                                "decoder.chain4_logits")  # -> [h*T, R]
         logits += self.shift[p]
         return logits
-
-    def weights(self, p: int, lo: int, hi: int) -> np.ndarray:
-        """Prompt p's softmax weights on rows [lo, hi) -> [h*T, R] (see _Deep)."""
-        return from_image_weights(self.attn, self.logits(p, lo, hi))
-
-    def __call__(self, p: int, lo: int, hi: int, k_rows: None, out: Optional[np.ndarray] = None,
-                 keep: Optional[np.ndarray] = None) -> np.ndarray:
-        return from_image_logits(self.attn, self.logits(p, lo, hi), self.vo[p], out, keep)  # -> [R, C]
 
 
 # ---------------------------------------------------------------------------
@@ -1171,14 +1173,3 @@ class _Deep:
         logits *= rstd0
         np.matmul(logits.reshape(nh, t, r), kept.tv[:, lo:hi], out=o[:, :d].reshape(nh, t, d))  # [h, R, D]
         m_parts[j, p] = mx
-
-    def output(self, attn: Attention, pv: np.ndarray, t: int) -> np.ndarray:
-        """to_image_output from final_block's normalised value sums pv [B, h*T', D + M] -> [B, T', C]."""
-        b = pv.shape[0]
-        nh, d = attn.num_heads, attn.internal_dim // attn.num_heads
-        out = pv[:, :, :d].reshape(b, nh, t, d).copy()  # [B, h, T', D]
-        y = self.yf.reshape(b, -1, nh, d).transpose(0, 2, 1, 3)  # [B, M, I] -> [B, h, M, D]
-        out += pv[:, :, d:].reshape(b, nh, t, -1) @ y  # [B, h, T', M] @ [B, h, M, D]
-        out += self.shift.reshape(nh, 1, d)
-        out = ref_ops.recombine_heads(out)  # -> [B, T', I]
-        return _proj(attn.out_proj, attn.derived.out_t, out)  # -> [B, T', C]
